@@ -1,0 +1,45 @@
+import os
+
+import gin
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+TINY_NET = """
+UNet.in_channels = 1
+UNet.resolution = 8
+UNet.channels = 8
+UNet.emb_channels = 16
+UNet.channel_mult = (1, 2)
+UNet.num_res_blocks = 1
+UNet.attn_resolutions = ()
+UNet.norm_groups = 4
+"""
+
+
+def tiny_gin(method_lines, *, total=1024, T=64, extra=""):
+    """A complete tiny run configuration (digits data, 8-channel UNet, T = 64, batch 16)."""
+    return f"""
+train.dataset = @digits
+train.network = @UNet
+train.T = {T}
+train.parameterisation = 'v'
+train.batch_size = 16
+train.total = {total}
+train.threads = 1
+train.log_every = 64
+train.checkpoint_every = 256
+train.grid_size = 4
+train.grid_max_steps = 8
+adam.lr = 1e-3
+{TINY_NET}
+{method_lines}
+{extra}
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()

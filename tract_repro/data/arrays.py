@@ -1,0 +1,51 @@
+"""An in-memory image dataset and its seeded, resumable order."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageArrays:
+    """Images (N, C, H, W) float32 in [−1, 1] and integer labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str = ""
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    @property
+    def shape(self):
+        return tuple(self.images.shape[1:])
+
+
+class EpochOrder:
+    """Epoch e visits the data in a permutation seeded by (seed, e); position = samples seen.
+
+    The order is a pure function of (seed, sample index), so the data position is restored
+    exactly from the sample count alone.
+    """
+
+    def __init__(self, n, seed):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = None, None
+
+    def _permutation(self, epoch):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, start, count):
+        """Dataset indices of samples start, …, start + count − 1."""
+        out, pos = [], start
+        while len(out) < count:
+            epoch, offset = divmod(pos, self.n)
+            take = min(count - len(out), self.n - offset)
+            out.append(self._permutation(epoch)[offset:offset + take])
+            pos += take
+            if sum(len(o) for o in out) >= count:
+                break
+        return torch.cat(out)

@@ -1,0 +1,100 @@
+"""Launch a run from gin files: ``python -m tract_repro.launch FILE.gin [...] [--gin 'a = b'] [--workdir DIR] [--executor inline|local]``.
+
+The job re-parses the config text in its own process, so inline and submitit runs take the
+same path.  Errors in the configuration print one line and exit with status 2.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import gin
+
+from tract_repro import config
+
+
+def run_job(config_text, workdir):
+    """The job body: parse the config text, write it beside the run, and train."""
+    from tract_repro.training.loop import train
+
+    config.parse(text=config_text)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.gin").write_text(config_text)
+    return str(train(workdir))
+
+
+def check_workdir(workdir, config_text):
+    """Refuse to reuse a run directory that holds a run of a different configuration."""
+    saved = Path(workdir) / "config.gin"
+    if saved.is_file() and saved.read_text() != config_text:
+        raise config.ConfigError(f"{workdir} holds a run with a different configuration: pass a new --workdir "
+                                 f"(or delete {workdir} to start over)")
+    if (Path(workdir) / "ema.pt").is_file() and saved.is_file():
+        return "complete"
+    return None
+
+
+@gin.configurable
+def local_executor(folder, timeout_min=24 * 60, cpus_per_task=None):
+    """submitit's local executor: the job runs in a fresh process."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=folder)
+    params = dict(timeout_min=timeout_min)
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    executor.update_parameters(**params)
+    return executor
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tract_repro.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", metavar="FILE.gin", help="gin files, parsed in order")
+    parser.add_argument("--gin", action="append", default=[], metavar="'name = value'", help="extra binding (repeatable)")
+    parser.add_argument("--workdir", help="run directory (default: runs/<last gin file's name>)")
+    parser.add_argument("--executor", choices=["inline", "local"], default="inline",
+                        help="inline: in this process; local: through submitit's local executor")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir or Path("runs") / Path(args.files[-1]).stem)
+    try:
+        text = config.parse(args.files, args.gin)
+        if check_workdir(workdir, text) == "complete":
+            print(f"{workdir} is already complete (ema.pt present); nothing to do")
+            return 0
+        if config.query("train.teacher") is not None:  # fail fast, before anything is submitted
+            from tract_repro.training.teacher import resolve
+
+            resolve(config.query("train.teacher"))
+        if args.executor == "inline":
+            result = run_job(text, workdir)
+        else:
+            job = local_executor(workdir / "submitit").submit(run_job, text, str(workdir))
+            print(f"submitted job {job.job_id}; logs in {workdir / 'submitit'}", flush=True)
+            result = _wait(job)
+    except ValueError as exc:  # configuration and input errors: one line, non-zero exit
+        if os.environ.get("TRACT_TRACEBACK"):
+            raise
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a failed job or a diverged loss: one line, non-zero exit
+        if os.environ.get("TRACT_TRACEBACK"):
+            raise
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"done: {result}")
+    return 0
+
+
+def _wait(job):
+    import submitit
+
+    try:
+        return job.result()
+    except submitit.core.utils.FailedJobError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise RuntimeError(f"job {job.job_id} failed: {lines[-1] if lines else exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""What every method shares: the Target it returns, and how it noises data."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Target:
+    """One regression problem: the student's x̂(x_t, λ) should match x̃ under weight w (all float64)."""
+
+    x_t: torch.Tensor
+    logsnr: torch.Tensor
+    x_target: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Networks:
+    """The frozen denoisers a target may call: the teacher and the self-teacher (EMA of the student)."""
+
+    teacher: object = None
+    self_teacher: object = None
+
+
+def add_noise(x, alpha, sigma, generator):
+    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn from ``generator`` (float64)."""
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    return alpha * x + sigma * eps
+
+
+def randint(low, high, n, generator):
+    """n integers uniform in {low, …, high} (inclusive)."""
+    return torch.randint(low, high + 1, (n,), generator=generator)
+
+
+class Method:
+    """Base of every method: a step schedule and a target function."""
+
+    #: whether the run needs a teacher (a previous run) to start from
+    needs_teacher = True
+    #: momentum of the self-teacher EMA μ_S, or None if the method uses none
+    self_teacher_momentum = None
+
+    def steps(self, T):
+        """The step schedule S = (S₀, …, S_P) on a grid of T steps."""
+        raise NotImplementedError
+
+    def __call__(self, x, labels, phase, nets, grid, generator):
+        """The Target for a batch x (float64) in ``phase``."""
+        raise NotImplementedError

@@ -1,0 +1,56 @@
+"""BTD: binary time distillation, i.e. progressive distillation (method-spec §4)."""
+import gin
+import torch
+
+from tract_repro.diffusion import weighting as weightings
+from tract_repro.diffusion.ddim import invert_ddim
+from tract_repro.methods.base import Method, Target, add_noise, randint
+from tract_repro.methods.phases import check_schedule
+from tract_repro.methods.teacher_steps import ddim_teacher_step
+
+
+def btd_indices(S, p, T, n, generator):
+    """(t, t_mid, s) for phase p: t = k·U{1..S_{p+1}}, one student step k = T/S_{p+1} split in two."""
+    k = T // S[p + 1]
+    t = k * randint(1, S[p + 1], n, generator)
+    return t, t - k // 2, t - k
+
+
+def halving_schedule(start, final):
+    """(start, start/2, …, final)."""
+    S = [int(start)]
+    while S[-1] > final:
+        if S[-1] % 2:
+            raise ValueError(f"BTD halving from {start} reaches the odd count {S[-1]} before {final}: start from a power of two")
+        S.append(S[-1] // 2)
+    if S[-1] != final:
+        raise ValueError(f"BTD cannot halve {start} down to {final}")
+    return tuple(S)
+
+
+@gin.configurable
+class BTD(Method):
+    """x̃ = inversion t → s of two unclipped teacher steps t → t_mid → s (x̂ at t_mid where s = 0); w = max(SNR_t, 1)."""
+
+    def __init__(self, start_steps=None, final_steps=1, weighting="truncated_snr", teacher_step=ddim_teacher_step):
+        self.start_steps, self.final_steps = start_steps, int(final_steps)
+        self.weight_fn = weightings.get(weighting)
+        self.teacher_step = teacher_step
+
+    def steps(self, T):
+        start = T if self.start_steps is None else int(self.start_steps)
+        return check_schedule(halving_schedule(start, self.final_steps), T)
+
+    @torch.no_grad()
+    def __call__(self, x, labels, phase, nets, grid, generator):
+        S = self.steps(grid.T)
+        t, t_mid, s = btd_indices(S, phase.index, grid.T, x.shape[0], generator)
+        logsnr_t, alpha_t, sigma_t = grid.at(t)
+        x_t = add_noise(x, alpha_t, sigma_t, generator)
+        x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, labels, clip=False)
+        x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, labels, clip=False)
+        _, alpha_s, sigma_s = grid.at(s)
+        x_target = invert_ddim(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
+        final = (s == 0).view(-1, 1, 1, 1)
+        x_target = torch.where(final, x_hat_mid, x_target)
+        return Target(x_t, logsnr_t, x_target, self.weight_fn(logsnr_t), labels)

@@ -1,0 +1,36 @@
+"""Teacher training: the diffusion loss of Salimans & Ho (method-spec §3)."""
+import gin
+import torch
+
+from tract_repro.diffusion import weighting as weightings
+from tract_repro.methods.base import Method, Target, add_noise
+
+
+@gin.configurable
+class TeacherTraining(Method):
+    """x_t from u ~ U[0, 1] (or i ~ U{1..T}), target x, weight w(λ); one phase."""
+
+    needs_teacher = False
+
+    def __init__(self, weighting="snr+1", continuous=True, sample_steps=64):
+        self.weight_fn = weightings.get(weighting)
+        self.weighting = weighting
+        self.continuous = continuous
+        self.sample_steps = int(sample_steps)
+
+    def steps(self, T):
+        """One phase; its 'student' is sampled with ``sample_steps`` DDIM steps in grids."""
+        if T % self.sample_steps:
+            raise ValueError(f"TeacherTraining.sample_steps = {self.sample_steps} must divide T = {T}")
+        return (T, self.sample_steps) if self.sample_steps < T else (T, T)
+
+    def __call__(self, x, labels, phase, nets, grid, generator):
+        n = x.shape[0]
+        if self.continuous:
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            logsnr = grid.schedule.logsnr(u)
+        else:
+            logsnr = grid.logsnr[torch.randint(1, grid.T + 1, (n,), generator=generator)]
+        alpha, sigma = grid.alpha_sigma(logsnr, x.ndim)
+        x_t = add_noise(x, alpha, sigma, generator)
+        return Target(x_t, logsnr, x, self.weight_fn(logsnr), labels)

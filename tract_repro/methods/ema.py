@@ -1,0 +1,62 @@
+"""Bias-corrected exponential moving average of a module (μ_S and μ_I; method-spec §5)."""
+import copy
+
+import torch
+
+
+def momentum_from_residual(residual, steps):
+    """μ = r^(1/n): after n updates the starting weights keep a residual weight r."""
+    if not 0.0 < residual < 1.0:
+        raise ValueError(f"EMA residual must be in (0, 1), got {residual}")
+    if steps < 1:
+        raise ValueError(f"EMA residual needs at least one step per phase, got {steps}")
+    return residual ** (1.0 / steps)
+
+
+class EMA:
+    """θ_ema ← θ_ema + d·(θ − θ_ema), d = (1 − μ)/(1 − μ^k) at the k-th update (k = 1 copies)."""
+
+    def __init__(self, module, momentum):
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.momentum = momentum
+        self.steps = 0
+
+    @property
+    def momentum(self):
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1), got {value}")
+        self._momentum = float(value)
+
+    def decay(self):
+        """The weight d of the next update."""
+        mu, k = self._momentum, self.steps + 1
+        return (1.0 - mu) / (1.0 - mu**k)
+
+    @torch.no_grad()
+    def update(self, source):
+        d = self.decay()
+        self.steps += 1
+        src = dict(source.named_parameters())
+        for name, p in self.module.named_parameters():
+            p.lerp_(src[name].detach(), d)
+        src_buffers = dict(source.named_buffers())
+        for name, b in self.module.named_buffers():
+            if b.is_floating_point():
+                b.lerp_(src_buffers[name], d)
+            else:
+                b.copy_(src_buffers[name])
+
+    def restart(self):
+        """Forget the history: the next update copies the source."""
+        self.steps = 0
+
+    def state_dict(self):
+        return {"module": self.module.state_dict(), "steps": self.steps, "momentum": self._momentum}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["module"])
+        self.steps, self.momentum = int(state["steps"]), float(state["momentum"])

@@ -1,0 +1,37 @@
+"""The denoiser contract shared by every method, sampler and evaluation.
+
+D(x_t, λ, labels) → x̂: float64 in and out, the network itself runs in float32.  A VP
+denoiser turns the network head into x̂ with a parameterisation (method-spec §2); an
+EDM VE denoiser will apply EDM's preconditioning behind the same call (method-spec §6).
+"""
+import torch
+from torch import nn
+
+from tract_repro.diffusion import parameterisations
+
+
+class VPDenoiser(nn.Module):
+    """x̂ = param(x_t, F(x_t, λ, labels), α, σ) for a network F and a parameterisation."""
+
+    def __init__(self, net, schedule, parameterisation="v"):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.parameterisation = parameterisation
+        self._to_x = parameterisations.get(parameterisation)
+        expected = parameterisations.OUTPUTS[parameterisation]
+        outputs = getattr(net, "num_outputs", expected)
+        if outputs != expected:
+            raise ValueError(
+                f"parameterisation {parameterisation!r} needs a network with num_outputs={expected}, "
+                f"got {outputs}: set UNet.num_outputs = {expected}")
+
+    @property
+    def conditional(self):
+        return getattr(self.net, "num_classes", 1) > 1
+
+    def forward(self, x_t, logsnr, labels=None):
+        alpha, sigma = self.schedule.alpha_sigma(logsnr)
+        alpha, sigma = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+        out = self.net(x_t.float(), logsnr.float(), labels if self.conditional else None)
+        return self._to_x(x_t, out.to(x_t.dtype), alpha, sigma)

@@ -1,0 +1,159 @@
+"""PyTorch port of the Google "Progressive Distillation" UNet, gin-configurable.
+
+Module layout (stable names, for checkpoint import):
+
+* ``time``: Sequential(Linear(C, E), SiLU, Linear(E, E)) on the sinusoidal
+  embedding of u = arctan(exp(-logsnr / 2)) / (pi / 2) (t = 1000 u).
+* ``class_emb``: Linear(num_classes, E) on one-hot labels (only if num_classes > 1).
+* ``cond_emb[name]``: Sequential(Linear(C, E), SiLU, Linear(E, E)) per extra scalar
+  condition (sinusoidal embedding of the raw value); all embeddings are summed.
+* ``conv_in``: 3x3 conv in_channels -> C (first entry of the skip stack).
+* ``down[j]``: ``Block`` (``.res`` ResBlock, ``.attn`` SelfAttention or None), in
+  order: per level, num_res_blocks blocks, then (all but the last level) one
+  ``resample='down'`` block. Every output is pushed on the skip stack.
+* ``mid[0]``: ResBlock + attention, ``mid[1]``: ResBlock.
+* ``up[j]``: per level from the last to 0, num_res_blocks + 1 blocks on
+  concat([h, skip.pop()]), then (all but level 0) one ``resample='up'`` block.
+* ``out_norm`` (GroupNorm), SiLU, ``out_conv`` (3x3 conv C*mult[0] -> in_channels*num_outputs).
+
+ResBlock params: norm1, conv1, time (Linear E -> 2*out), norm2, conv2, skip (1x1, if in != out).
+SelfAttention params: norm, qkv (1x1 conv C -> 3C, per-head [q, k, v]), proj.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tract_repro.networks.layers import (
+    ZERO_INIT_SCALE, Block, ResBlock, SelfAttention, conv, group_norm, linear,
+    timestep_embedding,
+)
+
+
+def _embedding_mlp(ch: int, emb_ch: int) -> nn.Sequential:
+    return nn.Sequential(linear(ch, emb_ch), nn.SiLU(), linear(emb_ch, emb_ch))
+
+
+@gin.configurable
+class UNet(nn.Module):
+    """Progressive-Distillation UNet: predicts (B, in_channels*num_outputs, H, W)
+    from x (B, in_channels, H, W), logsnr (B,), optional labels and extra conditions."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        resolution: int = 32,
+        channels: int = 256,
+        emb_channels: int | None = None,
+        channel_mult: Sequence[int] = (1, 1, 1),
+        num_res_blocks: int = 3,
+        attn_resolutions: Sequence[int] = (16, 8),
+        attn_heads: int = 1,
+        attn_head_dim: int | None = None,
+        dropout: float = 0.0,
+        num_outputs: int = 1,
+        num_classes: int = 1,
+        norm_groups: int = 32,
+        logsnr_input: str = "inv_cos",
+        extra_conditions: Sequence[str] = (),
+    ):
+        super().__init__()
+        if logsnr_input != "inv_cos":
+            raise ValueError(f"logsnr_input={logsnr_input!r} not supported (only 'inv_cos')")
+        self.in_channels = in_channels
+        self.channels = C = channels
+        self.emb_channels = E = emb_channels if emb_channels is not None else 4 * channels
+        self.num_classes = num_classes
+        self.num_outputs = num_outputs
+        self.extra_conditions = tuple(extra_conditions)
+        attn_resolutions = tuple(attn_resolutions)
+        groups = norm_groups
+
+        def heads(ch: int) -> int:
+            return ch // attn_head_dim if attn_head_dim else attn_heads
+
+        def block(cin, cout, res, resample=None):
+            attn = SelfAttention(cout, heads(cout), groups) if res in attn_resolutions and not resample else None
+            return Block(ResBlock(cin, cout, E, resample, dropout, groups), attn)
+
+        # Embeddings.
+        self.time = _embedding_mlp(C, E)
+        self.class_emb = linear(num_classes, E) if num_classes > 1 else None
+        self.cond_emb = nn.ModuleDict({n: _embedding_mlp(C, E) for n in self.extra_conditions})
+
+        # Down path (skip_ch mirrors the skip stack).
+        self.conv_in = conv(in_channels, C, 3)
+        self.down = nn.ModuleList()
+        skip_ch, ch, res = [C], C, resolution
+        for i, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(block(ch, C * mult, res))
+                ch = C * mult
+                skip_ch.append(ch)
+            if i != len(channel_mult) - 1:
+                self.down.append(block(ch, ch, res, "down"))
+                res //= 2
+                skip_ch.append(ch)
+
+        # Middle.
+        self.mid = nn.ModuleList([
+            Block(ResBlock(ch, ch, E, None, dropout, groups), SelfAttention(ch, heads(ch), groups)),
+            Block(ResBlock(ch, ch, E, None, dropout, groups)),
+        ])
+
+        # Up path.
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(block(ch + skip_ch.pop(), C * channel_mult[i], res))
+                ch = C * channel_mult[i]
+            if i != 0:
+                self.up.append(block(ch, ch, res, "up"))
+                res *= 2
+        assert not skip_ch
+
+        # Output head.
+        self.out_norm = group_norm(ch, groups)
+        self.out_conv = conv(ch, in_channels * num_outputs, 3, ZERO_INIT_SCALE)
+
+    def embed(self, logsnr: torch.Tensor, labels: torch.Tensor | None = None,
+              cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Conditioning embedding (B, E): time + class + extra conditions."""
+        u = torch.arctan(torch.exp(-0.5 * logsnr.float().clamp(-20.0, 20.0))) / (0.5 * math.pi)
+        emb = self.time(timestep_embedding(u, self.channels, max_time=1.0))
+        if self.class_emb is not None:
+            if labels is None:
+                raise ValueError(f"UNet has num_classes={self.num_classes}: labels are required")
+            emb = emb + self.class_emb(F.one_hot(labels.long(), self.num_classes).to(emb.dtype))
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional UNet (num_classes=1)")
+        cond = cond or {}
+        unknown = set(cond) - set(self.extra_conditions)
+        if unknown:
+            raise ValueError(f"unknown extra conditions {sorted(unknown)}; declared {self.extra_conditions}")
+        for name in self.extra_conditions:
+            if name not in cond:
+                raise ValueError(f"extra condition {name!r} missing from cond")
+            emb = emb + self.cond_emb[name](timestep_embedding(cond[name], self.channels))
+        return emb
+
+    def forward(self, x: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor | None = None,
+                cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        emb = self.embed(logsnr, labels, cond)
+        h = self.conv_in(x)
+        skips = [h]
+        for blk in self.down:
+            h = blk(h, emb)
+            skips.append(h)
+        for blk in self.mid:
+            h = blk(h, emb)
+        for blk in self.up:
+            if blk.res.resample is None:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = blk(h, emb)
+        return self.out_conv(F.silu(self.out_norm(h)))

@@ -1,0 +1,31 @@
+"""Image grids as PNG files."""
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def to_uint8(x):
+    """[−1, 1] floats → uint8 with round(127.5·(x + 1)), clipped."""
+    return torch.round(127.5 * (x.double() + 1.0)).clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(x, path, ncol=None, scale=1, pad=1):
+    """Tile images (N, C, H, W) in [−1, 1] into one PNG, each upscaled ``scale``× (nearest)."""
+    n, c, h, w = x.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    img = to_uint8(x)
+    if scale > 1:
+        img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        h, w = h * scale, w * scale
+    canvas = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img[k]
+    array = canvas.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
+    return path

@@ -1,0 +1,189 @@
+"""The one training loop: every method is a target function on it (method-spec §3-5).
+
+A run directory describes itself: ``config.gin`` (what was asked), ``operative_config.gin``
+(every value used), ``run.json``, ``metrics.jsonl``, ``checkpoints/``, ``samples/*.png`` and,
+when finished, ``ema.pt`` (the inference EMA's denoiser weights).
+"""
+import copy
+import math
+import time
+from pathlib import Path
+
+import gin
+import torch
+from tqdm import tqdm
+
+from tract_repro.data.arrays import EpochOrder
+from tract_repro.diffusion.grid import TimeGrid
+from tract_repro.diffusion.schedules import CosineSchedule
+from tract_repro.methods.base import Networks
+from tract_repro.methods.ema import EMA
+from tract_repro.methods.phases import phase_at, plan_phases
+from tract_repro.networks.denoiser import VPDenoiser
+from tract_repro.sampling.images import save_grid
+from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
+from tract_repro.training import checkpoint as ckpt
+from tract_repro.training import teacher as teachers
+from tract_repro.training.lengths import parse_samples
+from tract_repro.training.optim import adam, inference_ema_momentum, learning_rate
+from tract_repro.training.run_files import MetricsLog, write_json
+
+
+class LossDiverged(RuntimeError):
+    """The loss became non-finite."""
+
+
+PHASE_RESETS = {"inference_ema", "self_teacher", "optimizer", "student"}
+
+
+def crossed(before, after, every):
+    """Whether a step from ``before`` to ``after`` samples crosses a multiple of ``every``."""
+    return bool(every) and after // every != before // every
+
+
+@gin.configurable(denylist=["workdir"])
+def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIRED, schedule=CosineSchedule,
+          T=1024, parameterisation="v", teacher=None, batch_size=128, total=None, phase_lengths=None,
+          grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
+          checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
+          grid_scale=4, grid_max_steps=64):
+    """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint."""
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    workdir = Path(workdir)
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"train.loss_reduction = {loss_reduction!r}: choose 'mean' (over pixels) or 'sum' (official TRACT)")
+    unknown = set(phase_reset) - PHASE_RESETS
+    if unknown:
+        raise ValueError(f"train.phase_reset has unknown entries {sorted(unknown)}: choose from {sorted(PHASE_RESETS)}")
+    data = dataset()
+    grid = TimeGrid(schedule(), T)
+    steps = method.steps(grid.T)
+    phases = plan_phases(steps, total, phase_lengths)
+    if any(p.length < batch_size for p in phases):
+        raise ValueError(f"every phase must be at least one batch ({batch_size} samples) long, got {[p.length for p in phases]}")
+    end = phases[-1].end
+    every = {k: parse_samples(v) if v else 0 for k, v in
+             dict(checkpoint=checkpoint_every, log=log_every, grid=grid_every).items()}
+
+    student = VPDenoiser(network(), grid.schedule, parameterisation)
+    info = dict(method=type(method).__name__, schedule_steps=list(steps), T=grid.T, parameterisation=parameterisation,
+                noise_schedule=type(grid.schedule).__name__, batch_size=batch_size, seed=seed,
+                phases=[dict(index=p.index, start=p.start, end=p.end, teacher_steps=p.teacher_steps,
+                             student_steps=p.student_steps) for p in phases],
+                parameters=sum(p.numel() for p in student.parameters()), dataset=data.name, status="running")
+    nets, self_teacher = Networks(), None
+    if method.needs_teacher:
+        if teacher is None:
+            raise ValueError(f"{info['method']} distils a teacher: set train.teacher to a teacher run directory or weights file")
+        info["teacher"] = str(teachers.load_into(student, teacher, expect=dict(parameterisation=parameterisation, T=grid.T)))
+        nets.teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    if method.self_teacher_momentum is not None:
+        self_teacher = EMA(student, method.self_teacher_momentum)
+        nets.self_teacher = self_teacher.module
+    inference = EMA(student, inference_ema_momentum(phases[0], batch_size))
+    optimizer = adam(student.parameters())
+    base_lr = optimizer.param_groups[0]["lr"]
+    generator = torch.Generator().manual_seed(seed)
+    order = EpochOrder(len(data), seed)
+    metrics = MetricsLog(workdir / "metrics.jsonl")
+
+    samples, current = 0, 0
+    latest = ckpt.list_checkpoints(workdir / "checkpoints")
+    if latest:
+        state = ckpt.load(latest[-1])
+        samples, current = state["samples"], state["phase"]
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        inference.load_state_dict(state["inference_ema"])
+        if self_teacher is not None:
+            self_teacher.load_state_dict(state["self_teacher"])
+        if nets.teacher is not None:
+            nets.teacher.load_state_dict(state["teacher"])
+        torch.set_rng_state(state["rng_torch"])
+        generator.set_state(state["rng_method"])
+        metrics.truncate(samples)
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    write_json(workdir / "run.json", info)
+
+    def save_checkpoint():
+        state = dict(samples=samples, phase=current, student=student.state_dict(), optimizer=optimizer.state_dict(),
+                     inference_ema=inference.state_dict(), rng_torch=torch.get_rng_state(),
+                     rng_method=generator.get_state())
+        if self_teacher is not None:
+            state["self_teacher"] = self_teacher.state_dict()
+        if nets.teacher is not None:
+            state["teacher"] = nets.teacher.state_dict()
+        ckpt.save_atomic(state, ckpt.checkpoint_path(workdir / "checkpoints", samples))
+        ckpt.prune(workdir / "checkpoints", keep_checkpoints)
+
+    def save_samples(name, student_steps):
+        noise = noise_from_seeds(range(grid_size), data.shape)
+        labels = torch.arange(grid_size) % data.num_classes
+        x = sample_grid_steps(inference.module, grid, student_steps, noise, labels)
+        save_grid(x.clamp(-1, 1), workdir / "samples" / name, scale=grid_scale)
+
+    bar = tqdm(total=end, initial=samples, unit="sample", unit_scale=True, desc=f"{info['method']} {workdir.name}",
+               dynamic_ncols=True)
+    tick = time.perf_counter()
+    while samples < end:
+        phase = phase_at(phases, samples)
+        if phase.index != current:  # phase boundary: the teacher becomes the inference EMA (method-spec §5)
+            nets.teacher.load_state_dict(inference.module.state_dict())
+            inference.momentum = inference_ema_momentum(phase, batch_size)
+            _apply_resets(phase_reset, student, nets.teacher, self_teacher, inference, optimizer)
+            current = phase.index
+        idx = order.indices(samples, batch_size)
+        x, labels = data.images[idx].double(), data.labels[idx]
+        target = method(x, labels, phase, nets, grid, generator)
+        student.train()
+        pred = student(target.x_t, target.logsnr, target.labels)
+        err = (pred - target.x_target).square().flatten(1)
+        loss = (target.weight * (err.sum(1) if loss_reduction == "sum" else err.mean(1))).mean()
+        if not torch.isfinite(loss):
+            raise LossDiverged(f"the loss became non-finite at sample {samples} ({info['method']}, parameterisation "
+                               f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip else math.inf)
+        lr = learning_rate(base_lr, samples, phase)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if self_teacher is not None:
+            self_teacher.update(student)
+        inference.update(student)
+        before, samples = samples, samples + batch_size
+        bar.update(batch_size)
+        metrics.add(loss=loss.item(), grad_norm=grad_norm.item())
+        if crossed(before, samples, every["log"]) or crossed(before, samples, every["checkpoint"]) or samples >= end:
+            now = time.perf_counter()
+            record = metrics.flush(samples=samples, phase=phase.index, student_steps=phase.student_steps, lr=lr)
+            record["samples_per_s"] = round((samples - metrics.last_samples_flushed) / max(now - tick, 1e-9), 2)
+            tick = now
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", phase=phase.index)
+        grid_due = crossed(before, samples, every["grid"]) or (samples >= phase.end and phase.index < len(phases) - 1)
+        if grid_due and phase.student_steps <= grid_max_steps:  # many-step grids belong to evaluation
+            save_samples(f"grid_{samples:012d}_{phase.student_steps}steps.png", phase.student_steps)
+        if crossed(before, samples, every["checkpoint"]) or samples >= end:
+            save_checkpoint()
+    bar.close()
+    final_steps = phases[-1].student_steps
+    save_samples(f"final_{final_steps}steps.png", final_steps)
+    ckpt.save_atomic(inference.module.state_dict(), workdir / "ema.pt")
+    info.update(status="complete", samples=samples, final_student_steps=final_steps)
+    write_json(workdir / "run.json", info)
+    return workdir
+
+
+def _apply_resets(resets, student, teacher, self_teacher, inference, optimizer):
+    """Optional resets at a phase boundary; by default the student, self-teacher and optimiser carry on."""
+    if "student" in resets:
+        student.load_state_dict(teacher.state_dict())
+    if "self_teacher" in resets and self_teacher is not None:
+        self_teacher.restart()
+    if "inference_ema" in resets:
+        inference.restart()
+    if "optimizer" in resets:
+        optimizer.state.clear()

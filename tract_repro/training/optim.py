@@ -1,0 +1,34 @@
+"""Optimiser, learning-rate schedule and the inference-EMA momentum, each bound in gin."""
+import math
+
+import gin
+import torch
+
+from tract_repro.methods.ema import momentum_from_residual
+
+
+@gin.configurable
+def adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """torch.optim.Adam with the official defaults (lr 2e-4, no weight decay)."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+@gin.configurable
+def learning_rate(base_lr, samples, phase, warmup=0, decay="constant"):
+    """lr = base·min(1, samples/warmup), times 1 − (samples − start)/length within a phase if decay = 'linear'."""
+    lr = base_lr * (min(1.0, samples / warmup) if warmup else 1.0)
+    if decay == "linear":
+        lr *= 1.0 - (samples - phase.start) / phase.length
+    elif decay != "constant":
+        raise ValueError(f"learning_rate.decay = {decay!r}: choose 'constant' or 'linear'")
+    return lr
+
+
+@gin.configurable
+def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
+    """μ_I: fixed, or r^(1/n) from a residual r and the n steps of the phase (method-spec §5)."""
+    if (momentum is None) == (residual is None):
+        raise ValueError("set exactly one of inference_ema_momentum.momentum and inference_ema_momentum.residual")
+    if momentum is not None:
+        return float(momentum)
+    return momentum_from_residual(residual, math.ceil(phase.length / batch_size))

@@ -1,0 +1,54 @@
+"""Find and load a teacher: a previous run's directory or a weights file."""
+import json
+from pathlib import Path
+
+import torch
+
+
+class TeacherError(ValueError):
+    """The teacher named in gin is missing, unfinished or incompatible."""
+
+
+def resolve(spec, gin_dir="gin"):
+    """The weights file of a teacher given as a run directory or a .pt file."""
+    path = Path(spec)
+    hint = f"`python -m tract_repro.launch {_gin_hint(path, gin_dir)} --workdir {path}`"
+    if path.is_dir():
+        if (path / "ema.pt").is_file():
+            return path / "ema.pt"
+        if (path / "checkpoints").is_dir():
+            raise TeacherError(f"teacher run {path} is not finished: resume it with {hint}")
+        raise TeacherError(f"teacher run {path} has no ema.pt: train it first with {hint}")
+    if path.is_file():
+        return path
+    raise TeacherError(f"teacher {spec} not found: train it first with {hint}, or point train.teacher at a weights file")
+
+
+def _gin_hint(path, gin_dir):
+    """The run file that trains a run called like ``path`` (runs/digits_teacher → gin/digits_teacher.gin)."""
+    for root in (Path(gin_dir), Path(__file__).resolve().parents[2] / "gin"):
+        if (root / f"{path.name}.gin").is_file():
+            return f"gin/{path.name}.gin"
+    return "gin/<teacher>.gin"
+
+
+def load_into(denoiser, spec, expect=None):
+    """Load teacher weights into ``denoiser``; check ``expect`` (e.g. parameterisation) against its run.json."""
+    weights = resolve(spec)
+    info_file = weights.parent / "run.json"
+    if expect and info_file.is_file():
+        info = json.loads(info_file.read_text())
+        for key, value in expect.items():
+            if key in info and info[key] != value:
+                raise TeacherError(f"teacher {spec} was trained with {key} = {info[key]!r} but this run uses "
+                                   f"{value!r}: make them agree in gin")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    own = denoiser.state_dict()
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    misshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or misshaped:
+        raise TeacherError(f"teacher {weights} does not fit this run's network ({len(missing)} missing, "
+                           f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors): "
+                           f"use the teacher's network bindings")
+    denoiser.load_state_dict(state)
+    return weights
