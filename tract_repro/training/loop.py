@@ -5,7 +5,6 @@ A run directory describes itself: ``config.gin`` (what was asked), ``operative_c
 when finished, ``ema.pt`` (the inference EMA's denoiser weights).
 """
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -27,10 +26,7 @@ from tract_repro.training import teacher as teachers
 from tract_repro.training.lengths import parse_samples
 from tract_repro.training.optim import adam, inference_ema_momentum, learning_rate
 from tract_repro.training.run_files import MetricsLog, write_json
-
-
-class LossDiverged(RuntimeError):
-    """The loss became non-finite."""
+from tract_repro.training.step import LossDiverged, optimisation_step
 
 
 PHASE_RESETS = {"inference_ema", "self_teacher", "optimizer", "student"}
@@ -136,23 +132,13 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         idx = order.indices(samples, batch_size)
         x, labels = data.images[idx].double(), data.labels[idx]
         target = method(x, labels, phase, nets, grid, generator)
-        student.train()
-        pred = student(target.x_t, target.logsnr, target.labels)
-        err = (pred - target.x_target).square().flatten(1)
-        loss = (target.weight * (err.sum(1) if loss_reduction == "sum" else err.mean(1))).mean()
-        if not torch.isfinite(loss):
-            raise LossDiverged(f"the loss became non-finite at sample {samples} ({info['method']}, parameterisation "
-                               f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip else math.inf)
         lr = learning_rate(base_lr, samples, phase)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        if self_teacher is not None:
-            self_teacher.update(student)
-        inference.update(student)
+        try:
+            loss, grad_norm = optimisation_step(target, student, optimizer, lr, grad_clip, loss_reduction,
+                                                [e for e in (self_teacher, inference) if e is not None])
+        except LossDiverged:
+            raise LossDiverged(f"the loss became non-finite at sample {samples} ({info['method']}, parameterisation "
+                               f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge") from None
         before, samples = samples, samples + batch_size
         bar.update(batch_size)
         metrics.add(loss=loss.item(), grad_norm=grad_norm.item())

@@ -1,0 +1,145 @@
+"""The launcher and the run directory: one-line errors, the files a run writes, phase boundaries."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_gin
+from tract_repro import launch
+from tract_repro.training import checkpoint as ckpt
+
+TEACHER = tiny_gin("train.method = @TeacherTraining()\nTeacherTraining.sample_steps = 8\n"
+                   "inference_ema_momentum.momentum = 0.9\nlearning_rate.warmup = 64", total=512)
+
+
+def tract(teacher, schedule=(64, 8, 1), total=512, extra=""):
+    return tiny_gin(f"train.method = @TRACT()\nTRACT.schedule = {schedule}\ntrain.teacher = '{teacher}'\n"
+                    f"inference_ema_momentum.residual = 1e-3", total=total, extra=extra)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A tiny trained teacher, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("teacher")
+    assert launch.main([write(root / "teacher.gin", TEACHER), "--workdir", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_run_directory_describes_itself(teacher_run):
+    files = {p.name for p in teacher_run.iterdir()}
+    assert {"config.gin", "operative_config.gin", "run.json", "metrics.jsonl", "checkpoints", "samples", "ema.pt"} <= files
+    info = json.loads((teacher_run / "run.json").read_text())
+    assert info["status"] == "complete" and info["samples"] == 512 and info["method"] == "TeacherTraining"
+    operative = (teacher_run / "operative_config.gin").read_text()
+    assert "train.batch_size = 16" in operative and "UNet.channels = 8" in operative
+    assert "adam.betas = (0.9, 0.999)" in operative  # defaults are recorded too
+    records = [json.loads(line) for line in (teacher_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in records] == [64 * k for k in range(1, 9)]
+    assert all(r["loss"] > 0 for r in records)
+    assert (teacher_run / "samples" / "final_8steps.png").stat().st_size > 0
+    state = torch.load(teacher_run / "ema.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_finished_run_is_not_rerun_or_overwritten(teacher_run, capsys):
+    before = (teacher_run / "ema.pt").stat().st_mtime_ns
+    assert launch.main([str(teacher_run / "config.gin"), "--workdir", str(teacher_run)]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (teacher_run / "ema.pt").stat().st_mtime_ns == before
+
+
+def test_a_different_config_in_the_same_workdir_is_refused(teacher_run, tmp_path, capsys):
+    other = write(tmp_path / "other.gin", TEACHER.replace("adam.lr = 1e-3", "adam.lr = 5e-4"))
+    before = (teacher_run / "config.gin").read_text()
+    assert launch.main([other, "--workdir", str(teacher_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "different configuration" in err and "\n" not in err
+    assert (teacher_run / "config.gin").read_text() == before
+
+
+@pytest.mark.parametrize("text,where,what", [
+    ("train.batch_size = 16\ntrain.total = (1,\n", "bad.gin:2", "unbalanced"),
+    ("train.batch_size = 16\n\ntrain.bogus = 3\n", "bad.gin:3", "doesn't have a parameter named 'bogus'"),
+    ("nothing.here = 3\n", "bad.gin:1", "No configurable matching 'nothing'"),
+    ("train.batch_size = 16\ntrain.total = [1 2]\n", "bad.gin:2", ""),
+])
+def test_malformed_gin_gets_one_line_naming_file_and_line(tmp_path, capsys, text, where, what):
+    assert launch.main([write(tmp_path / "bad.gin", text), "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and where in err and what in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_command_line_binding_is_named(tmp_path, capsys):
+    gin_file = write(tmp_path / "t.gin", TEACHER)
+    assert launch.main([gin_file, "--gin", "TRACT.nope = 1", "--workdir", str(tmp_path / "run")]) == 2
+    assert "--gin 'TRACT.nope = 1'" in capsys.readouterr().err
+
+
+def test_missing_teacher_says_which_run_to_do_first(tmp_path, capsys):
+    gin_file = write(tmp_path / "s.gin", tract(tmp_path / "runs" / "digits_teacher"))
+    assert launch.main([gin_file, "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not found" in err and "gin/digits_teacher.gin" in err
+
+
+def test_invalid_schedule_is_one_line(teacher_run, tmp_path, capsys):
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, schedule=(64, 48, 1)))
+    assert launch.main([gin_file, "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "48 does not divide T = 64" in err
+
+
+def test_mismatched_teacher_network_is_one_line(teacher_run, tmp_path, capsys):
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, extra="UNet.channels = 12"))
+    assert launch.main([gin_file, "--workdir", str(tmp_path / "run")]) == 2
+    assert "does not fit this run's network" in capsys.readouterr().err
+
+
+def test_phase_boundary_refreshes_the_teacher_from_the_inference_ema(teacher_run, tmp_path):
+    extra = "train.checkpoint_every = 16\ntrain.keep_checkpoints = 100"
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, total=128, extra=extra))
+    assert launch.main([gin_file, "--workdir", str(tmp_path / "run")]) == 0
+    before = ckpt.load(ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", 64))  # end of phase 0
+    after = ckpt.load(ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", 80))  # first step of phase 1
+    start = ckpt.load(ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", 16))
+    teacher = torch.load(teacher_run / "ema.pt", weights_only=True)
+    assert (before["phase"], after["phase"]) == (0, 1)
+    assert all(torch.equal(before["teacher"][k], teacher[k]) for k in teacher)  # phase 0: the original teacher
+    assert all(torch.equal(after["teacher"][k], before["inference_ema"]["module"][k]) for k in teacher)
+    assert not all(torch.equal(after["teacher"][k], teacher[k]) for k in teacher)
+    # the student, the self-teacher and the optimiser carry on; μ_I restarts nothing by default
+    assert after["inference_ema"]["steps"] == before["inference_ema"]["steps"] + 1
+    assert after["self_teacher"]["steps"] == before["self_teacher"]["steps"] + 1
+    assert start["inference_ema"]["momentum"] == pytest.approx(1e-3 ** (1 / 4))
+
+
+def test_local_executor_gives_the_same_weights_as_inline(teacher_run, tmp_path):
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, total=64))
+    assert launch.main([gin_file, "--workdir", str(tmp_path / "inline")]) == 0
+    cmd = [sys.executable, "-m", "tract_repro.launch", gin_file, "--workdir", str(tmp_path / "local"), "--executor", "local"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "local" / "submitit").is_dir()
+    a = torch.load(tmp_path / "inline" / "ema.pt", weights_only=True)
+    b = torch.load(tmp_path / "local" / "ema.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diverging_loss_is_reported_in_one_line(teacher_run, tmp_path, capsys, monkeypatch):
+    from tract_repro.methods import tract as tract_module
+
+    real = tract_module.invert_ddim
+    monkeypatch.setattr(tract_module, "invert_ddim", lambda *a: real(*a) * float("nan"))
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, total=64))
+    assert launch.main([gin_file, "--workdir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "non-finite at sample 0" in err

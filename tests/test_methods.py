@@ -1,0 +1,211 @@
+"""TRACT and BTD targets, their index arithmetic, schedules, phases and the EMAs."""
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from tract_repro.diffusion.ddim import ddim_step
+from tract_repro.diffusion.grid import TimeGrid
+from tract_repro.diffusion.schedules import CosineSchedule
+from tract_repro.methods import BTD, TRACT, TeacherTraining
+from tract_repro.methods.base import Networks
+from tract_repro.methods.btd import btd_indices, halving_schedule
+from tract_repro.methods.ema import EMA, momentum_from_residual
+from tract_repro.methods.phases import check_schedule, phase_at, plan_phases
+from tract_repro.methods.tract import tract_indices
+from tract_repro.training.lengths import parse_samples
+from tract_repro.training.optim import inference_ema_momentum, learning_rate
+
+T = 1024
+GRID = TimeGrid(CosineSchedule(), T)
+
+
+def fake_denoiser(scale, shift):
+    """A deterministic D(x_t, λ) whose x̂ often leaves [−1, 1], so clipping matters."""
+    def D(x_t, logsnr, labels=None):
+        return scale * torch.tanh(x_t + shift * torch.tanh(logsnr / 10).view(-1, 1, 1, 1))
+    return D
+
+
+TEACHER, SELF_TEACHER = fake_denoiser(1.6, 0.3), fake_denoiser(1.2, -0.5)
+
+
+def batch(n=512, seed=0):
+    return torch.rand((n, 1, 4, 4), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+
+
+def phase_of(S, p):
+    return plan_phases(S, per_phase=[1] * (len(S) - 1))[p]
+
+
+def run_method(method, S, p, seed=0):
+    """Call the method and replay its generator to recover the time indices it drew."""
+    gen = torch.Generator().manual_seed(seed)
+    state = gen.get_state()
+    target = method(batch(), None, phase_of(S, p), Networks(TEACHER, SELF_TEACHER), GRID, gen)
+    gen.set_state(state)
+    draw = tract_indices if isinstance(method, TRACT) else btd_indices
+    return target, draw(S, p, T, 512, gen)
+
+
+def at(i):
+    return GRID.at(i)
+
+
+@pytest.mark.parametrize("p", [0, 1])
+def test_tract_target_is_the_teacher_x_hat_when_t1_is_the_group_end(p):
+    S = (1024, 32, 1)
+    target, (t, t1, ti) = run_method(TRACT(schedule=S), S, p)
+    last = t1 == ti
+    assert last.any() and (~last).any()
+    x_hat = TEACHER(target.x_t, target.logsnr).clamp(-1, 1)
+    torch.testing.assert_close(target.x_target[last], x_hat[last], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("S,p", [((1024, 32, 1), 0), ((1024, 32, 1), 1), ((1024, 1), 0), ((4096 // 4, 256, 16, 1), 2)])
+def test_tract_target_lands_on_the_teacher_then_self_teacher_path(S, p):
+    """A one-step unclipped DDIM with x̃ from t to t_i reproduces teacher (t→t₁) + self-teacher (t₁→t_i)."""
+    target, (t, t1, ti) = run_method(TRACT(schedule=S), S, p)
+    x_t = target.x_t
+    for b in range(0, 512, 37):  # a straightforward per-sample reference
+        i = torch.tensor([b])
+        lt, a_t, s_t = at(t[i]); l1, a1, s1 = at(t1[i]); _, ai, si = at(ti[i])
+        x = ddim_step(x_t[i], TEACHER(x_t[i], lt), a_t, s_t, a1, s1, clip=True)
+        if t1[b] != ti[b]:
+            x = ddim_step(x, SELF_TEACHER(x, l1), a1, s1, ai, si, clip=True)
+        landed = ddim_step(x_t[i], target.x_target[i], a_t, s_t, ai, si, clip=False)
+        torch.testing.assert_close(landed, x, rtol=0, atol=1e-9)
+    torch.testing.assert_close(target.weight, torch.clamp(torch.exp(target.logsnr), min=1.0))
+
+
+def test_btd_target_reproduces_the_two_teacher_steps():
+    S = halving_schedule(1024, 1)
+    for p in (0, 4, 8, 9):
+        target, (t, t_mid, s) = run_method(BTD(), S, p)
+        _, a_t, s_t = at(t); l_mid, a_m, s_m = at(t_mid); _, a_s, s_s = at(s)
+        x_mid = ddim_step(target.x_t, TEACHER(target.x_t, target.logsnr), a_t, s_t, a_m, s_m)
+        x_hat_mid = TEACHER(x_mid, l_mid)
+        x_s = ddim_step(x_mid, x_hat_mid, a_m, s_m, a_s, s_s)
+        one_step = ddim_step(target.x_t, target.x_target, a_t, s_t, a_s, s_s)
+        inner = s > 0
+        torch.testing.assert_close(one_step[inner], x_s[inner], rtol=0, atol=1e-9)
+        torch.testing.assert_close(target.x_target[~inner], x_hat_mid[~inner], rtol=0, atol=0)
+        assert (t - s == T // S[p + 1]).all() and (t - t_mid == T // S[p + 1] // 2).all()
+        if p == 9:
+            assert (~inner).all()  # the last phase's only student step ends at s = 0
+
+
+def test_tract_index_arithmetic_of_1024_32_1_is_uniform_with_the_right_support():
+    S, n = (1024, 32, 1), 1024 * 200
+    t, t1, ti = tract_indices(S, 0, T, n, torch.Generator().manual_seed(0))
+    assert set(t.tolist()) == set(range(1, 1025))
+    assert (t1 == t - 1).all() and (ti % 32 == 0).all() and ((t - ti >= 1) & (t - ti <= 32)).all()
+    assert chisquare(torch.bincount(t - 1, minlength=1024).numpy()).pvalue > 1e-3
+    assert (t1 == ti).double().mean().item() == pytest.approx(1 / 32, abs=0.002)
+    t, t1, ti = tract_indices(S, 1, T, 32 * 2000, torch.Generator().manual_seed(1))
+    assert set(t.tolist()) == set(range(32, 1025, 32))
+    assert (t1 == t - 32).all() and (ti == 0).all()
+    assert chisquare(torch.bincount(t // 32 - 1, minlength=32).numpy()).pvalue > 1e-3
+
+
+def test_the_statistical_test_can_fail():
+    """The uniformity test above rejects a visibly non-uniform draw (it is not vacuous)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(1, 1025, (1024 * 200,), generator=g)
+    t = torch.where(t % 7 == 0, t - 1, t).clamp(min=1)
+    assert chisquare(torch.bincount(t - 1, minlength=1024).numpy()).pvalue < 1e-3
+
+
+def test_schedules_are_validated_with_one_line_errors():
+    assert check_schedule([1024, 32, 1], T) == (1024, 32, 1)
+    for bad, message in [((1024, 48, 1), "does not divide T"), ((32, 1024, 1), "strictly decreasing"),
+                         ((1024,), "at least two"), ((1024, 32, 32), "strictly decreasing"),
+                         ((1024, 256, 128 + 64), "does not divide"), (("a", 1), "integers")]:
+        with pytest.raises(ValueError, match=message) as info:
+            check_schedule(bad, T)
+        assert "\n" not in str(info.value)
+    assert halving_schedule(1024, 1) == tuple(2**k for k in range(10, -1, -1))
+    with pytest.raises(ValueError, match="odd"):
+        halving_schedule(96, 1)
+
+
+def test_phases_split_evenly_or_per_phase():
+    phases = plan_phases((1024, 32, 1), total="96M")
+    assert [p.length for p in phases] == [48 * 2**20] * 2 and phases[1].start == 48 * 2**20
+    assert (phases[0].teacher_steps, phases[0].student_steps, phases[1].student_steps) == (1024, 32, 1)
+    phases = plan_phases((4096, 256, 16, 1), per_phase="48M")
+    assert [p.end for p in phases] == [48 * 2**20 * k for k in (1, 2, 3)]
+    phases = plan_phases((1024, 32, 1), per_phase=[100, 50])
+    assert phase_at(phases, 0).index == 0 and phase_at(phases, 99).index == 0
+    assert phase_at(phases, 100).index == 1 and phase_at(phases, 149).index == 1
+    assert [p.length for p in plan_phases((8, 4, 2, 1), total=10)] == [3, 3, 4]
+    with pytest.raises(ValueError, match="exactly one"):
+        plan_phases((1024, 1), total=10, per_phase=[10])
+    with pytest.raises(ValueError, match="has 3 entries"):
+        plan_phases((1024, 32, 1), per_phase=[1, 2, 3])
+
+
+def test_sample_counts_parse_with_binary_suffixes():
+    assert parse_samples("96M") == 100_663_296 and parse_samples("1M") == 2**20
+    assert parse_samples("200K") == 204_800 and parse_samples("1.5K") == 1536 and parse_samples(4096) == 4096
+    for bad in ("96m", "x", "1.3K", -5, True):
+        with pytest.raises(ValueError):
+            parse_samples(bad)
+
+
+def test_ema_is_bias_corrected():
+    source = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(source, momentum=0.5)
+    weights, values = [], [3.0, -1.0, 5.0, 2.0, 7.0]
+    for v in values:
+        weights.append(ema.decay())
+        source.weight.data.fill_(v)
+        ema.update(source)
+        if len(weights) == 1:
+            assert ema.module.weight.item() == 3.0  # the first update copies
+    assert weights[:4] == pytest.approx([1, 2 / 3, 4 / 7, 8 / 15])
+    k, mu = len(values), 0.5  # closed form: weights μ^(k−i)·(1−μ)/(1−μ^k)
+    expected = sum(mu ** (k - 1 - i) * (1 - mu) / (1 - mu**k) * v for i, v in enumerate(values))
+    assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    ema.restart()
+    assert ema.decay() == 1.0
+    state = ema.state_dict()
+    other = EMA(torch.nn.Linear(1, 1, bias=False), momentum=0.9)
+    other.load_state_dict(state)
+    assert (other.steps, other.momentum, other.module.weight.item()) == (0, 0.5, ema.module.weight.item())
+    with pytest.raises(ValueError):
+        EMA(source, momentum=1.0)
+
+
+def test_inference_ema_from_residual():
+    """μ_I = r^(1/n): the official README run (96M, batch 256, 2 phases) gives 0.99996487."""
+    phases = plan_phases((1024, 32, 1), total="96M")
+    mu = inference_ema_momentum(phases[0], 256, residual=1e-3)
+    assert mu == pytest.approx(0.99996487, abs=1e-8)
+    assert mu ** (48 * 2**20 / 256) == pytest.approx(1e-3, rel=1e-9)
+    assert inference_ema_momentum(phases[0], 256, momentum=0.99995) == 0.99995
+    assert momentum_from_residual(0.25, 2) == 0.5
+    with pytest.raises(ValueError, match="exactly one"):
+        inference_ema_momentum(phases[0], 256)
+
+
+def test_learning_rate_warmup_and_linear_decay():
+    phase = plan_phases((4, 2, 1), per_phase=[100, 100])[1]
+    assert learning_rate(1.0, 150, phase) == 1.0
+    assert learning_rate(1.0, 150, phase, decay="linear") == pytest.approx(0.5)
+    assert learning_rate(1.0, 100, phase, decay="linear") == 1.0
+    assert learning_rate(2.0, 50, phase, warmup=200) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="constant"):
+        learning_rate(1.0, 0, phase, decay="cosine")
+
+
+def test_teacher_training_target_is_the_data_with_its_weight():
+    gen = torch.Generator().manual_seed(0)
+    x = batch()
+    target = TeacherTraining(weighting="snr")(x, None, None, Networks(), GRID, gen)
+    assert target.x_target is x
+    torch.testing.assert_close(target.weight, torch.exp(target.logsnr))
+    alpha, sigma = GRID.alpha_sigma(target.logsnr)
+    eps = (target.x_t - alpha * x) / sigma
+    assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05  # x_t = αx + σε with ε ~ N(0, I)
