@@ -143,3 +143,28 @@ def test_diverging_loss_is_reported_in_one_line(teacher_run, tmp_path, capsys, m
     assert launch.main([gin_file, "--workdir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "non-finite at sample 0" in err
+
+
+def test_phases_run_as_separate_runs_equal_one_continuous_run(teacher_run, tmp_path):
+    """Phase 1 continued from a phase-0 run ends bit-identical to the two-phase run (DVC shares phases)."""
+    whole = write(tmp_path / "whole.gin", tract(teacher_run, total=256))
+    assert launch.main([whole, "--workdir", str(tmp_path / "whole")]) == 0
+    assert launch.main([whole, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0
+    assert (tmp_path / "p0" / "samples" / "final_8steps.png").is_file()
+    assert launch.main([whole, "--gin", "train.only_phase = 1", "--gin", f"train.previous = '{tmp_path / 'p0'}'",
+                        "--workdir", str(tmp_path / "p1")]) == 0
+    a = torch.load(tmp_path / "whole" / "ema.pt", weights_only=True)
+    b = torch.load(tmp_path / "p1" / "ema.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "p1" / "run.json").read_text())["final_student_steps"] == 1
+
+
+def test_continuing_a_different_run_is_refused(teacher_run, tmp_path, capsys):
+    first = write(tmp_path / "a.gin", tract(teacher_run, total=256))
+    assert launch.main([first, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0
+    other = write(tmp_path / "b.gin", tract(teacher_run, total=256, extra="train.seed = 5"))
+    assert launch.main([other, "--gin", "train.only_phase = 1", "--gin", f"train.previous = '{tmp_path / 'p0'}'",
+                        "--workdir", str(tmp_path / "p1")]) == 2
+    assert "differs from this run in seed" in capsys.readouterr().err
+    assert launch.main([first, "--gin", "train.only_phase = 1", "--workdir", str(tmp_path / "p1b")]) == 2
+    assert "set train.previous" in capsys.readouterr().err

@@ -186,8 +186,9 @@ def test_inference_ema_from_residual():
     assert mu ** (48 * 2**20 / 256) == pytest.approx(1e-3, rel=1e-9)
     assert inference_ema_momentum(phases[0], 256, momentum=0.99995) == 0.99995
     assert momentum_from_residual(0.25, 2) == 0.5
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="set inference_ema_momentum"):
         inference_ema_momentum(phases[0], 256)
+    assert inference_ema_momentum(phases[0], 256, momentum=0.9, residual=1e-3) == 0.9  # fixed μ_I wins
 
 
 def test_learning_rate_warmup_and_linear_decay():

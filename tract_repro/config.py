@@ -92,3 +92,13 @@ def query(key, default=None):
     while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
         value = gin.query_parameter(f"{value.scoped_selector.split('/')[0]}/gin.macro.value")
     return value
+
+
+def build(key, default=None):
+    """Call the configurable bound to ``key`` (``@name`` or ``@name()``) with its bindings; ``default`` if unbound."""
+    value = query(key)
+    if value is None:
+        return default() if callable(default) else default
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn()
+    return value

@@ -5,6 +5,7 @@ A run directory describes itself: ``config.gin`` (what was asked), ``operative_c
 when finished, ``ema.pt`` (the inference EMA's denoiser weights).
 """
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -42,8 +43,12 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
           T=1024, parameterisation="v", teacher=None, batch_size=128, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
           checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
-          grid_scale=4, grid_max_steps=64):
-    """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint."""
+          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None):
+    """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
+
+    With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
+    final checkpoint of ``previous``, the run of phase p − 1 (so DVC can share phases between runs).
+    """
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     workdir = Path(workdir)
@@ -58,7 +63,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     phases = plan_phases(steps, total, phase_lengths)
     if any(p.length < batch_size for p in phases):
         raise ValueError(f"every phase must be at least one batch ({batch_size} samples) long, got {[p.length for p in phases]}")
-    end = phases[-1].end
+    begin, end = (0, phases[-1].end) if only_phase is None else _phase_span(phases, only_phase, previous)
     every = {k: parse_samples(v) if v else 0 for k, v in
              dict(checkpoint=checkpoint_every, log=log_every, grid=grid_every).items()}
 
@@ -69,7 +74,12 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
                              student_steps=p.student_steps) for p in phases],
                 parameters=sum(p.numel() for p in student.parameters()), dataset=data.name, status="running")
     nets, self_teacher = Networks(), None
-    if method.needs_teacher:
+    if only_phase is not None:
+        info.update(only_phase=only_phase, previous=str(previous) if previous else None)
+    if method.needs_teacher and begin > 0:  # the teacher and everything else come from the previous phase's run
+        nets.teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        info["teacher"] = str(previous)
+    elif method.needs_teacher:
         if teacher is None:
             raise ValueError(f"{info['method']} distils a teacher: set train.teacher to a teacher run directory or weights file")
         info["teacher"] = str(teachers.load_into(student, teacher, expect=dict(parameterisation=parameterisation, T=grid.T)))
@@ -86,6 +96,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
 
     samples, current = 0, 0
     latest = ckpt.list_checkpoints(workdir / "checkpoints")
+    if not latest and begin > 0:
+        latest = [_previous_checkpoint(previous, begin, info)]
     if latest:
         state = ckpt.load(latest[-1])
         samples, current = state["samples"], state["phase"]
@@ -119,7 +131,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         x = sample_grid_steps(inference.module, grid, student_steps, noise, labels)
         save_grid(x.clamp(-1, 1), workdir / "samples" / name, scale=grid_scale)
 
-    bar = tqdm(total=end, initial=samples, unit="sample", unit_scale=True, desc=f"{info['method']} {workdir.name}",
+    bar = tqdm(total=end - begin, initial=samples - begin, unit="sample", unit_scale=True, desc=f"{info['method']} {workdir.name}",
                dynamic_ncols=True)
     tick = time.perf_counter()
     while samples < end:
@@ -149,18 +161,41 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             tick = now
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", phase=phase.index)
-        grid_due = crossed(before, samples, every["grid"]) or (samples >= phase.end and phase.index < len(phases) - 1)
+        grid_due = crossed(before, samples, every["grid"]) or phase.end <= samples < end
         if grid_due and phase.student_steps <= grid_max_steps:  # many-step grids belong to evaluation
             save_samples(f"grid_{samples:012d}_{phase.student_steps}steps.png", phase.student_steps)
         if crossed(before, samples, every["checkpoint"]) or samples >= end:
             save_checkpoint()
     bar.close()
-    final_steps = phases[-1].student_steps
+    final_steps = phase_at(phases, end - 1).student_steps
     save_samples(f"final_{final_steps}steps.png", final_steps)
     ckpt.save_atomic(inference.module.state_dict(), workdir / "ema.pt")
     info.update(status="complete", samples=samples, final_student_steps=final_steps)
     write_json(workdir / "run.json", info)
     return workdir
+
+
+def _phase_span(phases, only_phase, previous):
+    """(start, end) in samples of the single phase a run trains."""
+    if not 0 <= only_phase < len(phases):
+        raise ValueError(f"train.only_phase = {only_phase}, but the schedule has phases 0..{len(phases) - 1}")
+    if only_phase > 0 and previous is None:
+        raise ValueError(f"train.only_phase = {only_phase} continues a run: set train.previous to the run of phase {only_phase - 1}")
+    return phases[only_phase].start, phases[only_phase].end
+
+
+def _previous_checkpoint(previous, begin, info):
+    """The final checkpoint of the previous phase's run, checked to be the same schedule and method."""
+    previous = Path(previous)
+    path = ckpt.checkpoint_path(previous / "checkpoints", begin)
+    if not path.is_file():
+        raise ValueError(f"train.previous = {previous} has no checkpoint at sample {begin}: run that phase first")
+    theirs = json.loads((previous / "run.json").read_text())
+    for key in ("method", "schedule_steps", "T", "phases", "batch_size", "seed", "parameterisation"):
+        if theirs.get(key) != info.get(key):
+            raise ValueError(f"train.previous = {previous} differs from this run in {key} ({theirs.get(key)!r} vs "
+                             f"{info.get(key)!r}): continue a run of the same configuration")
+    return path
 
 
 def _apply_resets(resets, student, teacher, self_teacher, inference, optimizer):

@@ -26,9 +26,9 @@ def learning_rate(base_lr, samples, phase, warmup=0, decay="constant"):
 
 @gin.configurable
 def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
-    """μ_I: fixed, or r^(1/n) from a residual r and the n steps of the phase (method-spec §5)."""
-    if (momentum is None) == (residual is None):
-        raise ValueError("set exactly one of inference_ema_momentum.momentum and inference_ema_momentum.residual")
+    """μ_I: fixed if ``momentum`` is set, else r^(1/n) from a residual r and the n steps of the phase (method-spec §5)."""
     if momentum is not None:
         return float(momentum)
+    if residual is None:
+        raise ValueError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
     return momentum_from_residual(residual, math.ceil(phase.length / batch_size))

@@ -1,0 +1,106 @@
+"""The small digits classifier whose penultimate features define digits-FD (method-spec §8, §11).
+
+    python -m tract_repro.evaluation.classifier --workdir runs/digits_classifier
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import gin
+import torch
+from torch import nn
+
+from tract_repro.data.digits import digits
+from tract_repro.training.checkpoint import save_atomic
+
+
+class DigitsClassifier(nn.Module):
+    """conv 32 → conv 64 → pool → conv 64 → global mean: 64-d features, then a linear head to 10 classes."""
+
+    feature_dim = 64
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x):
+        """64-d features of images in [−1, 1], shape (N, 1, 8, 8)."""
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def split(n, seed, test_fraction):
+    """A seeded train/test split of n indices."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(n * test_fraction))
+    return perm[n_test:], perm[:n_test]
+
+
+@gin.configurable
+def train_classifier(workdir, epochs=40, batch_size=64, lr=2e-3, seed=0, test_fraction=0.2, min_accuracy=0.95,
+                     threads=1):
+    """Train on a seeded split, check the held-out accuracy, save classifier.pt and classifier.json."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    data = digits()
+    train_idx, test_idx = split(len(data), seed, test_fraction)
+    model = DigitsClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            loss = nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(data.images[test_idx]).argmax(1) == data.labels[test_idx]).float().mean().item()
+    if accuracy < min_accuracy:
+        raise ValueError(f"the digits classifier reached only {accuracy:.3f} held-out accuracy (< {min_accuracy}): "
+                         f"train longer (train_classifier.epochs) before using it for digits-FD")
+    workdir = Path(workdir)
+    save_atomic(model.state_dict(), workdir / "classifier.pt")
+    info = dict(accuracy=accuracy, test_images=len(test_idx), epochs=epochs, seed=seed, feature_dim=model.feature_dim)
+    (workdir / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
+    return model, info
+
+
+def load_classifier(workdir):
+    """The trained classifier of a classifier run directory, with a one-line error if it is missing."""
+    weights = Path(workdir) / "classifier.pt"
+    if not weights.is_file():
+        raise ValueError(f"digits classifier {weights} not found: train it first with "
+                         f"`python -m tract_repro.evaluation.classifier --workdir {workdir}`")
+    model = DigitsClassifier()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/digits_classifier")
+    parser.add_argument("--gin", action="append", default=[], help="binding, e.g. 'train_classifier.epochs = 60'")
+    args = parser.parse_args(argv)
+    from tract_repro import config
+
+    try:
+        config.parse(bindings=args.gin)
+        _, info = train_classifier(args.workdir)
+    except ValueError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"digits classifier: held-out accuracy {info['accuracy']:.4f} on {info['test_images']} images → {args.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

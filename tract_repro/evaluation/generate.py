@@ -1,0 +1,56 @@
+"""Samples from a run's weights with one seed per sample (as EDM), so results don't depend on batching."""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
+from tract_repro.training.checkpoint import load, save_atomic
+
+
+def labels_from_seeds(seeds, num_classes):
+    """One class per seed, drawn after the seed's noise stream (EDM's convention), for conditional nets."""
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(int(s) + 2**31)))
+                         for s in seeds])
+
+
+@torch.no_grad()
+def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None):
+    """x₀ samples (N, *shape) in [−1, 1] from K = ``steps`` deterministic DDIM steps, seed i → sample i."""
+    seeds = list(seeds)
+    out = []
+    for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"DDIM {steps} steps", leave=False, disable=None):
+        chunk = seeds[i:i + batch_size]
+        labels = labels_from_seeds(chunk, num_classes) if num_classes > 1 else None
+        out.append(sample_grid_steps(denoiser, grid, steps, noise_from_seeds(chunk, shape), labels).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def file_digest(path):
+    """sha256 of a file (used to key caches and record provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_dir, num_classes=1, batch_size=500):
+    """The teacher's ``steps``-step DDIM output for ``seeds``, computed once and cached by weights digest."""
+    seeds = list(seeds)
+    key = f"{file_digest(weights_file)[:16]}_ddim{steps}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
+    path = Path(cache_dir) / f"reference_{key}.pt"
+    if path.is_file():
+        return load(path)["samples"]
+    samples = generate(teacher, grid, steps, seeds, shape, num_classes, batch_size, desc=f"teacher reference {steps} steps")
+    save_atomic({"samples": samples}, path)
+    path.with_suffix(".json").write_text(json.dumps(dict(weights=str(weights_file), steps=steps, seeds=[seeds[0], seeds[-1]],
+                                                          n=len(seeds)), indent=2) + "\n")
+    return samples
+
+
+def rmse(a, b):
+    """√mean((a − b)²) over every pixel of every sample."""
+    return (a.double() - b.double()).square().mean().sqrt().item()

@@ -1,0 +1,64 @@
+"""The Inception feature extractor for FID, through clean-fid, failing fast when offline (method-spec §8).
+
+clean-fid's modes: ``clean`` and ``legacy_tensorflow`` use the TorchScript port of the TF
+Inception (``inception-2015-12-05.pt``); ``legacy_pytorch`` uses pytorch-fid's weights,
+closest to the official TRACT code.  We never let clean-fid download: the weights must be
+where clean-fid keeps them (or at a path bound in gin), or we stop with one line.
+"""
+import platform
+from pathlib import Path
+
+import gin
+import torch
+
+TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
+PYTORCH_FID_NAME = "pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_FID_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{PYTORCH_FID_NAME}"
+
+
+class MissingWeights(ValueError):
+    """Inception weights are not on disk."""
+
+
+def default_torchscript_dir():
+    """Where clean-fid looks for (and would download) the TorchScript Inception."""
+    return Path("./") if platform.system() == "Windows" else Path("/tmp")
+
+
+@gin.configurable
+def inception_extractor(mode="clean", path=None, device="cpu"):
+    """clean-fid's feature extractor for ``mode``, built from local weights only; [0, 255] NCHW → (N, 2048)."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    device = torch.device(device)
+    if mode in ("clean", "legacy_tensorflow"):
+        folder = Path(path).parent if path and Path(path).suffix == ".pt" else Path(path or default_torchscript_dir())
+        weights = folder / TORCHSCRIPT_NAME
+        if not weights.is_file():
+            raise MissingWeights(f"Inception weights {weights} not found (offline): fetch {TORCHSCRIPT_URL} and put it "
+                                 f"there, or set inception_extractor.path")
+        model = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow")).to(device).eval()
+        return lambda x: model(x.to(device))
+    if mode == "legacy_pytorch":
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_NAME
+        weights = Path(path) if path else hub
+        if not weights.is_file():
+            raise MissingWeights(f"pytorch-fid Inception weights {weights} not found (offline): fetch {PYTORCH_FID_URL} "
+                                 f"and put it at {hub}, or set inception_extractor.path")
+        return _pytorch_fid_extractor(weights, device)
+    raise ValueError(f"inception_extractor.mode = {mode!r}: choose 'clean', 'legacy_tensorflow' or 'legacy_pytorch'")
+
+
+def _pytorch_fid_extractor(weights, device):
+    """clean-fid's pytorch-fid Inception with weights loaded from a local file (weights_only)."""
+    from cleanfid import inception_pytorch
+
+    original = inception_pytorch.load_state_dict_from_url
+    inception_pytorch.load_state_dict_from_url = lambda *a, **k: torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        model = inception_pytorch.InceptionV3(output_blocks=[3], resize_input=False).to(device).eval()
+    finally:
+        inception_pytorch.load_state_dict_from_url = original
+    return lambda x: model(x.to(device) / 255)[0].squeeze(-1).squeeze(-1)
+

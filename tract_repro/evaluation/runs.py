@@ -1,0 +1,38 @@
+"""Rebuild a finished run's inference-EMA denoiser from the configuration saved beside it."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tract_repro import config
+from tract_repro.diffusion.grid import TimeGrid
+from tract_repro.diffusion.schedules import CosineSchedule
+from tract_repro.networks.denoiser import VPDenoiser
+
+
+@dataclass
+class FinishedRun:
+    path: Path
+    info: dict
+    denoiser: torch.nn.Module
+    grid: TimeGrid
+    data: object
+    weights: Path
+
+
+def load_run(path):
+    """The run at ``path`` with its ema.pt loaded; one-line error if it isn't finished."""
+    path = Path(path)
+    weights, saved = path / "ema.pt", path / "config.gin"
+    if not (weights.is_file() and saved.is_file()):
+        raise ValueError(f"{path} is not a finished run (no ema.pt or config.gin): run it with "
+                         f"`python -m tract_repro.launch gin/{path.name}.gin --workdir {path}` first")
+    config.parse(text=saved.read_text())
+    schedule = config.build("train.schedule", CosineSchedule)
+    grid = TimeGrid(schedule, config.query("train.T", 1024))
+    denoiser = VPDenoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
+    denoiser.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    data = config.build("train.dataset")
+    info = json.loads((path / "run.json").read_text())
+    return FinishedRun(path, info, denoiser.eval().requires_grad_(False), grid, data, weights)
