@@ -32,6 +32,8 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
                  reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1):
     """Metrics for each K in ``steps``; returns the dict written to metrics.json."""
     torch.set_num_threads(threads)
+    if samples < 1 or any(k < 1 for k in steps):
+        raise ValueError(f"evaluation needs at least one sample and one step, got {samples} samples, steps {list(steps)}")
     run = load_run(run_dir)
     teacher_dir = Path(run.info["teacher"]).parent if run.info.get("teacher") else run.path
     teacher = run if teacher_dir == run.path else load_run(teacher_dir)
@@ -46,7 +48,8 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
         x = generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size, desc=f"{run.path.name} {k} steps")
         fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
         rows.append(dict(steps=k, nfe=k, digits_fd=fd, fidelity_rmse=rmse(x, reference)))
-        save_grid(x[:100], out_dir / f"samples_{k}steps.png", scale=4)
+        grid_name = f"{Path(out).stem}_{k}steps.png" if out else f"samples_{k}steps.png"
+        save_grid(x[:100], out_dir / grid_name, scale=4)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info["schedule_steps"],
                    weights_sha256=file_digest(run.weights), sampler="ddim (clipped x̂)", ema="inference",
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,

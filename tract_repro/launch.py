@@ -1,11 +1,14 @@
 """Launch a run from gin files: ``python -m tract_repro.launch FILE.gin [...] [--gin 'a = b'] [--workdir DIR] [--executor inline|local]``.
 
 The job re-parses the config text in its own process, so inline and submitit runs take the
-same path.  Errors in the configuration print one line and exit with status 2.
+same path.  ``--seeds 0 1 2 --parallel 2`` runs one job per seed (``{seed}`` in the workdir
+and in bindings is replaced) as submitit local jobs, two at a time.  Errors in the configuration print
+one line and exit with status 2.
 """
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import gin
@@ -55,9 +58,13 @@ def main(argv=None):
     parser.add_argument("--workdir", help="run directory (default: runs/<last gin file's name>)")
     parser.add_argument("--executor", choices=["inline", "local"], default="inline",
                         help="inline: in this process; local: through submitit's local executor")
+    parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (binds train.seed); --workdir must contain {seed}")
+    parser.add_argument("--parallel", type=int, default=1, help="with --seeds: how many local jobs run at once")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or Path("runs") / Path(args.files[-1]).stem)
     try:
+        if args.seeds:
+            return _many(args, workdir)
         text = config.parse(args.files, args.gin)
         if check_workdir(workdir, text) == "complete":
             print(f"{workdir} is already complete (ema.pt present); nothing to do")
@@ -83,6 +90,34 @@ def main(argv=None):
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     print(f"done: {result}")
+    return 0
+
+
+def _many(args, workdir):
+    """One local submitit job per seed, at most ``--parallel`` at a time; fail if any fails."""
+    if "{seed}" not in str(workdir):
+        raise config.ConfigError("--seeds needs a --workdir containing {seed}, e.g. runs/x/s{seed}")
+    jobs = []
+    for seed in args.seeds:
+        text = config.parse(args.files, [b.replace("{seed}", str(seed)) for b in args.gin] + [f"train.seed = {seed}"])
+        run_dir = Path(str(workdir).format(seed=seed))
+        if check_workdir(run_dir, text) != "complete":
+            jobs.append((run_dir, text))
+    running, failed = [], []
+    while jobs or running:
+        while jobs and len(running) < max(1, args.parallel):
+            run_dir, text = jobs.pop(0)
+            running.append((run_dir, local_executor(run_dir / "submitit").submit(run_job, text, str(run_dir))))
+        time.sleep(0.5)
+        for item in [r for r in running if r[1].done()]:
+            running.remove(item)
+            try:
+                _wait(item[1])
+                print(f"done: {item[0]}", flush=True)
+            except RuntimeError as exc:
+                failed.append(f"{item[0]}: {exc}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(args.seeds)} runs failed; first: {failed[0]}")
     return 0
 
 

@@ -78,7 +78,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         info.update(only_phase=only_phase, previous=str(previous) if previous else None)
     if method.needs_teacher and begin > 0:  # the teacher and everything else come from the previous phase's run
         nets.teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        info["teacher"] = str(previous)
+        info["teacher"] = json.loads((Path(previous) / "run.json").read_text()).get("teacher")  # the root teacher
     elif method.needs_teacher:
         if teacher is None:
             raise ValueError(f"{info['method']} distils a teacher: set train.teacher to a teacher run directory or weights file")
@@ -190,11 +190,13 @@ def _previous_checkpoint(previous, begin, info):
     path = ckpt.checkpoint_path(previous / "checkpoints", begin)
     if not path.is_file():
         raise ValueError(f"train.previous = {previous} has no checkpoint at sample {begin}: run that phase first")
-    theirs = json.loads((previous / "run.json").read_text())
+    theirs, p = json.loads((previous / "run.json").read_text()), info["only_phase"]
+    mine = dict(info, schedule_steps=info["schedule_steps"][:p + 1], phases=info["phases"][:p])
+    theirs.update(schedule_steps=theirs["schedule_steps"][:p + 1], phases=theirs["phases"][:p])
     for key in ("method", "schedule_steps", "T", "phases", "batch_size", "seed", "parameterisation"):
-        if theirs.get(key) != info.get(key):
+        if theirs.get(key) != mine.get(key):  # the phases before this one must be the same computation
             raise ValueError(f"train.previous = {previous} differs from this run in {key} ({theirs.get(key)!r} vs "
-                             f"{info.get(key)!r}): continue a run of the same configuration")
+                             f"{mine.get(key)!r}): continue a run of the same configuration")
     return path
 
 

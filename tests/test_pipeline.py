@@ -1,0 +1,131 @@
+"""The generated DVC pipeline, phase sharing, the results tables, and a small real `dvc repro`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tract_repro.results import pipeline, tables
+from tract_repro.results.experiments import expand, load_run_templates, load_tables, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def real_expansion():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["digits"]
+    return expand(load_tables(ROOT / "experiments"), load_run_templates(ROOT / "experiments"), params)
+
+
+def test_dvc_yaml_is_current(in_repo):
+    params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
+    expected = pipeline.build(load_tables(), load_run_templates(), params)
+    assert yaml.safe_load(Path("dvc.yaml").read_text()) == expected, "run `python -m tract_repro.results.pipeline`"
+
+
+def test_identical_phases_are_shared_across_rows_and_tables(in_repo):
+    phases, evaluations = real_expansion()
+    where = {(e["table"], e["row"]): e["phase"] for e in evaluations}
+    # the paper's 5.24 configuration appears in Tables 3, 4 and 5: one run
+    assert where[("table3", "mu_s_0.5")] == where[("table4", "mu_i_0.99995")] == where[("table5", "sched_1024_32_1")]
+    # TRACT 1024→32→1 and 1024→32→2 share their first phase; the 1-step student sampled with 2 steps is the same run
+    assert phases[where[("table1", "tract_2steps")]].previous is phases[where[("table1", "tract_1step")]].previous
+    assert where[("table1", "tract_1step_student_2steps")] == where[("table1", "tract_1step")]
+    # BTD's 2-step row evaluates the 4→2 phase of the same BTD run as its 1-step row
+    assert phases[where[("table1", "btd_1step")]].previous.key == where[("table1", "btd_2steps")]
+    # different μ_S means a different first phase
+    firsts = {phases[where[("table3", r)]].previous.key for r in ("mu_s_0", "mu_s_0.5", "mu_s_0.9", "mu_s_0.99")}
+    assert len(firsts) == 4
+    assert all(p.index == 0 or p.previous is not None for p in phases.values())
+
+
+def test_unknown_budget_symbol_is_an_error():
+    assert resolve("$budget", {"budget": "64K"}) == "'64K'" and resolve(0.5, {}) == "0.5"
+    with pytest.raises(ValueError, match=r"\$nope"):
+        resolve("$nope", {"budget": "64K"})
+
+
+def test_tables_report_means_stds_and_orderings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = yaml.safe_load((ROOT / "experiments" / "table3.yaml").read_text())
+    rows = {r["id"]: r for r in table["rows"]}
+    scores = []
+    for seed in (0, 1, 2):
+        for i, row in enumerate(["mu_s_0", "mu_s_0.5", "mu_s_0.9", "mu_s_0.99"]):
+            scores.append(dict(row=row, seed=seed, nfe=1, digits_fd=[10, 20, 12, 30][i] + seed, fidelity_rmse=0.1,
+                               noise_floor=5.0, samples=500))
+    summary = tables.summarise(pd.DataFrame(scores))
+    assert summary.loc["mu_s_0.5", "fd_mean"] == 21 and summary.loc["mu_s_0.5", "fd_std"] == pytest.approx(1.0)
+    orderings = tables.check_orderings(table, summary)
+    claimed = {(o["better"], o["worse"]): o["holds"] for o in orderings}
+    assert claimed[("mu_s_0.5", "mu_s_0")] is False and claimed[("mu_s_0.9", "mu_s_0.99")] is True
+    summary.attrs.update(noise_floor=5.0, samples=500)
+    text = tables.render(table, summary, orderings)
+    assert "21.00 ± 1.00 (n=3)" in text and "5.24 (M; S2)" in text and "✗ < μ_S = 0" in text
+    assert f"{sum(o['holds'] for o in orderings)} of {len(orderings)} claimed pairwise orderings hold" in text
+    assert rows["mu_s_0.5"]["paper"]["value"] == 5.24
+
+
+TINY_TABLE = {
+    "table": "tiny", "title": "Tiny pipeline", "paper": {"dataset": "digits", "metric": "none", "setting": "CI"},
+    "digits": {"metric": "digits_fd", "seeds": [0, 1]},
+    "ordering": {"claim": "TRACT beats BTD", "pairs": [["tract", "btd"]]},
+    "rows": [
+        {"id": "teacher", "label": "Teacher 8 steps", "paper": {"value": None}, "digits": {"run": "teacher", "bindings": {}, "steps": 8}},
+        {"id": "tract", "label": "TRACT 1024→32→1", "paper": {"value": None},
+         "digits": {"run": "tract", "bindings": {"SCHEDULE": "(1024, 32, 1)", "TOTAL": "$budget"}, "steps": 1}},
+        {"id": "tract2", "label": "TRACT 1024→32→2", "paper": {"value": None},
+         "digits": {"run": "tract", "bindings": {"SCHEDULE": "(1024, 32, 2)", "TOTAL": "$budget"}, "steps": 2}},
+        {"id": "btd", "label": "BTD 8→4→2→1", "paper": {"value": None},
+         "digits": {"run": "btd", "bindings": {"START_STEPS": 8, "TOTAL": "$budget"}, "steps": 1}},
+    ],
+}
+TINY_PARAMS = {"digits": dict(teacher_total="1280", budget="768", phase_budget="384", binary_phase_budget="128",
+                              eval_samples=40, reference_steps=8, parallel=2, classifier_epochs=12)}
+
+
+def test_small_pipeline_runs_with_dvc(tmp_path):
+    """`dvc repro digits_tiny` from a fresh checkout layout: classifier, teacher, shared phases, evals, table."""
+    for item in ("gin", "experiments/runs.yaml"):
+        src, dst = ROOT / item, tmp_path / item
+        shutil.copytree(src, dst) if src.is_dir() else (dst.parent.mkdir(parents=True, exist_ok=True), shutil.copy(src, dst))
+    (tmp_path / "experiments" / "tiny.yaml").write_text(yaml.safe_dump(TINY_TABLE, allow_unicode=True))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+    assert run(sys.executable, "-m", "tract_repro.results.pipeline").returncode == 0
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert sum(name.startswith("digits_run_tract_1024-32_") for name in stages) == 1  # phase 0 shared by both TRACT rows
+    assert run("git", "init", "-q").returncode == 0 and run("dvc", "init", "-q").returncode == 0
+    done = run("dvc", "repro", "digits_tiny")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (tmp_path / "results" / "tiny.md").read_text()
+    measured = json.loads((tmp_path / "results" / "digits" / "tiny.json").read_text())
+    assert {r["row"] for r in measured["rows"]} == {"teacher", "tract", "tract2", "btd"}
+    assert all(r["n"] == (1 if r["row"] == "teacher" else 2) for r in measured["rows"])
+    assert "± " in text and (tmp_path / "results" / "digits" / "tiny.png").is_file()
+    assert (tmp_path / "runs" / "digits" / "teacher" / "ema.pt").is_file()
+
+    # a failing stage says why in one line and leaves earlier outputs intact
+    teacher_weights = (tmp_path / "runs" / "digits" / "teacher" / "ema.pt").read_bytes()
+    params = dict(TINY_PARAMS["digits"], budget="64")  # a phase shorter than one batch
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"digits": params}))
+    assert run(sys.executable, "-m", "tract_repro.results.pipeline").returncode != 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"digits": dict(TINY_PARAMS["digits"], eval_samples=-1)}))
+    failed = run("dvc", "repro", "digits_tiny")
+    assert failed.returncode != 0
+    assert [line for line in failed.stderr.splitlines() if line.startswith("error:")], failed.stderr[-2000:]
+    assert (tmp_path / "runs" / "digits" / "teacher" / "ema.pt").read_bytes() == teacher_weights

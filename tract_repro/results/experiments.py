@@ -1,0 +1,108 @@
+"""Load experiments/*.yaml and expand digits-scale rows into shared, per-phase runs.
+
+A phase is identified by everything that determines its computation: the run template,
+the bindings other than schedule and lengths, the schedule up to its student, the phase
+lengths up to it, and T.  Rows whose runs agree on a prefix of phases share those phases.
+"""
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tract_repro import config
+from tract_repro.methods.phases import plan_phases
+
+EXPERIMENTS = Path("experiments")
+DIGITS_RUNS = "runs/digits"
+LENGTH_MACROS = ("SCHEDULE", "TOTAL", "PHASE_LENGTH", "START_STEPS")
+
+
+def load_tables(root=EXPERIMENTS):
+    """{table name: definition} for every experiments/<table>.yaml except runs.yaml."""
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(Path(root).glob("*.yaml")) if p.stem != "runs"}
+
+
+def load_run_templates(root=EXPERIMENTS):
+    return yaml.safe_load((Path(root) / "runs.yaml").read_text())
+
+
+def resolve(value, params):
+    """A binding value as gin text; '$name' takes digits params[name] as a quoted string."""
+    if isinstance(value, str) and value.startswith("$"):
+        key = value[1:]
+        if key not in params:
+            raise ValueError(f"experiments refer to ${key}, which params.yaml's digits section does not define")
+        return repr(str(params[key]))
+    return str(value)
+
+
+@dataclass
+class Phase:
+    """One phase of a run, trained by one DVC stage for all its seeds."""
+
+    key: str
+    run: str
+    gin: str
+    bindings: list
+    index: int
+    previous: "Phase | None"
+    student_steps: int
+    seeds: set = field(default_factory=set)
+
+    @property
+    def workdir(self):
+        return f"{DIGITS_RUNS}/{self.key}"
+
+
+def describe_run(gin_file, bindings):
+    """(schedule, phase lengths, effective config) of a run, computed by the engine from its gin config.
+
+    The effective config is gin's resolved configuration without the macros that only shape
+    the phases (those are represented by the schedule and lengths themselves).
+    """
+    text = config.parse([gin_file], bindings)
+    method, T = config.build("train.method"), config.query("train.T", 1024)
+    steps = method.steps(T)
+    phases = plan_phases(steps, config.query("train.total"), config.query("train.phase_lengths"))
+    batch = config.query("train.batch_size")
+    if any(p.length < batch for p in phases):
+        raise ValueError(f"{gin_file} with {bindings}: phases of {[p.length for p in phases]} samples are shorter "
+                         f"than one batch ({batch}); raise the budget in params.yaml")
+    effective = [line for line in text.splitlines() if line.strip() and not line.startswith("#")
+                 and line.split("=")[0].strip() not in LENGTH_MACROS]
+    return steps, [p.length for p in phases], effective
+
+
+def phase_key(run, effective, steps, lengths, k):
+    """A readable, unique name for phase k: run, schedule to its student, its length, a hash of the rest."""
+    identity = json.dumps([run, effective, list(steps[:k + 2]), lengths[:k + 1]])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:6]
+    return f"{run}_{'-'.join(map(str, steps[:k + 2]))}_n{lengths[k]}_{digest}"
+
+
+def expand(tables, templates, params):
+    """(phases by key, evaluations) for every digits row: each row names the phase it evaluates."""
+    phases, evaluations = {}, []
+    for name, table in tables.items():
+        seeds = table.get("digits", {}).get("seeds") or []
+        for row in table["rows"]:
+            spec = row.get("digits")
+            if not spec or not seeds:
+                continue
+            template = templates[spec["run"]]
+            if template.get("teacher") is None:  # the shared teacher: trained once, evaluated once
+                evaluations.append(dict(table=name, row=row["id"], phase=None, steps=spec["steps"], seeds=[0]))
+                continue
+            bindings = [f"{k} = {resolve(v, params)}" for k, v in sorted(spec.get("bindings", {}).items())]
+            steps, lengths, effective = describe_run(template["gin"], bindings)
+            last = spec.get("phase", len(lengths) - 1)
+            previous = None
+            for k in range(last + 1):
+                key = phase_key(spec["run"], effective, steps, lengths, k)
+                phase = phases.setdefault(key, Phase(key, spec["run"], template["gin"], bindings, k, previous, steps[k + 1]))
+                phase.seeds.update(seeds)
+                previous = phase
+            evaluations.append(dict(table=name, row=row["id"], phase=previous.key, steps=spec["steps"], seeds=list(seeds)))
+    return phases, evaluations

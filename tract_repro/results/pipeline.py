@@ -1,0 +1,110 @@
+"""Write dvc.yaml from experiments/*.yaml and params.yaml (the digits-scale pipeline).
+
+    python -m tract_repro.results.pipeline          # regenerate dvc.yaml after editing experiments/ or params.yaml
+
+Stages: digits_classifier → digits_teacher → one stage per shared phase (all seeds, run as
+parallel one-thread jobs) → one evaluation stage per evaluated phase → digits_<table>.
+"""
+import sys
+from pathlib import Path
+
+import yaml
+
+from tract_repro.results.experiments import DIGITS_RUNS, expand, load_run_templates, load_tables
+
+TEACHER_DIR = f"{DIGITS_RUNS}/teacher"
+CLASSIFIER_DIR = f"{DIGITS_RUNS}/classifier"
+CACHE_DIR = f"{DIGITS_RUNS}/cache"
+EVAL_DIR = "results/digits/eval"
+GIN_DEPS = ["gin/digits/base.gin", "gin/digits/distill.gin"]
+LAUNCH = "python -m tract_repro.launch"
+
+
+def quote(binding):
+    return '"' + binding.replace('"', '\\"') + '"'
+
+
+def phase_stage(phase):
+    args = [LAUNCH, phase.gin, *[f"--gin {quote(b)}" for b in phase.bindings],
+            f"--gin {quote(f'TEACHER = {TEACHER_DIR!r}')}", f"--gin {quote(f'train.only_phase = {phase.index}')}"]
+    deps = [phase.gin, *GIN_DEPS]
+    if phase.previous is not None:
+        args.append(f"--gin {quote(f'train.previous = {chr(39)}{phase.previous.workdir}/s{{seed}}{chr(39)}')}")
+        deps.append(phase.previous.workdir)
+    else:
+        deps.append(TEACHER_DIR)
+    seeds = " ".join(map(str, sorted(phase.seeds)))
+    args += [f"--seeds {seeds}", "--parallel ${digits.parallel}", f"--workdir {phase.workdir}/s{{seed}}"]
+    return dict(cmd=" ".join(args), deps=deps, params=["digits.parallel"],
+                outs=[phase.workdir])
+
+
+def eval_name(phase_key):
+    return phase_key or "teacher"
+
+
+def eval_stage(key, steps, seeds):
+    run_dir = f"{DIGITS_RUNS}/{key}" if key else DIGITS_RUNS
+    outs = [f"{EVAL_DIR}/{eval_name(key)}/s{s}.json" for s in seeds]
+    cmds = []
+    for s, out in zip(seeds, outs):
+        run = f"{run_dir}/s{s}" if key else TEACHER_DIR
+        cmds.append(f"python -m tract_repro.evaluate {run} --steps {' '.join(map(str, steps))} "
+                    f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} "
+                    f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {out}")
+    deps = [run_dir if key else TEACHER_DIR, CLASSIFIER_DIR, TEACHER_DIR]
+    return dict(cmd=cmds, deps=sorted(set(deps)), params=["digits.eval_samples", "digits.reference_steps"],
+                metrics=[{o: {"cache": False}} for o in outs],
+                outs=[{f"{EVAL_DIR}/{eval_name(key)}/s{s}_{k}steps.png": {"cache": False}} for s in seeds for k in steps])
+
+
+def build(tables, templates, params):
+    phases, evaluations = expand(tables, templates, params)
+    stages = {
+        "digits_classifier": dict(cmd=f"python -m tract_repro.evaluation.classifier --workdir {CLASSIFIER_DIR} "
+                                      f"--gin \"train_classifier.epochs = ${{digits.classifier_epochs}}\"",
+                                  params=["digits.classifier_epochs"], outs=[CLASSIFIER_DIR]),
+        "digits_teacher": dict(cmd=f"{LAUNCH} gin/digits_teacher.gin --gin \"TOTAL = '${{digits.teacher_total}}'\" "
+                                   f"--workdir {TEACHER_DIR}",
+                               deps=["gin/digits_teacher.gin", "gin/digits/base.gin"], params=["digits.teacher_total"],
+                               outs=[TEACHER_DIR]),
+    }
+    for key in sorted(phases):
+        stages[f"digits_run_{key}"] = phase_stage(phases[key])
+    wanted = {}
+    for e in evaluations:
+        steps, seeds = wanted.setdefault(e["phase"], (set(), set()))
+        steps.add(e["steps"])
+        seeds.update(e["seeds"])
+    for key in sorted(wanted, key=lambda k: k or ""):
+        steps, seeds = wanted[key]
+        stages[f"digits_eval_{eval_name(key)}"] = eval_stage(key, sorted(steps, reverse=True), sorted(seeds))
+    for name in tables:
+        rows = [e for e in evaluations if e["table"] == name]
+        if not rows:
+            continue
+        deps = sorted({f"{EVAL_DIR}/{eval_name(e['phase'])}/s{s}.json" for e in rows for s in e["seeds"]})
+        stages[f"digits_{name}"] = dict(
+            cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", *deps],
+            metrics=[{f"results/digits/{name}.json": {"cache": False}}],
+            outs=[{f"results/{name}.md": {"cache": False}}, {f"results/digits/{name}.png": {"cache": False}}],
+            plots=[{f"results/digits/{name}.csv": {"cache": False, "x": "nfe", "y": "digits_fd"}}])
+    return {"stages": stages}
+
+
+def main(argv=None):
+    try:
+        params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
+        pipeline = build(load_tables(), load_run_templates(), params)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    header = ("# Generated by `python -m tract_repro.results.pipeline` from experiments/*.yaml and params.yaml.\n"
+              "# Edit those, then regenerate; tests/test_pipeline.py checks this file is current.\n")
+    Path("dvc.yaml").write_text(header + yaml.safe_dump(pipeline, sort_keys=False, width=1000, allow_unicode=True))
+    print(f"dvc.yaml: {len(pipeline['stages'])} stages")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Render results/<table>.md: our numbers beside the paper's, with the paper's orderings checked.
+
+    python -m tract_repro.results.tables table1        # after the digits pipeline has evaluated its rows
+
+Also writes results/digits/<table>.json (DVC metrics), .csv (DVC plots) and .png.
+"""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from tabulate import tabulate
+
+from tract_repro.results.experiments import load_tables
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+EVAL_DIR = Path("results/digits/eval")
+
+
+def digits_scores(table, eval_dir=EVAL_DIR):
+    """One record per (row, seed) with the row's metric at its step count."""
+    records = []
+    for row in table["rows"]:
+        spec = row.get("digits")
+        if not spec:
+            continue
+        key = _phase_of(table["table"], row["id"])
+        seeds = [0] if spec["run"] == "teacher" else table["digits"]["seeds"]
+        for seed in seeds:
+            path = Path(eval_dir) / (key or "teacher") / f"s{seed}.json"
+            if not path.is_file():
+                continue
+            metrics = json.loads(path.read_text())
+            hit = [r for r in metrics["results"] if r["steps"] == spec["steps"]]
+            if hit:
+                records.append(dict(row=row["id"], seed=seed, nfe=hit[0]["nfe"], digits_fd=hit[0]["digits_fd"],
+                                    fidelity_rmse=hit[0]["fidelity_rmse"], noise_floor=metrics["digits_fd_noise_floor"],
+                                    samples=metrics["samples"]))
+    return pd.DataFrame.from_records(records, columns=["row", "seed", "nfe", "digits_fd", "fidelity_rmse",
+                                                       "noise_floor", "samples"])
+
+
+_PHASES = {}
+
+
+def _phase_of(table_name, row_id):
+    """The phase key a row evaluates (from the same expansion that wrote dvc.yaml)."""
+    if not _PHASES:
+        import yaml
+
+        from tract_repro.results.experiments import expand, load_run_templates
+
+        params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
+        for e in expand(load_tables(), load_run_templates(), params)[1]:
+            _PHASES[(e["table"], e["row"])] = e["phase"]
+    return _PHASES.get((table_name, row_id))
+
+
+def summarise(scores):
+    """mean ± std over seeds per row."""
+    if scores.empty:
+        return pd.DataFrame(columns=["row", "nfe", "fd_mean", "fd_std", "n", "rmse_mean"]).set_index("row")
+    g = scores.groupby("row")
+    return pd.DataFrame({"nfe": g.nfe.first(), "fd_mean": g.digits_fd.mean(), "fd_std": g.digits_fd.std(ddof=1),
+                         "n": g.digits_fd.count(), "rmse_mean": g.fidelity_rmse.mean()})
+
+
+def check_orderings(table, summary):
+    """For each claimed pair (a better than b): True, False, or None when either side is missing."""
+    out = []
+    for a, b in table["ordering"]["pairs"]:
+        holds = None
+        if a in summary.index and b in summary.index:
+            holds = bool(summary.loc[a, "fd_mean"] < summary.loc[b, "fd_mean"])
+        out.append(dict(better=a, worse=b, holds=holds))
+    return out
+
+
+def _fmt(mean, std, n):
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f} (n={n})"
+
+
+def render(table, summary, orderings, paper_scale=None):
+    """The Markdown table: row, paper value (confidence), ours at paper scale, ours at digits scale, ordering."""
+    labels = {r["id"]: r["label"] for r in table["rows"]}
+    lines, rows = [], []
+    for row in table["rows"]:
+        p = row.get("paper") or {}
+        paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')}; {p.get('source')})"
+        ours_paper = "" if not paper_scale or row["id"] not in paper_scale else f"{paper_scale[row['id']]:.2f}"
+        digits = "n/a" if not row.get("digits") else ""
+        if row["id"] in summary.index:
+            s = summary.loc[row["id"]]
+            digits = _fmt(s.fd_mean, s.fd_std, int(s.n))
+        marks = [("✓" if o["holds"] else "✗" if o["holds"] is False else "?") + f" < {labels[o['worse']]}"
+                 for o in orderings if o["better"] == row["id"]]
+        rows.append([row["label"], paper, ours_paper, digits, "; ".join(marks)])
+    metric = table["digits"].get("metric") or "—"
+    headers = ["row", f"paper: {table['paper']['metric']}", "ours, paper scale", f"ours, digits scale ({metric})",
+               "paper's ordering at digits scale"]
+    lines.append(f"# {table['title']}\n")
+    lines.append(f"Paper setting: {table['paper']['setting']}.  \nPaper claim: {table['ordering']['claim']}.\n")
+    lines.append(tabulate(rows, headers=headers, tablefmt="github"))
+    held = [o for o in orderings if o["holds"] is not None]
+    lines.append("")
+    if held:
+        lines.append(f"At digits scale {sum(o['holds'] for o in held)} of {len(held)} claimed pairwise orderings hold "
+                     f"(✓ holds, ✗ reversed, ? not yet measured).")
+    if "noise_floor" in summary.attrs:
+        lines.append(f"digits-FD noise floor (two halves of the real set): {summary.attrs['noise_floor']:.2f}; "
+                     f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
+    lines.append("Confidence letters and sources are those of `paper-numbers.md` (P primary, S secondary, "
+                 "M medium, U unverified). Regenerate with `dvc repro digits_" + table["table"] + "`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, summary, path):
+    labels = {r["id"]: r["label"] for r in table["rows"]}
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(summary), 2) + 1.2))
+    y = range(len(summary))
+    ax.errorbar(summary.fd_mean, list(y), xerr=summary.fd_std.fillna(0), fmt="o", capsize=3)
+    ax.set_yticks(list(y), [labels[i] for i in summary.index])
+    ax.set_xlabel(f"{table['digits']['metric']} (lower is better), mean ± std over seeds")
+    ax.set_title(table["title"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    tables = load_tables()
+    names = argv or [n for n, t in tables.items() if t["digits"].get("metric")]
+    for name in names:
+        if name not in tables:
+            print(f"error: no experiments/{name}.yaml; choose from {', '.join(tables)}", file=sys.stderr)
+            return 2
+        table = tables[name]
+        scores = digits_scores(table)
+        summary = summarise(scores)
+        if not scores.empty:
+            summary.attrs.update(noise_floor=scores.noise_floor.mean(), samples=int(scores.samples.iloc[0]))
+        orderings = check_orderings(table, summary)
+        paper_file = Path("results/paper") / f"{name}.json"
+        paper_scale = json.loads(paper_file.read_text()) if paper_file.is_file() else None
+        Path("results/digits").mkdir(parents=True, exist_ok=True)
+        Path(f"results/{name}.md").write_text(render(table, summary, orderings, paper_scale))
+        out = summary.reset_index()
+        out.to_csv(f"results/digits/{name}.csv", index=False)
+        Path(f"results/digits/{name}.json").write_text(json.dumps(dict(
+            rows=json.loads(out.to_json(orient="records")), orderings=orderings), indent=2) + "\n")
+        if not summary.empty:
+            plot(table, summary, f"results/digits/{name}.png")
+        print(f"results/{name}.md: {len(summary)} rows measured, "
+              f"{sum(o['holds'] is True for o in orderings)}/{len(orderings)} orderings hold")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
