@@ -29,6 +29,12 @@ def add_noise(x, alpha, sigma, generator):
     return alpha * x + sigma * eps
 
 
+def noise_at(x, t, grid, generator):
+    """x_t = α_t·x + σ_t·ε at grid indices t; returns (x_t, λ_t, α_t, σ_t)."""
+    logsnr, alpha, sigma = grid.at(t)
+    return add_noise(x, alpha, sigma, generator), logsnr, alpha, sigma
+
+
 def randint(low, high, n, generator):
     """n integers uniform in {low, …, high} (inclusive)."""
     return torch.randint(low, high + 1, (n,), generator=generator)

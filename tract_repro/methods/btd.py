@@ -4,7 +4,7 @@ import torch
 
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
-from tract_repro.methods.base import Method, Target, add_noise, randint
+from tract_repro.methods.base import Method, Target, noise_at, randint
 from tract_repro.methods.phases import check_schedule
 from tract_repro.methods.teacher_steps import ddim_teacher_step
 
@@ -45,8 +45,7 @@ class BTD(Method):
     def __call__(self, x, labels, phase, nets, grid, generator):
         S = self.steps(grid.T)
         t, t_mid, s = btd_indices(S, phase.index, grid.T, x.shape[0], generator)
-        logsnr_t, alpha_t, sigma_t = grid.at(t)
-        x_t = add_noise(x, alpha_t, sigma_t, generator)
+        x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
         x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, labels, clip=False)
         x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, labels, clip=False)
         _, alpha_s, sigma_s = grid.at(s)

@@ -4,7 +4,7 @@ import torch
 
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
-from tract_repro.methods.base import Method, Target, add_noise, randint
+from tract_repro.methods.base import Method, Target, noise_at, randint
 from tract_repro.methods.phases import check_schedule
 from tract_repro.methods.teacher_steps import ddim_teacher_step
 
@@ -36,8 +36,7 @@ class TRACT(Method):
     def __call__(self, x, labels, phase, nets, grid, generator):
         S = self.steps(grid.T)
         t, t1, ti = tract_indices(S, phase.index, grid.T, x.shape[0], generator)
-        logsnr_t, alpha_t, sigma_t = grid.at(t)
-        x_t = add_noise(x, alpha_t, sigma_t, generator)
+        x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
         x_t1, _ = self.teacher_step(nets.teacher, x_t, t, t1, grid, labels, clip=self.clip)
         x_ti = x_t1.clone()
         rest = t1 != ti  # the self-teacher is only needed where the group is not finished
