@@ -6,12 +6,17 @@ import torch
 
 @dataclass
 class ImageArrays:
-    """Images (N, C, H, W) float32 in [−1, 1] and integer labels (N,)."""
+    """Images (N, C, H, W), float in [−1, 1] or uint8 in [0, 255], and integer labels (N,).
+
+    ``hflip`` flips each drawn sample left-right with probability ½ (CIFAR-10 training), drawn
+    from the method's generator so that a resumed run flips the same samples.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
     name: str = ""
+    hflip: bool = False
 
     def __len__(self):
         return self.images.shape[0]
@@ -19,6 +24,15 @@ class ImageArrays:
     @property
     def shape(self):
         return tuple(self.images.shape[1:])
+
+    def batch(self, idx, generator=None):
+        """(x float64 in [−1, 1], labels) for dataset indices ``idx``."""
+        x = self.images[idx]
+        x = x.double() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.double()
+        if self.hflip:
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, self.labels[idx]
 
 
 class EpochOrder:

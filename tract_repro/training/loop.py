@@ -142,7 +142,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             _apply_resets(phase_reset, student, nets.teacher, self_teacher, inference, optimizer)
             current = phase.index
         idx = order.indices(samples, batch_size)
-        x, labels = data.images[idx].double(), data.labels[idx]
+        x, labels = data.batch(idx, generator)
         target = method(x, labels, phase, nets, grid, generator)
         lr = learning_rate(base_lr, samples, phase)
         try:
