@@ -1,4 +1,5 @@
 """What every method shares: the Target it returns, and how it noises data."""
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ def randint(low, high, n, generator):
     return torch.randint(low, high + 1, (n,), generator=generator)
 
 
-class Method:
+class Method(abc.ABC):
     """Base of every method: a step schedule and a target function."""
 
     #: whether the run needs a teacher (a previous run) to start from
@@ -48,10 +49,10 @@ class Method:
     #: momentum of the self-teacher EMA μ_S, or None if the method uses none
     self_teacher_momentum = None
 
+    @abc.abstractmethod
     def steps(self, T):
         """The step schedule S = (S₀, …, S_P) on a grid of T steps."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def __call__(self, x, labels, phase, nets, grid, generator):
         """The Target for a batch x (float64) in ``phase``."""
-        raise NotImplementedError
