@@ -41,6 +41,7 @@ def test_run_directory_describes_itself(teacher_run):
     operative = (teacher_run / "operative_config.gin").read_text()
     assert "train.batch_size = 16" in operative and "UNet.channels = 8" in operative
     assert "adam.betas = (0.9, 0.999)" in operative  # defaults are recorded too
+    assert "learning_rate.warmup = 64" in operative  # configurables first called inside the loop too
     records = [json.loads(line) for line in (teacher_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["samples"] for r in records] == [64 * k for k in range(1, 9)]
     assert all(r["loss"] > 0 for r in records)

@@ -124,6 +124,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             state["teacher"] = nets.teacher.state_dict()
         ckpt.save_atomic(state, ckpt.checkpoint_path(workdir / "checkpoints", samples))
         ckpt.prune(workdir / "checkpoints", keep_checkpoints)
+        (workdir / "operative_config.gin").write_text(gin.operative_config_str())  # now including the loop's own calls
 
     def save_samples(name, student_steps):
         noise = noise_from_seeds(range(grid_size), data.shape)
