@@ -10,9 +10,11 @@ from pathlib import Path
 
 import matplotlib
 import pandas as pd
+import yaml
 from tabulate import tabulate
 
 from tract_repro.results.experiments import load_tables
+from tract_repro.training.lengths import parse_samples
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,8 +51,6 @@ _PHASES = {}
 def _phase_of(table_name, row_id):
     """The phase key a row evaluates (from the same expansion that wrote dvc.yaml)."""
     if not _PHASES:
-        import yaml
-
         from tract_repro.results.experiments import expand, load_run_templates
 
         params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
@@ -119,14 +119,30 @@ def render(table, summary, orderings, paper_scale=None):
     return "\n".join(lines) + "\n"
 
 
-def plot(table, summary, path):
+def plot(table, summary, path, params=None):
+    """Rows with a ``series`` and an ``x`` (a budget) → lines of the metric against x; otherwise one point per row."""
+    specs = {r["id"]: r.get("digits") or {} for r in table["rows"]}
     labels = {r["id"]: r["label"] for r in table["rows"]}
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(summary), 2) + 1.2))
-    y = range(len(summary))
-    ax.errorbar(summary.fd_mean, list(y), xerr=summary.fd_std.fillna(0), fmt="o", capsize=3)
-    ax.set_yticks(list(y), [labels[i] for i in summary.index])
-    ax.set_xlabel(f"{table['digits']['metric']} (lower is better), mean ± std over seeds")
-    ax.set_title(table["title"], fontsize=9)
+    series = {specs[i].get("series") for i in summary.index} - {None}
+    if series and params is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in sorted(series):
+            ids = [i for i in summary.index if specs[i].get("series") == name]
+            xs = [parse_samples(params[specs[i]["x"].lstrip("$")]) for i in ids]
+            order = sorted(range(len(ids)), key=xs.__getitem__)
+            ax.errorbar([xs[k] for k in order], [summary.fd_mean[ids[k]] for k in order],
+                        yerr=[summary.fd_std.fillna(0)[ids[k]] for k in order], marker="o", capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("total training samples")
+        ax.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(summary), 2) + 1.2))
+        y = list(range(len(summary)))
+        ax.errorbar(summary.fd_mean, y, xerr=summary.fd_std.fillna(0), fmt="o", capsize=3)
+        ax.set_yticks(y, [labels[i] for i in summary.index])
+    metric = f"{table['digits']['metric']} (lower is better), mean ± std over seeds"
+    (ax.set_ylabel if series and params is not None else ax.set_xlabel)(metric)
+    ax.set_title(table["title"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -155,7 +171,7 @@ def main(argv=None):
         Path(f"results/digits/{name}.json").write_text(json.dumps(dict(
             rows=json.loads(out.to_json(orient="records")), orderings=orderings), indent=2) + "\n")
         if not summary.empty:
-            plot(table, summary, f"results/digits/{name}.png")
+            plot(table, summary, f"results/digits/{name}.png", yaml.safe_load(Path("params.yaml").read_text())["digits"])
         print(f"results/{name}.md: {len(summary)} rows measured, "
               f"{sum(o['holds'] is True for o in orderings)}/{len(orderings)} orderings hold")
     return 0
