@@ -1,4 +1,8 @@
-"""Find and load a teacher: a previous run's directory or a weights file."""
+"""Find and load a teacher: a previous run's directory, a .pt weights file, or an imported checkpoint.
+
+``train.teacher`` chooses the source: a run directory (its ema.pt), a ``.pt`` state dict, or a
+Google PD Flax checkpoint such as ``cifar_original`` (read as msgpack; nothing is unpickled).
+"""
 import json
 from pathlib import Path
 
@@ -24,6 +28,16 @@ def resolve(spec, gin_dir="gin"):
     raise TeacherError(f"teacher {spec} not found: train it first with {hint}, or point train.teacher at a weights file")
 
 
+def read_weights(path, denoiser):
+    """A state dict for ``denoiser`` from a run's ema.pt / a .pt file (weights_only), or else a Google PD Flax checkpoint."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from tract_repro.networks.google_pd import load_google_pd  # msgpack, never pickle
+
+    return {f"net.{k}": v for k, v in load_google_pd(path, denoiser.net).items()}
+
+
 def _gin_hint(path, gin_dir):
     """The run file that trains a run called like ``path`` (runs/digits_teacher → gin/digits_teacher.gin)."""
     for root in (Path(gin_dir), Path(__file__).resolve().parents[2] / "gin"):
@@ -42,7 +56,7 @@ def load_into(denoiser, spec, expect=None):
             if key in info and info[key] != value:
                 raise TeacherError(f"teacher {spec} was trained with {key} = {info[key]!r} but this run uses "
                                    f"{value!r}: make them agree in gin")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_weights(weights, denoiser)
     own = denoiser.state_dict()
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     misshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
