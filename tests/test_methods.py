@@ -1,5 +1,4 @@
 """TRACT and BTD targets, their index arithmetic, schedules, phases and the EMAs."""
-import math
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 
 Each function maps (x_t, out, α, σ) to x̂; α and σ broadcast against x_t.
 """
-import torch
 
 
 def x_from_x(x_t, out, alpha, sigma):

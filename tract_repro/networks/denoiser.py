@@ -4,7 +4,6 @@ D(x_t, λ, labels) → x̂: float64 in and out, the network itself runs in float
 denoiser turns the network head into x̂ with a parameterisation (method-spec §2); an
 EDM VE denoiser will apply EDM's preconditioning behind the same call (method-spec §6).
 """
-import torch
 from torch import nn
 
 from tract_repro.diffusion import parameterisations

@@ -102,7 +102,7 @@ class Conv2d(nn.Module):
         self.register_buffer("resample_filter", fir_filter(resample_filter) if (up or down) else None)
 
     def _fir(self, channels: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.resample_filter.to(dtype).expand(channels, 1, -1, -1)
+        return self.resample_filter.to(dtype).repeat(channels, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
