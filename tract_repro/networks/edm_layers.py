@@ -85,7 +85,7 @@ class Conv2d(nn.Module):
         if up and down:
             raise ValueError("Conv2d: up and down are exclusive")
         if fused_resample and up:
-            raise NotImplementedError("fused up-sampling is not used by the EDM teachers")
+            raise ValueError("Conv2d: fused up-sampling is not supported (no released EDM teacher uses it); set fused_resample=False")
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
