@@ -13,6 +13,13 @@ import tract_repro.data.digits  # noqa: F401
 import tract_repro.methods  # noqa: F401
 import tract_repro.networks.unet  # noqa: F401
 import tract_repro.training.loop  # noqa: F401
+import tract_repro.diffusion.edm  # noqa: F401
+import tract_repro.networks.edm_unets  # noqa: F401
+from tract_repro.methods.heun import heun_sampler, heun_teacher_step
+from tract_repro.methods.teacher_steps import ddim_teacher_step
+
+for _fn in (ddim_teacher_step, heun_teacher_step, heun_sampler):  # so gin files can say TRACT.teacher_step = @heun_teacher_step
+    gin.external_configurable(_fn)
 
 GIN_ROOT = Path(__file__).resolve().parent.parent / "gin"
 

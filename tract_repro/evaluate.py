@@ -14,7 +14,8 @@ import torch
 
 from tract_repro.evaluation import frechet
 from tract_repro.evaluation.classifier import load_classifier, split
-from tract_repro.evaluation.generate import file_digest, generate, rmse, teacher_reference
+from tract_repro.evaluation.generate import generate, network_calls, rmse, teacher_reference
+from tract_repro.training.checkpoint import sha256
 from tract_repro.evaluation.runs import load_run
 from tract_repro.sampling.images import save_grid
 
@@ -29,7 +30,7 @@ def digits_fd_reference(classifier, data, seed=0):
 
 
 def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="runs/digits_classifier",
-                 reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1):
+                 reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1, sampler="ddim"):
     """Metrics for each K in ``steps``; returns the dict written to metrics.json."""
     torch.set_num_threads(threads)
     if samples < 1 or any(k < 1 for k in steps):
@@ -45,13 +46,14 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     out_dir = Path(out).parent if out else run.path / "eval"
     rows = []
     for k in steps:
-        x = generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size, desc=f"{run.path.name} {k} steps")
+        x = generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size, desc=f"{run.path.name} {k} steps",
+                     sampler=sampler)
         fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
-        rows.append(dict(steps=k, nfe=k, digits_fd=fd, fidelity_rmse=rmse(x, reference)))
+        rows.append(dict(steps=k, nfe=network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference)))
         grid_name = f"{Path(out).stem}_{k}steps.png" if out else f"samples_{k}steps.png"
         save_grid(x[:100], out_dir / grid_name, scale=4)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info["schedule_steps"],
-                   weights_sha256=file_digest(run.weights), sampler="ddim (clipped x̂)", ema="inference",
+                   weights_sha256=sha256(run.weights), sampler="ddim (clipped x̂)" if sampler == "ddim" else "heun (EDM, deterministic)", ema="inference",
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,
                    reference=dict(run=str(teacher.path), sampler="ddim", steps=reference_steps),
                    digits_fd_noise_floor=floor, results=rows)
@@ -72,15 +74,17 @@ def main(argv=None):
     parser.add_argument("--cache", default="runs/cache", help="where teacher references are cached")
     parser.add_argument("--out", help="metrics file (default: RUN/eval/metrics.json)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampler", choices=["ddim", "heun"], default="ddim",
+                        help="ddim: K clipped DDIM steps on the training grid; heun: EDM's K-step Heun sampler")
     args = parser.parse_args(argv)
     try:
         metrics = evaluate_run(args.run, args.steps, args.samples, args.first_seed, args.classifier,
-                               args.reference_steps, args.cache, out=args.out, threads=args.threads)
+                               args.reference_steps, args.cache, out=args.out, threads=args.threads, sampler=args.sampler)
     except ValueError as exc:
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     for row in metrics["results"]:
-        print(f"{args.run}: {row['steps']:>4} steps  digits-FD {row['digits_fd']:8.3f}  "
+        print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  digits-FD {row['digits_fd']:8.3f}  "
               f"fidelity RMSE {row['fidelity_rmse']:.4f}  (noise floor {metrics['digits_fd_noise_floor']:.3f})")
     return 0
 

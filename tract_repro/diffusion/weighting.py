@@ -17,7 +17,12 @@ def snr_plus_one(logsnr):
     return torch.exp(logsnr) + 1.0
 
 
-WEIGHTINGS = {"snr": snr, "truncated_snr": truncated_snr, "snr+1": snr_plus_one}
+def edm(logsnr, sigma_data=0.5):
+    """w = λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = e^λ + 1/σ_d² for VE (α = 1): EDM's loss, i.e. the F-space MSE."""
+    return torch.exp(logsnr) + 1.0 / sigma_data**2
+
+
+WEIGHTINGS = {"snr": snr, "truncated_snr": truncated_snr, "snr+1": snr_plus_one, "edm": edm}
 
 
 def get(name):

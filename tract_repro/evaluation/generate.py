@@ -1,13 +1,13 @@
 """Samples from a run's weights with one seed per sample (as EDM), so results don't depend on batching."""
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from tract_repro.methods.heun import heun_sampler
 from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
-from tract_repro.training.checkpoint import load, save_atomic
+from tract_repro.training.checkpoint import load, save_atomic, sha256
 
 
 def labels_from_seeds(seeds, num_classes):
@@ -17,30 +17,39 @@ def labels_from_seeds(seeds, num_classes):
 
 
 @torch.no_grad()
-def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None):
-    """x₀ samples (N, *shape) in [−1, 1] from K = ``steps`` deterministic DDIM steps, seed i → sample i."""
+def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim"):
+    """x₀ samples (N, *shape) in [−1, 1], seed i → sample i.
+
+    ``ddim``: K = ``steps`` clipped DDIM steps on the training grid (K must divide T).
+    ``heun``: EDM's deterministic Heun sampler on the schedule's own K-step grid (2K − 1 network calls).
+    """
     seeds = list(seeds)
     out = []
-    for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"DDIM {steps} steps", leave=False, disable=None):
+    for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"{sampler} {steps} steps", leave=False, disable=None):
         chunk = seeds[i:i + batch_size]
         labels = labels_from_seeds(chunk, num_classes) if num_classes > 1 else None
-        out.append(sample_grid_steps(denoiser, grid, steps, noise_from_seeds(chunk, shape), labels).clamp(-1, 1))
+        noise = noise_from_seeds(chunk, shape)
+        if sampler == "heun":
+            logsnrs = grid.schedule.grid(steps).flip(0)
+            _, sigma_max = grid.alpha_sigma(logsnrs[:1])
+            x = heun_sampler(denoiser, sigma_max * noise, logsnrs, grid.alpha_sigma, labels)
+        elif sampler == "ddim":
+            x = sample_grid_steps(denoiser, grid, steps, noise, labels)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}: choose 'ddim' or 'heun'")
+        out.append(x.clamp(-1, 1))
     return torch.cat(out)
 
 
-def file_digest(path):
-    """sha256 of a file (used to key caches and record provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def network_calls(sampler, steps):
+    """NFE of a K-step sampler: K for DDIM, 2K − 1 for Heun (Euler on the last step)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_dir, num_classes=1, batch_size=500):
     """The teacher's ``steps``-step DDIM output for ``seeds``, computed once and cached by weights digest."""
     seeds = list(seeds)
-    key = f"{file_digest(weights_file)[:16]}_ddim{steps}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
+    key = f"{sha256(weights_file)[:16]}_ddim{steps}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
     path = Path(cache_dir) / f"reference_{key}.pt"
     if path.is_file():
         return load(path)["samples"]

@@ -8,7 +8,7 @@ import torch
 from tract_repro import config
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule
-from tract_repro.networks.denoiser import VPDenoiser
+from tract_repro.networks.denoiser import build_denoiser
 
 
 @dataclass
@@ -31,7 +31,7 @@ def load_run(path):
     config.parse(text=saved.read_text())
     schedule = config.build("train.schedule", CosineSchedule)
     grid = TimeGrid(schedule, config.query("train.T", 1024))
-    denoiser = VPDenoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
+    denoiser = build_denoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
     denoiser.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     data = config.build("train.dataset")
     info = json.loads((path / "run.json").read_text())

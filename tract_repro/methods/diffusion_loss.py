@@ -3,19 +3,23 @@ import gin
 import torch
 
 from tract_repro.diffusion import weighting as weightings
+from tract_repro.diffusion.edm import lognormal_logsnr
 from tract_repro.methods.base import Method, Target, add_noise
 
 
 @gin.configurable
 class TeacherTraining(Method):
-    """x_t from u ~ U[0, 1] (or i ~ U{1..T}), target x, weight w(λ); one phase."""
+    """x_t from u ~ U[0, 1] (or i ~ U{1..T}, or EDM's log-normal σ), target x, weight w(λ); one phase."""
 
     needs_teacher = False
 
-    def __init__(self, weighting="snr+1", continuous=True, sample_steps=64):
+    def __init__(self, weighting="snr+1", continuous=True, sample_steps=64, time_distribution="uniform"):
+        if time_distribution not in ("uniform", "lognormal"):
+            raise ValueError(f"TeacherTraining.time_distribution = {time_distribution!r}: choose 'uniform' or 'lognormal' (EDM)")
         self.weight_fn = weightings.get(weighting)
         self.weighting = weighting
         self.continuous = continuous
+        self.time_distribution = time_distribution
         self.sample_steps = int(sample_steps)
 
     def steps(self, T):
@@ -26,7 +30,9 @@ class TeacherTraining(Method):
 
     def __call__(self, x, labels, phase, nets, grid, generator):
         n = x.shape[0]
-        if self.continuous:
+        if self.time_distribution == "lognormal":  # EDM: ln σ ~ N(−1.2, 1.2²)
+            logsnr = lognormal_logsnr(n, generator)
+        elif self.continuous:
             u = torch.rand(n, generator=generator, dtype=torch.float64)
             logsnr = grid.schedule.logsnr(u)
         else:

@@ -34,3 +34,17 @@ class VPDenoiser(nn.Module):
         alpha, sigma = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         out = self.net(x_t.float(), logsnr.float(), labels if self.conditional else None)
         return self._to_x(x_t, out.to(x_t.dtype), alpha, sigma)
+
+
+def build_denoiser(net, schedule, parameterisation):
+    """The denoiser for a network: a VP parameterisation (x, eps, v, both), or 'edm' preconditioning on a VE schedule."""
+    process = getattr(schedule, "process", "vp")
+    if parameterisation == "edm":
+        if process != "ve":
+            raise ValueError(f"parameterisation 'edm' needs a VE schedule (train.schedule = @EDMSchedule), got {type(schedule).__name__}")
+        from tract_repro.networks.edm_denoiser import EDMDenoiser
+
+        return EDMDenoiser(net)
+    if process != "vp":
+        raise ValueError(f"a {type(schedule).__name__} (VE) schedule needs train.parameterisation = 'edm', got {parameterisation!r}")
+    return VPDenoiser(net, schedule, parameterisation)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tract_repro.training.checkpoint import sha256
+
 URL_PREFIX = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -353,15 +355,6 @@ def _plain(value):
     return value
 
 
-def file_sha256(path, chunk=1 << 22):
-    """The hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_edm_pickle(path, key="ema"):
     """The ``ema`` network of an NVIDIA EDM ``.pkl`` as an :class:`EDMCheckpoint`, running none of its code.
 
@@ -373,7 +366,7 @@ def load_edm_pickle(path, key="ema"):
         name = os.path.splitext(os.path.basename(path))[0] or "<name>"
         raise FileNotFoundError(
             f"EDM checkpoint {path} not found: download {URL_PREFIX}{name}.pkl and put it at {path}")
-    digest = file_sha256(path)
+    digest = sha256(path)
     with open(path, "rb") as f:
         try:
             data = EDMUnpickler(f, path).load()

@@ -1,4 +1,5 @@
 """Atomic checkpoint files: write to a temporary file, fsync, then rename over the target."""
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -50,3 +51,12 @@ def prune(directory, keep):
         p.unlink()
     for p in Path(directory).glob(".ckpt_*.tmp*"):
         p.unlink(missing_ok=True)
+
+
+def sha256(path):
+    """sha256 of a file, for provenance (teachers) and cache keys (references)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

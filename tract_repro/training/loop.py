@@ -19,7 +19,7 @@ from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods.base import Networks
 from tract_repro.methods.ema import EMA
 from tract_repro.methods.phases import phase_at, plan_phases
-from tract_repro.networks.denoiser import VPDenoiser
+from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.sampling.images import save_grid
 from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
 from tract_repro.training import checkpoint as ckpt
@@ -67,7 +67,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     every = {k: parse_samples(v) if v else 0 for k, v in
              dict(checkpoint=checkpoint_every, log=log_every, grid=grid_every).items()}
 
-    student = VPDenoiser(network(), grid.schedule, parameterisation)
+    student = build_denoiser(network(), grid.schedule, parameterisation)
     info = dict(method=type(method).__name__, schedule_steps=list(steps), T=grid.T, parameterisation=parameterisation,
                 noise_schedule=type(grid.schedule).__name__, batch_size=batch_size, seed=seed,
                 phases=[dict(index=p.index, start=p.start, end=p.end, teacher_steps=p.teacher_steps,
@@ -82,7 +82,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     elif method.needs_teacher:
         if teacher is None:
             raise ValueError(f"{info['method']} distils a teacher: set train.teacher to a teacher run directory or weights file")
-        info["teacher"] = str(teachers.load_into(student, teacher, expect=dict(parameterisation=parameterisation, T=grid.T)))
+        info["teacher"] = str(teachers.load_into(student, teacher, expect=dict(parameterisation=parameterisation, noise_schedule=info["noise_schedule"])))
+        info["teacher_sha256"] = ckpt.sha256(info["teacher"])
         nets.teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if method.self_teacher_momentum is not None:
         self_teacher = EMA(student, method.self_teacher_momentum)

@@ -1,7 +1,8 @@
 """Find and load a teacher: a previous run's directory, a .pt weights file, or an imported checkpoint.
 
-``train.teacher`` chooses the source: a run directory (its ema.pt), a ``.pt`` state dict, or a
-Google PD Flax checkpoint such as ``cifar_original`` (read as msgpack; nothing is unpickled).
+``train.teacher`` chooses the source: a run directory (its ema.pt), a ``.pt`` state dict, an
+NVIDIA EDM snapshot ``*.pkl`` (allow-list unpickler, no code runs), or a Google PD Flax
+checkpoint such as ``cifar_original`` (read as msgpack; nothing is unpickled).
 """
 import json
 from pathlib import Path
@@ -33,6 +34,13 @@ def read_weights(path, denoiser):
     path = Path(path)
     if path.suffix in (".pt", ".pth"):
         return torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".pkl":  # NVIDIA EDM snapshot, through the allow-list unpickler
+        from tract_repro.networks.edm_pickle import load_edm_pickle
+
+        state = {f"net.{k}": v for k, v in load_edm_pickle(path).state_dict.items()}
+        if "net.model.map_augment.weight" not in denoiser.state_dict():  # unused at inference (no augment labels)
+            state.pop("net.model.map_augment.weight", None)
+        return state
     from tract_repro.networks.google_pd import load_google_pd  # msgpack, never pickle
 
     return {f"net.{k}": v for k, v in load_google_pd(path, denoiser.net).items()}
@@ -66,3 +74,4 @@ def load_into(denoiser, spec, expect=None):
                            f"use the teacher's network bindings")
     denoiser.load_state_dict(state)
     return weights
+
