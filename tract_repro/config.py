@@ -9,7 +9,9 @@ from pathlib import Path
 import gin
 
 # Import every module that registers configurables, so any gin file can bind them.
+import tract_repro.data.cifar10  # noqa: F401
 import tract_repro.data.digits  # noqa: F401
+import tract_repro.data.imagenet64  # noqa: F401
 import tract_repro.methods  # noqa: F401
 import tract_repro.networks.unet  # noqa: F401
 import tract_repro.training.loop  # noqa: F401
