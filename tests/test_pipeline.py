@@ -34,7 +34,7 @@ def test_dvc_yaml_is_current(in_repo):
 
 def test_identical_phases_are_shared_across_rows_and_tables(in_repo):
     phases, evaluations = real_expansion()
-    where = {(e["table"], e["row"]): e["phase"] for e in evaluations}
+    where = {(e["table"], e["row"]): e["target"] for e in evaluations}
     # the paper's 5.24 configuration appears in Tables 3, 4 and 5: one run
     assert where[("table3", "mu_s_0.5")] == where[("table4", "mu_i_0.99995")] == where[("table5", "sched_1024_32_1")]
     # TRACT 1024→32→1 and 1024→32→2 share their first phase; the 1-step student sampled with 2 steps is the same run
@@ -143,3 +143,14 @@ def test_budget_sweep_plots_lines_against_the_budget(tmp_path):
     summary = tables.summarise(scores)
     tables.plot(table, summary, tmp_path / "sweep.png", params)
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_each_teacher_has_its_stage_and_edm_rows_use_the_edm_teacher(in_repo):
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    assert "digits_teacher" in stages and "digits_edm_teacher" in stages
+    assert stages["digits_edm_teacher"]["deps"] == ["gin/digits_edm_teacher.gin", "gin/digits/edm.gin"]
+    edm_phases = [v for k, v in stages.items() if k.startswith("digits_run_tract_edm_") or k.startswith("digits_run_btd_edm_")]
+    assert edm_phases and all("TEACHER = 'runs/digits/edm_teacher'" in v["cmd"] for v in edm_phases)
+    heun = stages["digits_eval_edm_teacher"]
+    assert heun["cmd"] == [c for c in heun["cmd"] if "--sampler heun" in c] and "--steps 18" in heun["cmd"][0]
+    assert "results/digits/eval/edm_teacher/s0_heun.json" in stages["digits_table1"]["deps"]

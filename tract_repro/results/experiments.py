@@ -49,6 +49,7 @@ class Phase:
     index: int
     previous: "Phase | None"
     student_steps: int
+    teacher: str = "teacher"
     seeds: set = field(default_factory=set)
 
     @property
@@ -83,7 +84,11 @@ def phase_key(run, effective, steps, lengths, k):
 
 
 def expand(tables, templates, params):
-    """(phases by key, evaluations) for every digits row: each row names the phase it evaluates."""
+    """(phases by key, evaluations) for every digits row.
+
+    Each evaluation names its ``target`` (a phase key, or a teacher run for teacher rows), the
+    teacher run it distils, its sampler and step count, and its seeds.
+    """
     phases, evaluations = {}, []
     for name, table in tables.items():
         seeds = table.get("digits", {}).get("seeds") or []
@@ -92,8 +97,9 @@ def expand(tables, templates, params):
             if not spec or not seeds:
                 continue
             template = templates[spec["run"]]
-            if template.get("teacher") is None:  # the shared teacher: trained once, evaluated once
-                evaluations.append(dict(table=name, row=row["id"], phase=None, steps=spec["steps"], seeds=[0]))
+            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=spec.get("sampler", "ddim"))
+            if template.get("teacher") is None:  # a teacher: trained once, evaluated once
+                evaluations.append(dict(common, target=spec["run"], teacher=spec["run"], seeds=[0]))
                 continue
             bindings = [f"{k} = {resolve(v, params)}" for k, v in sorted(spec.get("bindings", {}).items())]
             steps, lengths, effective = describe_run(template["gin"], bindings)
@@ -101,8 +107,15 @@ def expand(tables, templates, params):
             previous = None
             for k in range(last + 1):
                 key = phase_key(spec["run"], effective, steps, lengths, k)
-                phase = phases.setdefault(key, Phase(key, spec["run"], template["gin"], bindings, k, previous, steps[k + 1]))
+                phase = phases.setdefault(key, Phase(key, spec["run"], template["gin"], bindings, k, previous,
+                                                     steps[k + 1], template["teacher"]))
                 phase.seeds.update(seeds)
                 previous = phase
-            evaluations.append(dict(table=name, row=row["id"], phase=previous.key, steps=spec["steps"], seeds=list(seeds)))
+            evaluations.append(dict(common, target=previous.key, teacher=template["teacher"], seeds=list(seeds)))
     return phases, evaluations
+
+
+def eval_file(evaluation, seed, root="results/digits/eval"):
+    """Where an evaluation's metrics for one seed live (Heun evaluations get their own file)."""
+    suffix = "" if evaluation["sampler"] == "ddim" else f"_{evaluation['sampler']}"
+    return f"{root}/{evaluation['target']}/s{seed}{suffix}.json"

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
-from tract_repro.results.experiments import load_tables
+from tract_repro.results.experiments import eval_file, load_tables
 from tract_repro.training.lengths import parse_samples
 
 matplotlib.use("Agg")
@@ -23,20 +23,18 @@ EVAL_DIR = Path("results/digits/eval")
 
 
 def digits_scores(table, eval_dir=EVAL_DIR):
-    """One record per (row, seed) with the row's metric at its step count."""
+    """One record per (row, seed) with the row's metric at its step count and sampler."""
     records = []
     for row in table["rows"]:
-        spec = row.get("digits")
-        if not spec:
+        evaluation = _evaluation_of(table["table"], row["id"])
+        if evaluation is None:
             continue
-        key = _phase_of(table["table"], row["id"])
-        seeds = [0] if spec["run"] == "teacher" else table["digits"]["seeds"]
-        for seed in seeds:
-            path = Path(eval_dir) / (key or "teacher") / f"s{seed}.json"
+        for seed in evaluation["seeds"]:
+            path = Path(eval_file(evaluation, seed, root=str(eval_dir)))
             if not path.is_file():
                 continue
             metrics = json.loads(path.read_text())
-            hit = [r for r in metrics["results"] if r["steps"] == spec["steps"]]
+            hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"]]
             if hit:
                 records.append(dict(row=row["id"], seed=seed, nfe=hit[0]["nfe"], digits_fd=hit[0]["digits_fd"],
                                     fidelity_rmse=hit[0]["fidelity_rmse"], noise_floor=metrics["digits_fd_noise_floor"],
@@ -45,18 +43,18 @@ def digits_scores(table, eval_dir=EVAL_DIR):
                                                        "noise_floor", "samples"])
 
 
-_PHASES = {}
+_EVALUATIONS = {}
 
 
-def _phase_of(table_name, row_id):
-    """The phase key a row evaluates (from the same expansion that wrote dvc.yaml)."""
-    if not _PHASES:
+def _evaluation_of(table_name, row_id):
+    """What a row evaluates (from the same expansion that wrote dvc.yaml), or None for rows without a digits run."""
+    if not _EVALUATIONS:
         from tract_repro.results.experiments import expand, load_run_templates
 
         params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
         for e in expand(load_tables(), load_run_templates(), params)[1]:
-            _PHASES[(e["table"], e["row"])] = e["phase"]
-    return _PHASES.get((table_name, row_id))
+            _EVALUATIONS[(e["table"], e["row"])] = e
+    return _EVALUATIONS.get((table_name, row_id))
 
 
 def summarise(scores):
