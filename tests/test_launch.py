@@ -146,9 +146,10 @@ def test_diverging_loss_is_reported_in_one_line(teacher_run, tmp_path, capsys, m
     assert "\n" not in err and "non-finite at sample 0" in err
 
 
-def test_phases_run_as_separate_runs_equal_one_continuous_run(teacher_run, tmp_path):
+@pytest.mark.parametrize("total", [256, 200])  # 200: phases of 100 samples, not whole batches of 16
+def test_phases_run_as_separate_runs_equal_one_continuous_run(teacher_run, tmp_path, total):
     """Phase 1 continued from a phase-0 run ends bit-identical to the two-phase run (DVC shares phases)."""
-    whole = write(tmp_path / "whole.gin", tract(teacher_run, total=256))
+    whole = write(tmp_path / "whole.gin", tract(teacher_run, total=total))
     assert launch.main([whole, "--workdir", str(tmp_path / "whole")]) == 0
     assert launch.main([whole, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0
     assert (tmp_path / "p0" / "samples" / "final_8steps.png").is_file()
@@ -169,3 +170,11 @@ def test_continuing_a_different_run_is_refused(teacher_run, tmp_path, capsys):
     assert "differs from this run in seed" in capsys.readouterr().err
     assert launch.main([first, "--gin", "train.only_phase = 1", "--workdir", str(tmp_path / "p1b")]) == 2
     assert "set train.previous" in capsys.readouterr().err
+
+
+def test_a_failed_local_job_reports_its_exception_line(teacher_run, tmp_path, capsys):
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, total=64))
+    assert launch.main([gin_file, "--gin", "train.only_phase = 1", "--gin", "train.previous = '/nonexistent'",
+                        "--seeds", "0", "--workdir", str(tmp_path / "s{seed}")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ValueError: train.previous = /nonexistent is not a run directory" in err

@@ -7,6 +7,7 @@ one line and exit with status 2.
 """
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -126,9 +127,10 @@ def _wait(job):
 
     try:
         return job.result()
-    except submitit.core.utils.FailedJobError as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise RuntimeError(f"job {job.job_id} failed: {lines[-1] if lines else exc}") from None
+    except submitit.core.utils.FailedJobError as exc:  # report the job's own exception line, not the log paths
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        errors = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Diverged)\b.*:", line)]
+        raise RuntimeError(f"job {job.job_id} failed: {(errors or lines or [str(exc)])[-1]}") from None
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         info.update(only_phase=only_phase, previous=str(previous) if previous else None)
     if method.needs_teacher and begin > 0:  # the teacher and everything else come from the previous phase's run
         nets.teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        info["teacher"] = json.loads((Path(previous) / "run.json").read_text()).get("teacher")  # the root teacher
+        info["teacher"] = _run_info(previous).get("teacher")  # the root teacher
     elif method.needs_teacher:
         if teacher is None:
             raise ValueError(f"{info['method']} distils a teacher: set train.teacher to a teacher run directory or weights file")
@@ -186,13 +186,22 @@ def _phase_span(phases, only_phase, previous):
     return phases[only_phase].start, phases[only_phase].end
 
 
+def _run_info(run_dir):
+    """run.json of another run, with a one-line error if it isn't a run directory."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise ValueError(f"train.previous = {run_dir} is not a run directory (no run.json): run the previous phase first")
+    return json.loads(path.read_text())
+
+
 def _previous_checkpoint(previous, begin, info):
     """The final checkpoint of the previous phase's run, checked to be the same schedule and method."""
     previous = Path(previous)
-    path = ckpt.checkpoint_path(previous / "checkpoints", begin)
+    first = -(-begin // info["batch_size"]) * info["batch_size"]  # runs step in whole batches: the first step of this phase
+    path = ckpt.checkpoint_path(previous / "checkpoints", first)
     if not path.is_file():
-        raise ValueError(f"train.previous = {previous} has no checkpoint at sample {begin}: run that phase first")
-    theirs, p = json.loads((previous / "run.json").read_text()), info["only_phase"]
+        raise ValueError(f"train.previous = {previous} has no checkpoint at sample {first}: run that phase first")
+    theirs, p = _run_info(previous), info["only_phase"]
     mine = dict(info, schedule_steps=info["schedule_steps"][:p + 1], phases=info["phases"][:p])
     theirs.update(schedule_steps=theirs["schedule_steps"][:p + 1], phases=theirs["phases"][:p])
     for key in ("method", "schedule_steps", "T", "phases", "batch_size", "seed", "parameterisation"):
