@@ -134,10 +134,12 @@ def plot(table, summary, path, params=None):
         ax.set_xlabel("total training samples")
         ax.legend()
     else:
-        fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(summary), 2) + 1.2))
-        y = list(range(len(summary)))
-        ax.errorbar(summary.fd_mean, y, xerr=summary.fd_std.fillna(0), fmt="o", capsize=3)
-        ax.set_yticks(y, [labels[i] for i in summary.index])
+        rows = [r["id"] for r in table["rows"] if r["id"] in summary.index][::-1]  # the table's order, top down
+        fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
+        y = list(range(len(rows)))
+        ax.errorbar(summary.fd_mean[rows], y, xerr=summary.fd_std.fillna(0)[rows], fmt="o", capsize=3)
+        ax.set_yticks(y, [labels[i] for i in rows])
+        ax.set_xscale("log")
     metric = f"{table['digits']['metric']} (lower is better), mean ± std over seeds"
     (ax.set_ylabel if series and params is not None else ax.set_xlabel)(metric)
     ax.set_title(table["title"], fontsize=8)
