@@ -44,6 +44,30 @@ def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor
     return labels * keep.to(labels.dtype)
 
 
+def build_decoder(ch, skip_channels, channel_mult, model_channels, num_blocks, img_resolution, block_kw, attends):
+    """EDM's decoder layout, shared by SongUNet and DhariwalUNet (edm-notes §2.4, §3).
+
+    From the lowest resolution up: ``in0`` (attention) and ``in1`` at the last level, else an
+    ``up`` block; then ``num_blocks + 1`` blocks, each taking [x, skip] with the skips popped
+    last-in first-out.  ``attends(idx, res)`` says which of those blocks has attention.
+    Returns the ModuleDict and the output channel count.
+    """
+    dec, pending, last = nn.ModuleDict(), list(skip_channels), len(channel_mult) - 1
+    for level in reversed(range(len(channel_mult))):
+        res = img_resolution >> level
+        if level == last:
+            dec[f"{res}x{res}_in0"] = UNetBlock(ch, ch, attention=True, **block_kw)
+            dec[f"{res}x{res}_in1"] = UNetBlock(ch, ch, **block_kw)
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(ch, ch, up=True, **block_kw)
+        for idx in range(num_blocks + 1):
+            out = model_channels * channel_mult[level]
+            dec[f"{res}x{res}_block{idx}"] = UNetBlock(ch + pending.pop(), out, attention=attends(idx, res), **block_kw)
+            ch = out
+    assert not pending
+    return dec, ch
+
+
 @gin.configurable
 class SongUNet(nn.Module):
     """EDM's SongUNet (NCSN++ with embedding 'fourier', encoder 'residual'; DDPM++ with
@@ -132,28 +156,11 @@ class SongUNet(nn.Module):
                 skip_ch.append(ch)
         self.skip_channels = tuple(skip_ch)
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        pending = list(skip_ch)
-        last = len(channel_mult) - 1
-        for level in reversed(range(len(channel_mult))):
-            mult = channel_mult[level]
-            res = img_resolution >> level
-            if level == last:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(ch, ch, attention=True, **block_kw)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(ch, ch, **block_kw)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(ch, ch, up=True, **block_kw)
-            for idx in range(num_blocks + 1):
-                out = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    ch + pending.pop(), out, attention=(idx == num_blocks and res in attn_resolutions),
-                    **block_kw)
-                ch = out
-            if level == 0:
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(ch, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(ch, out_channels, kernel=3, **init_zero)
-        assert not pending
+        # Decoder: attention only in the last block of an attention resolution; aux output at 32×32.
+        self.dec, ch = build_decoder(ch, skip_ch, channel_mult, model_channels, num_blocks, img_resolution, block_kw,
+                                     attends=lambda idx, res: idx == num_blocks and res in attn_resolutions)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(ch, eps=1e-6)  # level 0 comes last
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(ch, out_channels, kernel=3, **init_zero)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels.reshape(-1))
@@ -269,24 +276,9 @@ class DhariwalUNet(nn.Module):
                 skip_ch.append(ch)
         self.skip_channels = tuple(skip_ch)
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        pending = list(skip_ch)
-        last = len(channel_mult) - 1
-        for level in reversed(range(len(channel_mult))):
-            mult = channel_mult[level]
-            res = img_resolution >> level
-            if level == last:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(ch, ch, attention=True, **block_kw)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(ch, ch, **block_kw)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(ch, ch, up=True, **block_kw)
-            for idx in range(num_blocks + 1):
-                out = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    ch + pending.pop(), out, attention=res in attn_resolutions, **block_kw)
-                ch = out
-        assert not pending
+        # Decoder: attention in every block at an attention resolution.
+        self.dec, ch = build_decoder(ch, skip_ch, channel_mult, model_channels, num_blocks, img_resolution, block_kw,
+                                     attends=lambda idx, res: res in attn_resolutions)
         self.out_norm = GroupNorm(ch, eps=1e-5)
         self.out_conv = Conv2d(ch, out_channels, kernel=3, **init_zero)
 
