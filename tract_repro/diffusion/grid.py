@@ -12,9 +12,15 @@ class TimeGrid:
         self.logsnr = schedule.grid(self.T).to(torch.float64)
         self.alpha, self.sigma = schedule.alpha_sigma(self.logsnr)
 
+    def to(self, device):
+        """The grid's tables on ``device`` (indices may stay on the CPU)."""
+        self.logsnr, self.alpha, self.sigma = (v.to(device) for v in (self.logsnr, self.alpha, self.sigma))
+        return self
+
     def at(self, i):
         """(λ_i of shape (B,), α_i and σ_i of shape (B, 1, 1, 1)) for integer indices i of shape (B,)."""
         view = (-1, 1, 1, 1)
+        i = i.to(self.logsnr.device)
         return self.logsnr[i], self.alpha[i].view(view), self.sigma[i].view(view)
 
     def alpha_sigma(self, logsnr, ndim=4):

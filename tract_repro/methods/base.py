@@ -25,8 +25,8 @@ class Networks:
 
 
 def add_noise(x, alpha, sigma, generator):
-    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn from ``generator`` (float64)."""
-    eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn from the CPU ``generator`` (float64), on x's device."""
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
     return alpha * x + sigma * eps
 
 
@@ -37,7 +37,7 @@ def noise_at(x, t, grid, generator):
 
 
 def randint(low, high, n, generator):
-    """n integers uniform in {low, …, high} (inclusive)."""
+    """n integers uniform in {low, …, high} (inclusive), drawn on the CPU."""
     return torch.randint(low, high + 1, (n,), generator=generator)
 
 

@@ -44,7 +44,7 @@ class BTD(Method):
     @torch.no_grad()
     def __call__(self, x, labels, phase, nets, grid, generator):
         S = self.steps(grid.T)
-        t, t_mid, s = btd_indices(S, phase.index, grid.T, x.shape[0], generator)
+        t, t_mid, s = (i.to(x.device) for i in btd_indices(S, phase.index, grid.T, x.shape[0], generator))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
         x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, labels, clip=False)
         x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, labels, clip=False)

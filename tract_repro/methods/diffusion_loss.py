@@ -36,7 +36,8 @@ class TeacherTraining(Method):
             u = torch.rand(n, generator=generator, dtype=torch.float64)
             logsnr = grid.schedule.logsnr(u)
         else:
-            logsnr = grid.logsnr[torch.randint(1, grid.T + 1, (n,), generator=generator)]
+            logsnr = grid.logsnr[torch.randint(1, grid.T + 1, (n,), generator=generator).to(grid.logsnr.device)]
+        logsnr = logsnr.to(x.device)
         alpha, sigma = grid.alpha_sigma(logsnr, x.ndim)
         x_t = add_noise(x, alpha, sigma, generator)
         return Target(x_t, logsnr, x, self.weight_fn(logsnr), labels)

@@ -35,7 +35,7 @@ class TRACT(Method):
     @torch.no_grad()
     def __call__(self, x, labels, phase, nets, grid, generator):
         S = self.steps(grid.T)
-        t, t1, ti = tract_indices(S, phase.index, grid.T, x.shape[0], generator)
+        t, t1, ti = (i.to(x.device) for i in tract_indices(S, phase.index, grid.T, x.shape[0], generator))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
         x_t1, _ = self.teacher_step(nets.teacher, x_t, t, t1, grid, labels, clip=self.clip)
         x_ti = x_t1.clone()

@@ -53,7 +53,7 @@ class EDMDenoiser(nn.Module):
             return None
         k = self.num_classes
         if labels is None:
-            return torch.zeros(batch, k, dtype=torch.float32)
+            return torch.zeros(batch, k, dtype=torch.float32)  # moved to the input's device by forward
         if labels.is_floating_point():
             return labels.reshape(-1, k).to(torch.float32)
         return F.one_hot(labels.long(), k).to(torch.float32)

@@ -24,6 +24,7 @@ from tract_repro.sampling.images import save_grid
 from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
 from tract_repro.training import checkpoint as ckpt
 from tract_repro.training import teacher as teachers
+from tract_repro.training.device import Device
 from tract_repro.training.lengths import parse_samples
 from tract_repro.training.optim import adam, inference_ema_momentum, learning_rate
 from tract_repro.training.run_files import MetricsLog, write_json
@@ -43,11 +44,12 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
           T=1024, parameterisation="v", teacher=None, batch_size=128, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
           checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
-          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None):
+          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, device=None):
     """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
 
     With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
     final checkpoint of ``previous``, the run of phase p − 1 (so DVC can share phases between runs).
+    ``device`` (a :class:`Device`, default ``Device()``) says where the networks run and in what precision.
     """
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
@@ -57,8 +59,9 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     unknown = set(phase_reset) - PHASE_RESETS
     if unknown:
         raise ValueError(f"train.phase_reset has unknown entries {sorted(unknown)}: choose from {sorted(PHASE_RESETS)}")
+    dev = device if device is not None else Device()
     data = dataset()
-    grid = TimeGrid(schedule(), T)
+    grid = TimeGrid(schedule(), T).to(dev.device)
     steps = method.steps(grid.T)
     phases = plan_phases(steps, total, phase_lengths)
     if any(p.length < batch_size for p in phases):
@@ -67,12 +70,13 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     every = {k: parse_samples(v) if v else 0 for k, v in
              dict(checkpoint=checkpoint_every, log=log_every, grid=grid_every).items()}
 
-    student = build_denoiser(network(), grid.schedule, parameterisation)
+    student = dev.prepare(build_denoiser(network(), grid.schedule, parameterisation))
     info = dict(method=type(method).__name__, schedule_steps=list(steps), T=grid.T, parameterisation=parameterisation,
                 noise_schedule=type(grid.schedule).__name__, batch_size=batch_size, seed=seed,
                 phases=[dict(index=p.index, start=p.start, end=p.end, teacher_steps=p.teacher_steps,
                              student_steps=p.student_steps) for p in phases],
-                parameters=sum(p.numel() for p in student.parameters()), dataset=data.name, status="running")
+                parameters=sum(p.numel() for p in student.parameters()), dataset=data.name,
+                device=dev.describe(), status="running")
     nets, self_teacher = Networks(), None
     if only_phase is not None:
         info.update(only_phase=only_phase, previous=str(previous) if previous else None)
@@ -110,6 +114,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         if nets.teacher is not None:
             nets.teacher.load_state_dict(state["teacher"])
         torch.set_rng_state(state["rng_torch"])
+        dev.set_rng_state(state.get("rng_device"))
         generator.set_state(state["rng_method"])
         metrics.truncate(samples)
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())
@@ -118,7 +123,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     def save_checkpoint():
         state = dict(samples=samples, phase=current, student=student.state_dict(), optimizer=optimizer.state_dict(),
                      inference_ema=inference.state_dict(), rng_torch=torch.get_rng_state(),
-                     rng_method=generator.get_state())
+                     rng_method=generator.get_state(), rng_device=dev.rng_state())
         if self_teacher is not None:
             state["self_teacher"] = self_teacher.state_dict()
         if nets.teacher is not None:
@@ -128,9 +133,10 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         (workdir / "operative_config.gin").write_text(gin.operative_config_str())  # now including the loop's own calls
 
     def save_samples(name, student_steps):
-        noise = noise_from_seeds(range(grid_size), data.shape)
-        labels = torch.arange(grid_size) % data.num_classes
-        x = sample_grid_steps(inference.module, grid, student_steps, noise, labels)
+        noise = noise_from_seeds(range(grid_size), data.shape).to(dev.device)
+        labels = (torch.arange(grid_size) % data.num_classes).to(dev.device)
+        with dev.autocast():
+            x = sample_grid_steps(inference.module, grid, student_steps, noise, labels).cpu()
         save_grid(x.clamp(-1, 1), workdir / "samples" / name, scale=grid_scale)
 
     bar = tqdm(total=end - begin, initial=samples - begin, unit="sample", unit_scale=True, desc=f"{info['method']} {workdir.name}",
@@ -144,12 +150,13 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             _apply_resets(phase_reset, student, nets.teacher, self_teacher, inference, optimizer)
             current = phase.index
         idx = order.indices(samples, batch_size)
-        x, labels = data.batch(idx, generator)
-        target = method(x, labels, phase, nets, grid, generator)
+        x, labels = (None if v is None else v.to(dev.device) for v in data.batch(idx, generator))
+        with dev.autocast():
+            target = method(x, labels, phase, nets, grid, generator)
         lr = learning_rate(base_lr, samples, phase)
         try:
             loss, grad_norm = optimisation_step(target, student, optimizer, lr, grad_clip, loss_reduction,
-                                                [e for e in (self_teacher, inference) if e is not None])
+                                                [e for e in (self_teacher, inference) if e is not None], dev.autocast)
         except LossDiverged:
             raise LossDiverged(f"the loss became non-finite at sample {samples} ({info['method']}, parameterisation "
                                f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge") from None

@@ -1,4 +1,5 @@
 """One optimisation step of the shared loop, for any method."""
+import contextlib
 import math
 
 import torch
@@ -14,10 +15,12 @@ def weighted_loss(pred, target, reduction="mean"):
     return (target.weight * (err.sum(1) if reduction == "sum" else err.mean(1))).mean()
 
 
-def optimisation_step(target, student, optimizer, lr, grad_clip=1.0, reduction="mean", emas=()):
+def optimisation_step(target, student, optimizer, lr, grad_clip=1.0, reduction="mean", emas=(), autocast=contextlib.nullcontext):
     """Regress the student on one Target, clip the gradient norm, step Adam, then update the EMAs in order."""
     student.train()
-    loss = weighted_loss(student(target.x_t, target.logsnr, target.labels), target, reduction)
+    with autocast():
+        pred = student(target.x_t, target.logsnr, target.labels)
+    loss = weighted_loss(pred, target, reduction)
     if not torch.isfinite(loss):
         raise LossDiverged("the loss became non-finite")
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,58 @@
+"""Where and how the networks run: device, TF32, bf16 autocast and channels-last, bound in gin.
+
+Random draws (data order, augmentation, t, ε) always come from CPU generators and are then
+moved to the device, so a run's noise does not depend on the device it runs on.
+"""
+import contextlib
+
+import gin
+import torch
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@gin.configurable
+class Device:
+    """``name``: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available); GPU options are off by default."""
+
+    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False):
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(name)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Device.name = {name!r} but CUDA is not available here: set Device.name = 'cpu' (or 'auto')")
+        if autocast not in (None, *AUTOCAST_DTYPES):
+            raise ValueError(f"Device.autocast = {autocast!r}: choose None, {' or '.join(map(repr, AUTOCAST_DTYPES))}")
+        self.tf32, self.autocast_dtype, self.channels_last = bool(tf32), autocast, bool(channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+
+    @property
+    def is_cuda(self):
+        return self.device.type == "cuda"
+
+    def prepare(self, module):
+        """Move a module to the device (channels-last memory format if asked)."""
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def autocast(self):
+        """The mixed-precision context for network calls (a no-op without ``autocast``)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast_dtype])
+
+    def rng_state(self):
+        """RNG state beyond the CPU's (the CUDA generator drives dropout on the GPU)."""
+        return torch.cuda.get_rng_state(self.device) if self.is_cuda else None
+
+    def set_rng_state(self, state):
+        if state is not None and self.is_cuda:
+            torch.cuda.set_rng_state(state, self.device)
+
+    def describe(self):
+        info = dict(device=str(self.device), tf32=self.tf32, autocast=self.autocast_dtype, channels_last=self.channels_last)
+        if self.is_cuda:
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+        return info
