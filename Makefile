@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) -m tract_repro.launch
 
-.PHONY: setup test digits digits-students digits-tract digits-btd bench
+.PHONY: setup test digits digits-table1 digits-sweep bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,19 +17,24 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
-# Teacher first, then TRACT 1024→32→1 and BTD 1024→…→1 as two parallel one-thread processes.
+DVC := $(VENV)/bin/dvc
+# The digits tables, each a DVC stage (classifier → teacher → shared phases → evaluations → table).
+DIGITS_TABLES := digits_table1 digits_table1_edm digits_table3 digits_table4 digits_table5 digits_table6 digits_btd_vs_tract
+
+# The embedded default: every digits table, then where to look.
 digits: setup
-	$(RUN) gin/digits_teacher.gin
-	$(MAKE) -j2 digits-students
-	@echo "one-step sample grids: runs/digits_tract_1024_32_1/samples/final_1steps.png runs/digits_btd/samples/final_1steps.png"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(DVC) repro $(DIGITS_TABLES)
+	@echo "tables: results/table1.md results/table1_edm.md results/table3.md results/table4.md results/table5.md results/table6.md results/btd_vs_tract.md"
+	@echo "plots and sample grids: results/digits/*.png, results/digits/eval/*/s0_1steps.png"
 
-digits-students: digits-tract digits-btd
+# Digits Table 1 alone (BTD vs TRACT with teacher baselines).
+digits-table1: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(DVC) repro digits_table1
+	@echo "table: results/table1.md; plot: results/digits/table1.png"
 
-digits-tract:
-	$(RUN) gin/digits_tract_1024_32_1.gin
-
-digits-btd:
-	$(RUN) gin/digits_btd.gin
+# The budget sweep (outside the default run).
+digits-sweep: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(DVC) repro digits_budget_sweep
 
 bench: setup
 	$(PY) benchmarks/throughput.py

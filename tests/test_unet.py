@@ -13,8 +13,8 @@ CIFAR10 = dict(in_channels=3, resolution=32, channels=256, emb_channels=1024, ch
 IMAGENET64 = dict(in_channels=3, resolution=64, channels=192, emb_channels=768, channel_mult=(1, 2, 3, 4),
                   num_res_blocks=3, attn_resolutions=(32, 16, 8), attn_head_dim=64, num_outputs=2,
                   num_classes=1000)
-DIGITS = dict(in_channels=1, resolution=8, channels=16, emb_channels=128, channel_mult=(1, 2),
-              num_res_blocks=2, attn_resolutions=(4,), num_outputs=1, norm_groups=8)
+DIGITS = dict(in_channels=1, resolution=8, channels=16, emb_channels=64, channel_mult=(1, 2),
+              num_res_blocks=1, attn_resolutions=(4,), num_outputs=1, norm_groups=8)  # = gin/digits/base.gin
 
 
 def n_params(model):
@@ -64,7 +64,7 @@ def test_imagenet_head_counts():
 def test_digits_forward_and_zero_init():
     torch.manual_seed(0)
     model = UNet(**DIGITS)
-    assert n_params(model) == 348_801
+    assert n_params(model) == 208_369
     x, logsnr = inputs(batch=6)
     out = model(x, logsnr)
     assert out.shape == (6, 1, 8, 8)
@@ -166,3 +166,12 @@ def test_gin_configurable(clean_gin):
     assert model.up[0].res.conv1.out_channels == 64
     x, logsnr = inputs(batch=2)
     assert model(x, logsnr).shape == (2, 1, 8, 8)
+
+
+def test_digits_gin_builds_the_tested_digits_unet():
+    from tract_repro import config
+
+    config.parse(["gin/digits_teacher.gin"], [])
+    with torch.device("meta"):
+        net = config.build("train.network")
+    assert n_params(net) == 208_369
