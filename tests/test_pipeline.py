@@ -131,8 +131,9 @@ def test_small_pipeline_runs_with_dvc(tmp_path):
     assert (tmp_path / "runs" / "digits" / "teacher" / "ema.pt").read_bytes() == teacher_weights
 
 
-def test_budget_sweep_plots_lines_against_the_budget(tmp_path):
-    table = yaml.safe_load((ROOT / "experiments" / "budget_sweep.yaml").read_text())
+@pytest.mark.parametrize("sweep", ["budget_sweep", "budget_sweep_gpu"])
+def test_budget_sweep_plots_lines_against_the_budget(tmp_path, sweep):
+    table = yaml.safe_load((ROOT / "experiments" / f"{sweep}.yaml").read_text())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["digits"]
     xs = sorted({r["digits"]["x"] for r in table["rows"]})
     assert len(xs) >= 4 and all(x in params for x in xs)  # x names the params.yaml budget of each row
@@ -153,4 +154,23 @@ def test_each_teacher_has_its_stage_and_edm_rows_use_the_edm_teacher(in_repo):
     assert edm_phases and all("TEACHER = 'runs/digits/edm_teacher'" in v["cmd"] for v in edm_phases)
     heun = stages["digits_eval_edm_teacher"]
     assert heun["cmd"] == [c for c in heun["cmd"] if "--sampler heun" in c] and "--steps 18" in heun["cmd"][0]
-    assert "results/digits/eval/edm_teacher/s0_heun.json" in stages["digits_table1"]["deps"]
+    assert "results/digits/eval/edm_teacher/s0_heun.json" in stages["digits_table1_edm"]["deps"]
+    assert not [d for d in stages["digits_table1"]["deps"] if "edm" in d]  # Table 1's VP rows wait for one teacher only
+
+
+def test_training_curves_follow_each_run_back_through_its_phases(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = dict(table="t", title="T", rows=[dict(id="r", label="R")])
+    monkeypatch.setattr(tables, "_evaluation_of", lambda t, r: dict(target="p1", teacher="teacher", seeds=[0]))
+    for phase, previous in (("p0", None), ("p1", "runs/digits/p0/s0")):
+        run = tmp_path / "runs" / "digits" / phase / "s0"
+        run.mkdir(parents=True)
+        k = int(phase[1])
+        (run / "metrics.jsonl").write_text("".join(json.dumps(dict(samples=100 * (2 * k + i + 1), phase=k, loss=1.0 / (2 * k + i + 1))) + "\n"
+                                                   for i in range(2)))
+        (run / "run.json").write_text(json.dumps(dict(previous=previous)))
+    curves = tables.training_curves(table)
+    assert curves.samples.tolist() == [100, 200, 300, 400] and curves.phase.tolist() == [0, 0, 1, 1]
+    assert curves.loss.tolist() == [1.0, 0.5, 1 / 3, 0.25]
+    tables.plot_curves(table, curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000

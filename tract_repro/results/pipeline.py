@@ -101,11 +101,14 @@ def build(tables, templates, params):
         if not rows:
             continue
         deps = sorted({eval_file(e, s) for e in rows for s in e["seeds"]})
+        runs = sorted({f"{run_dir(e['target'])}/s{s}" for e in rows if e["target"] != e["teacher"] for s in e["seeds"]})
         stages[f"digits_{name}"] = dict(
-            cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", *deps],
+            cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", *deps, *runs],
             metrics=[{f"results/digits/{name}.json": {"cache": False}}],
-            outs=[{f"results/{name}.md": {"cache": False}}, {f"results/digits/{name}.png": {"cache": False}}],
-            plots=[{f"results/digits/{name}.csv": {"cache": False, "x": "nfe", "y": "digits_fd"}}])
+            outs=[{f"results/{name}.md": {"cache": False}}, {f"results/digits/{name}.png": {"cache": False}},
+                  {f"results/digits/{name}_curves.png": {"cache": False}}],
+            plots=[{f"results/digits/{name}.csv": {"cache": False, "x": "nfe", "y": "digits_fd", "template": "scatter"}},
+                   {f"results/digits/{name}_curves.csv": {"cache": False, "x": "samples", "y": "loss", "template": "scatter"}}])
     return {"stages": stages}
 
 

@@ -46,6 +46,42 @@ def digits_scores(table, eval_dir=EVAL_DIR):
 _EVALUATIONS = {}
 
 
+def training_curves(table, runs_root="runs/digits"):
+    """Loss against samples for every (row, seed), following each run's chain of phases back to its start."""
+    records = []
+    for row in table["rows"]:
+        evaluation = _evaluation_of(table["table"], row["id"])
+        if evaluation is None or evaluation["target"] == evaluation["teacher"]:
+            continue
+        for seed in evaluation["seeds"]:
+            run = Path(runs_root) / evaluation["target"] / f"s{seed}"
+            while run is not None and (run / "metrics.jsonl").is_file():
+                for line in (run / "metrics.jsonl").read_text().splitlines():
+                    r = json.loads(line)
+                    records.append(dict(row=row["id"], seed=seed, samples=r["samples"], phase=r["phase"], loss=r["loss"]))
+                previous = json.loads((run / "run.json").read_text()).get("previous")
+                run = Path(previous) if previous else None
+    curves = pd.DataFrame.from_records(records, columns=["row", "seed", "samples", "phase", "loss"])
+    return curves.drop_duplicates(["row", "seed", "samples"]).sort_values(["row", "seed", "samples"])
+
+
+def plot_curves(table, curves, path):
+    """One line per row (mean loss over seeds) against training samples; phases restart the loss scale."""
+    labels = {r["id"]: r["label"] for r in table["rows"]}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row, group in curves.groupby("row", sort=False):
+        mean = group.groupby("samples").loss.mean()
+        ax.plot(mean.index, mean.values, label=labels[row], lw=1)
+    ax.set_xlabel("training samples")
+    ax.set_ylabel("weighted loss (mean over seeds)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    ax.set_title(f"{table['title']}: training curves", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _evaluation_of(table_name, row_id):
     """What a row evaluates (from the same expansion that wrote dvc.yaml), or None for rows without a digits run."""
     if not _EVALUATIONS:
@@ -172,6 +208,10 @@ def main(argv=None):
             rows=json.loads(out.to_json(orient="records")), orderings=orderings), indent=2) + "\n")
         if not summary.empty:
             plot(table, summary, f"results/digits/{name}.png", yaml.safe_load(Path("params.yaml").read_text())["digits"])
+        curves = training_curves(table)
+        curves.to_csv(f"results/digits/{name}_curves.csv", index=False)
+        if not curves.empty:
+            plot_curves(table, curves, f"results/digits/{name}_curves.png")
         print(f"results/{name}.md: {len(summary)} rows measured, "
               f"{sum(o['holds'] is True for o in orderings)}/{len(orderings)} orderings hold")
     return 0
