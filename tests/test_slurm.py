@@ -53,14 +53,14 @@ def slurm_cluster():
     before = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     yield conf
-    left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    if left:  # jobs of a failed test: don't leave them training
-        subprocess.run(["scancel", *left], capture_output=True)
-        for _ in range(30):
-            if not subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
-                break
-            time.sleep(0.5)
     if ours:
+        left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        if left:  # jobs of a failed test: don't leave them training
+            subprocess.run(["scancel", *left], capture_output=True)
+            for _ in range(30):
+                if not subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
+                    break
+                time.sleep(0.5)
         subprocess.run([str(ROOT / ".ci" / "slurm-down"), str(BASE)], capture_output=True, timeout=120)
     if before is None:
         os.environ.pop("SLURM_CONF", None)
