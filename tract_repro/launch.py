@@ -1,9 +1,13 @@
-"""Launch a run from gin files: ``python -m tract_repro.launch FILE.gin [...] [--gin 'a = b'] [--workdir DIR] [--executor inline|local]``.
+"""Launch a run from gin files: ``python -m tract_repro.launch FILE.gin [...] [--gin 'a = b'] [--workdir DIR] [--executor inline|local|slurm [--wait]]``.
 
 The job re-parses the config text in its own process, so inline and submitit runs take the
 same path.  ``--seeds 0 1 2 --parallel 2`` runs one job per seed (``{seed}`` in the workdir
 and in bindings is replaced) as submitit local jobs, two at a time.  Errors in the configuration print
 one line and exit with status 2.
+
+``--executor slurm`` submits the run (or each seed's run) as a SLURM job with the options bound to
+``slurm.*`` in gin (:mod:`tract_repro.slurm`) and returns.  With ``--wait`` it blocks until the job
+has finished, requeues included, and exits 1 with one line if the job failed.
 """
 import argparse
 import os
@@ -57,8 +61,11 @@ def main(argv=None):
     parser.add_argument("files", nargs="+", metavar="FILE.gin", help="gin files, parsed in order")
     parser.add_argument("--gin", action="append", default=[], metavar="'name = value'", help="extra binding (repeatable)")
     parser.add_argument("--workdir", help="run directory (default: runs/<last gin file's name>)")
-    parser.add_argument("--executor", choices=["inline", "local"], default="inline",
-                        help="inline: in this process; local: through submitit's local executor")
+    parser.add_argument("--executor", choices=["inline", "local", "slurm"], default="inline",
+                        help="inline: in this process; local: through submitit's local executor; slurm: a SLURM job "
+                             "(options from gin: slurm.partition, slurm.gpus_per_node, slurm.time_min, ...)")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --executor slurm: block until the job (through requeues) finishes; exit 1 if it failed")
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (binds train.seed); --workdir must contain {seed}")
     parser.add_argument("--parallel", type=int, default=1, help="with --seeds: how many local jobs run at once")
     args = parser.parse_args(argv)
@@ -74,6 +81,9 @@ def main(argv=None):
             from tract_repro.training.teacher import resolve
 
             resolve(config.query("train.teacher"))
+        if args.executor == "slurm":
+            _slurm(args, [(workdir, text)])
+            return 0
         if args.executor == "inline":
             result = run_job(text, workdir)
         else:
@@ -104,6 +114,9 @@ def _many(args, workdir):
         run_dir = Path(str(workdir).format(seed=seed))
         if check_workdir(run_dir, text) != "complete":
             jobs.append((run_dir, text))
+    if args.executor == "slurm":
+        _slurm(args, jobs)
+        return 0
     running, failed = [], []
     while jobs or running:
         while jobs and len(running) < max(1, args.parallel):
@@ -122,15 +135,55 @@ def _many(args, workdir):
     return 0
 
 
+def _slurm(args, runs):
+    """Submit each (workdir, config text) as a SLURM job; with --wait, wait for them all, then fail if any failed.
+
+    A run that SLURM is already queueing or running is not submitted again: its job is waited for.
+    """
+    from tract_repro import slurm
+
+    jobs = []
+    for run_dir, text in runs:
+        config.parse(text=text)
+        options = slurm.slurm()  # the gin-bound slurm.* options, checked
+        slurm.check_available()
+        job = slurm.live_job(run_dir)
+        if job is not None:
+            print(f"{run_dir} is already queued or running as SLURM job {job.job_id}: not submitted again", flush=True)
+        else:
+            job = slurm.submit(text, run_dir, options)
+            print(f"submitted SLURM job {job.job_id}; logs in {run_dir / slurm.LOGS / job.job_id}", flush=True)
+        jobs.append(job)
+    if not args.wait:
+        return
+    failed = []
+    try:
+        for job in jobs:
+            try:
+                print(f"done: {slurm.wait(job)}", flush=True)
+            except RuntimeError as exc:
+                failed.append(str(exc))
+    except KeyboardInterrupt:
+        ids = " ".join(j.job_id for j in jobs)
+        raise RuntimeError(f"interrupted; the SLURM jobs keep running (scancel {ids} stops them)") from None
+    if failed:
+        raise RuntimeError(failed[0] if len(jobs) == 1 else f"{len(failed)} of {len(jobs)} jobs failed; first: {failed[0]}")
+
+
+def failure_line(exc):
+    """The job's own exception line from a submitit error, not the log paths around it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Diverged)\b.*:", line)]
+    return (errors or lines or [str(exc)])[-1]
+
+
 def _wait(job):
     import submitit
 
     try:
         return job.result()
     except submitit.core.utils.FailedJobError as exc:  # report the job's own exception line, not the log paths
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        errors = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Diverged)\b.*:", line)]
-        raise RuntimeError(f"job {job.job_id} failed: {(errors or lines or [str(exc)])[-1]}") from None
+        raise RuntimeError(f"job {job.job_id} failed: {failure_line(exc)}") from None
 
 
 if __name__ == "__main__":

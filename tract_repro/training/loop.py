@@ -23,6 +23,7 @@ from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.sampling.images import save_grid
 from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
 from tract_repro.training import checkpoint as ckpt
+from tract_repro.training import preemption
 from tract_repro.training import teacher as teachers
 from tract_repro.training.device import Device
 from tract_repro.training.lengths import parse_samples
@@ -175,6 +176,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             save_samples(f"grid_{samples:012d}_{phase.student_steps}steps.png", phase.student_steps)
         if crossed(before, samples, every["checkpoint"]) or samples >= end:
             save_checkpoint()
+        preemption.at_step_boundary(save_checkpoint, ckpt.checkpoint_path(workdir / "checkpoints", samples), samples)
     bar.close()
     final_steps = phase_at(phases, end - 1).student_steps
     save_samples(f"final_{final_steps}steps.png", final_steps)
