@@ -68,12 +68,12 @@ def eval_stage(target, teacher, is_teacher, requests):
         steps = sorted(steps, reverse=True)
         chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
         cmds.append(f"python -m tract_repro.evaluate {run} --steps {' '.join(map(str, steps))}{chosen} "
-                    f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} "
+                    f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} --threads ${{digits.eval_threads}} "
                     f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {out}")
         metrics.append({out: {"cache": False}})
         pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for k in steps]
     deps = sorted({run_dir(target), CLASSIFIER_DIR, run_dir(teacher)})
-    return dict(cmd=cmds, deps=deps, params=["digits.eval_samples", "digits.reference_steps"], metrics=metrics, outs=pngs)
+    return dict(cmd=cmds, deps=deps, params=["digits.eval_samples", "digits.reference_steps", "digits.eval_threads"], metrics=metrics, outs=pngs)
 
 
 def build(tables, templates, params):
