@@ -3,13 +3,16 @@ from dataclasses import dataclass
 
 import torch
 
+from tract_repro.data.batch_random import as_batch_random
+
 
 @dataclass
 class ImageArrays:
     """Images (N, C, H, W), float in [−1, 1] or uint8 in [0, 255], and integer labels (N,).
 
     ``hflip`` flips each drawn sample left-right with probability ½ (CIFAR-10 training), drawn
-    from the method's generator so that a resumed run flips the same samples.
+    from the step's random source (the method's generator) so that a resumed run flips the same
+    samples, and a sample flips alike whichever rank or micro-batch it lands in.
     """
 
     images: torch.Tensor
@@ -26,11 +29,14 @@ class ImageArrays:
         return tuple(self.images.shape[1:])
 
     def batch(self, idx, generator=None):
-        """(x float64 in [−1, 1], labels) for dataset indices ``idx``."""
+        """(x float64 in [−1, 1], labels) for dataset indices ``idx``.
+
+        ``generator``: a BatchRandom for these samples, or a torch.Generator (or None) drawing for them alone.
+        """
         x = self.images[idx]
         x = x.double() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.double()
         if self.hflip:
-            flip = torch.rand(len(idx), generator=generator) < 0.5
+            flip = as_batch_random(generator, len(idx)).rand() < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x, self.labels[idx]
 

@@ -9,6 +9,7 @@ applied to the x-space (D-space) error like every other weighting in
 import gin
 import torch
 
+from tract_repro.data.batch_random import as_batch_random
 from tract_repro.diffusion.schedules import ve_alpha_sigma
 
 SIGMA_DATA = 0.5
@@ -99,8 +100,11 @@ WEIGHTINGS = {"edm": edm_weight}
 
 
 def lognormal_logsnr(n, generator, p_mean=-1.2, p_std=1.2):
-    """EDM's training noise: ln σ ~ N(P_mean, P_std²), returned as λ = −2·ln σ (float64, method-spec §6)."""
-    z = torch.randn(n, generator=generator, dtype=torch.float64)
+    """EDM's training noise: ln σ ~ N(P_mean, P_std²), returned as λ = −2·ln σ (float64, method-spec §6).
+
+    ``generator``: a torch.Generator or a BatchRandom for the n samples.
+    """
+    z = as_batch_random(generator, n).randn(dtype=torch.float64)
     return -2.0 * (p_mean + p_std * z)
 
 

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tract_repro.data.batch_random import as_batch_random
+
 
 @dataclass
 class Target:
@@ -25,8 +27,12 @@ class Networks:
 
 
 def add_noise(x, alpha, sigma, generator):
-    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn from the CPU ``generator`` (float64), on x's device."""
-    eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn on the CPU (float64) from ``generator``, then moved to x's device.
+
+    ``generator`` is the step's :class:`~tract_repro.data.batch_random.BatchRandom` (or a bare
+    ``torch.Generator``, which draws for x alone).
+    """
+    eps = as_batch_random(generator, x.shape[0]).randn(x.shape[1:], dtype=torch.float64).to(x.device)
     return alpha * x + sigma * eps
 
 
@@ -37,8 +43,8 @@ def noise_at(x, t, grid, generator):
 
 
 def randint(low, high, n, generator):
-    """n integers uniform in {low, …, high} (inclusive), drawn on the CPU."""
-    return torch.randint(low, high + 1, (n,), generator=generator)
+    """n integers uniform in {low, …, high} (inclusive), one per sample, drawn on the CPU."""
+    return as_batch_random(generator, n).randint(low, high)
 
 
 class Method(abc.ABC):
@@ -55,4 +61,9 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, x, labels, phase, nets, grid, generator):
-        """The Target for a batch x (float64) in ``phase``."""
+        """The Target for a batch x (float64) in ``phase``.
+
+        ``generator`` is a :class:`~tract_repro.data.batch_random.BatchRandom` for the samples of x
+        (or a bare ``torch.Generator``): draw every random tensor from it, one row per sample, and
+        draw the same sequence whatever the data, so that x may be any slice of a larger batch.
+        """

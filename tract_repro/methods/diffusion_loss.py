@@ -2,6 +2,7 @@
 import gin
 import torch
 
+from tract_repro.data.batch_random import as_batch_random
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.edm import lognormal_logsnr
 from tract_repro.methods.base import Method, Target, add_noise
@@ -30,14 +31,15 @@ class TeacherTraining(Method):
 
     def __call__(self, x, labels, phase, nets, grid, generator):
         n = x.shape[0]
+        rng = as_batch_random(generator, n)
         if self.time_distribution == "lognormal":  # EDM: ln σ ~ N(−1.2, 1.2²)
-            logsnr = lognormal_logsnr(n, generator)
+            logsnr = lognormal_logsnr(n, rng)
         elif self.continuous:
-            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            u = rng.rand(dtype=torch.float64)
             logsnr = grid.schedule.logsnr(u)
         else:
-            logsnr = grid.logsnr[torch.randint(1, grid.T + 1, (n,), generator=generator).to(grid.logsnr.device)]
+            logsnr = grid.logsnr[rng.randint(1, grid.T).to(grid.logsnr.device)]
         logsnr = logsnr.to(x.device)
         alpha, sigma = grid.alpha_sigma(logsnr, x.ndim)
-        x_t = add_noise(x, alpha, sigma, generator)
+        x_t = add_noise(x, alpha, sigma, rng)
         return Target(x_t, logsnr, x, self.weight_fn(logsnr), labels)

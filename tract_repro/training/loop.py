@@ -3,6 +3,10 @@
 A run directory describes itself: ``config.gin`` (what was asked), ``operative_config.gin``
 (every value used), ``run.json``, ``metrics.jsonl``, ``checkpoints/``, ``samples/*.png`` and,
 when finished, ``ema.pt`` (the inference EMA's denoiser weights).
+
+The same loop runs data-parallel over several processes (:mod:`tract_repro.training.distributed`):
+``train.batch_size`` is the global batch, each rank trains on its slice of it (optionally in
+``train.accumulate`` micro-batches), and rank 0 alone writes the run directory.
 """
 import copy
 import json
@@ -14,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from tract_repro.data.arrays import EpochOrder
+from tract_repro.data.batch_random import StepRandom
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods.base import Networks
@@ -23,13 +28,13 @@ from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.sampling.images import save_grid
 from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
 from tract_repro.training import checkpoint as ckpt
-from tract_repro.training import preemption
+from tract_repro.training import distributed, preemption
 from tract_repro.training import teacher as teachers
 from tract_repro.training.device import Device
 from tract_repro.training.lengths import parse_samples
 from tract_repro.training.optim import adam, inference_ema_momentum, learning_rate
 from tract_repro.training.run_files import MetricsLog, write_json
-from tract_repro.training.step import LossDiverged, optimisation_step
+from tract_repro.training.step import LossDiverged, apply_update, backward_share
 
 
 PHASE_RESETS = {"inference_ema", "self_teacher", "optimizer", "student"}
@@ -42,7 +47,7 @@ def crossed(before, after, every):
 
 @gin.configurable(denylist=["workdir"])
 def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIRED, schedule=CosineSchedule,
-          T=1024, parameterisation="v", teacher=None, batch_size=128, total=None, phase_lengths=None,
+          T=1024, parameterisation="v", teacher=None, batch_size=128, accumulate=1, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
           checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
           grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, device=None):
@@ -51,7 +56,21 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
     final checkpoint of ``previous``, the run of phase p − 1 (so DVC can share phases between runs).
     ``device`` (a :class:`Device`, default ``Device()``) says where the networks run and in what precision.
+    ``batch_size`` is the global batch of a step; with WORLD_SIZE > 1 in the environment each process
+    trains on its slice of it, and ``accumulate = k`` splits each process's slice into k micro-batches
+    whose gradients add up to the full-batch step (to float rounding).
     """
+    options = dict(locals())
+    dev = options.pop("device")
+    dev = dev if dev is not None else Device()
+    with distributed.process_group(dev) as world:
+        return _train(dev=dev, world=world, **options)
+
+
+def _train(workdir, method, network, dataset, schedule, T, parameterisation, teacher, batch_size, accumulate, total,
+           phase_lengths, grad_clip, loss_reduction, phase_reset, seed, threads, checkpoint_every, keep_checkpoints,
+           log_every, grid_every, grid_size, grid_scale, grid_max_steps, only_phase, previous, dev, world):
+    """The body of :func:`train`, in one process of ``world`` (a :class:`distributed.World`) on ``dev``."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     workdir = Path(workdir)
@@ -60,7 +79,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     unknown = set(phase_reset) - PHASE_RESETS
     if unknown:
         raise ValueError(f"train.phase_reset has unknown entries {sorted(unknown)}: choose from {sorted(PHASE_RESETS)}")
-    dev = device if device is not None else Device()
+    micro_batches = world.slices(batch_size, accumulate)  # this rank's [(start, stop)] in the global batch
+    main = world.is_main  # only rank 0 writes files
     data = dataset()
     grid = TimeGrid(schedule(), T).to(dev.device)
     steps = method.steps(grid.T)
@@ -73,7 +93,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
 
     student = dev.prepare(build_denoiser(network(), grid.schedule, parameterisation))
     info = dict(method=type(method).__name__, schedule_steps=list(steps), T=grid.T, parameterisation=parameterisation,
-                noise_schedule=type(grid.schedule).__name__, batch_size=batch_size, seed=seed,
+                noise_schedule=type(grid.schedule).__name__, batch_size=batch_size, world_size=world.size,
+                accumulate=int(accumulate), seed=seed,
                 phases=[dict(index=p.index, start=p.start, end=p.end, teacher_steps=p.teacher_steps,
                              student_steps=p.student_steps) for p in phases],
                 parameters=sum(p.numel() for p in student.parameters()), dataset=data.name,
@@ -99,11 +120,14 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     generator = torch.Generator().manual_seed(seed)
     order = EpochOrder(len(data), seed)
     metrics = MetricsLog(workdir / "metrics.jsonl")
+    if world.rank > 0:  # dropout: each rank its own stream; rank 0 keeps the single-process one
+        torch.manual_seed(distributed.rank_seed(seed, world.rank))
 
     samples, current = 0, 0
     latest = ckpt.list_checkpoints(workdir / "checkpoints")
     if not latest and begin > 0:
         latest = [_previous_checkpoint(previous, begin, info)]
+    latest = world.broadcast(latest)  # every rank resumes from the file rank 0 found
     if latest:
         state = ckpt.load(latest[-1])
         samples, current = state["samples"], state["phase"]
@@ -114,17 +138,27 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             self_teacher.load_state_dict(state["self_teacher"])
         if nets.teacher is not None:
             nets.teacher.load_state_dict(state["teacher"])
-        torch.set_rng_state(state["rng_torch"])
-        dev.set_rng_state(state.get("rng_device"))
+        _restore_global_rng(state, dev, world, seed)
         generator.set_state(state["rng_method"])
-        metrics.truncate(samples)
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
-    write_json(workdir / "run.json", info)
+        if main:
+            metrics.truncate(samples)
+    world.check_in_sync([student], "at the start")
+    if main:
+        (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+        write_json(workdir / "run.json", info)
 
     def save_checkpoint():
+        rng_torch, rng_device = torch.get_rng_state(), dev.rng_state()
+        every_rank = world.gather((rng_torch, rng_device))  # a collective: all ranks take part
+        world.check_in_sync([student, inference.module], f"at sample {samples}")
+        if not main:
+            return
         state = dict(samples=samples, phase=current, student=student.state_dict(), optimizer=optimizer.state_dict(),
-                     inference_ema=inference.state_dict(), rng_torch=torch.get_rng_state(),
-                     rng_method=generator.get_state(), rng_device=dev.rng_state())
+                     inference_ema=inference.state_dict(), rng_torch=rng_torch,
+                     rng_method=generator.get_state(), rng_device=rng_device)
+        if world.size > 1:  # dropout streams of every rank, for an exact resume with the same world size
+            state["rng_torch_ranks"] = [r for r, _ in every_rank]
+            state["rng_device_ranks"] = [d for _, d in every_rank]
         if self_teacher is not None:
             state["self_teacher"] = self_teacher.state_dict()
         if nets.teacher is not None:
@@ -141,7 +175,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
         save_grid(x.clamp(-1, 1), workdir / "samples" / name, scale=grid_scale)
 
     bar = tqdm(total=end - begin, initial=samples - begin, unit="sample", unit_scale=True, desc=f"{info['method']} {workdir.name}",
-               dynamic_ncols=True)
+               dynamic_ncols=True, **({} if main else dict(disable=True)))
     tick = time.perf_counter()
     while samples < end:
         phase = phase_at(phases, samples)
@@ -151,13 +185,21 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             _apply_resets(phase_reset, student, nets.teacher, self_teacher, inference, optimizer)
             current = phase.index
         idx = order.indices(samples, batch_size)
-        x, labels = (None if v is None else v.to(dev.device) for v in data.batch(idx, generator))
-        with dev.autocast():
-            target = method(x, labels, phase, nets, grid, generator)
+        draws = StepRandom(generator, batch_size)  # the step's random tensors, drawn for the whole global batch
+        optimizer.zero_grad(set_to_none=True)
+        loss = None
+        for start, stop in micro_batches:
+            rng = draws.slice(start, stop)
+            x, labels = (None if v is None else v.to(dev.device) for v in data.batch(idx[start:stop], rng))
+            with dev.autocast():
+                target = method(x, labels, phase, nets, grid, rng)
+            share = backward_share(target, student, batch_size, loss_reduction, dev.autocast)
+            loss = share if loss is None else loss + share
+            del target, x, labels
         lr = learning_rate(base_lr, samples, phase)
         try:
-            loss, grad_norm = optimisation_step(target, student, optimizer, lr, grad_clip, loss_reduction,
-                                                [e for e in (self_teacher, inference) if e is not None], dev.autocast)
+            loss, grad_norm = apply_update(student, optimizer, loss, lr, grad_clip,
+                                           [e for e in (self_teacher, inference) if e is not None], world)
         except LossDiverged:
             raise LossDiverged(f"the loss became non-finite at sample {samples} ({info['method']}, parameterisation "
                                f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge") from None
@@ -169,20 +211,25 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
             record = metrics.flush(samples=samples, phase=phase.index, student_steps=phase.student_steps, lr=lr)
             record["samples_per_s"] = round((samples - metrics.last_samples_flushed) / max(now - tick, 1e-9), 2)
             tick = now
-            metrics.write(record)
+            if main:
+                metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", phase=phase.index)
         grid_due = crossed(before, samples, every["grid"]) or phase.end <= samples < end
-        if grid_due and phase.student_steps <= grid_max_steps:  # many-step grids belong to evaluation
+        if main and grid_due and phase.student_steps <= grid_max_steps:  # many-step grids belong to evaluation
             save_samples(f"grid_{samples:012d}_{phase.student_steps}steps.png", phase.student_steps)
         if crossed(before, samples, every["checkpoint"]) or samples >= end:
             save_checkpoint()
-        preemption.at_step_boundary(save_checkpoint, ckpt.checkpoint_path(workdir / "checkpoints", samples), samples)
+        # A stop request (SLURM's signal) reaches rank 0's process; every rank stops at the same step.
+        preemption.at_step_boundary(save_checkpoint, ckpt.checkpoint_path(workdir / "checkpoints", samples), samples,
+                                    requested=world.any(preemption.requested()))
     bar.close()
     final_steps = phase_at(phases, end - 1).student_steps
-    save_samples(f"final_{final_steps}steps.png", final_steps)
-    ckpt.save_atomic(inference.module.state_dict(), workdir / "ema.pt")
-    info.update(status="complete", samples=samples, final_student_steps=final_steps)
-    write_json(workdir / "run.json", info)
+    if main:
+        save_samples(f"final_{final_steps}steps.png", final_steps)
+        ckpt.save_atomic(inference.module.state_dict(), workdir / "ema.pt")
+        info.update(status="complete", samples=samples, final_student_steps=final_steps)
+        write_json(workdir / "run.json", info)
+    world.barrier()  # no rank returns before the run directory is complete
     return workdir
 
 
@@ -218,6 +265,24 @@ def _previous_checkpoint(previous, begin, info):
             raise ValueError(f"train.previous = {previous} differs from this run in {key} ({theirs.get(key)!r} vs "
                              f"{mine.get(key)!r}): continue a run of the same configuration")
     return path
+
+
+def _restore_global_rng(state, dev, world, seed):
+    """torch's global (and device) RNG from a checkpoint: this rank's own state when the checkpoint has one.
+
+    A checkpoint of W > 1 ranks holds every rank's state; resumed with the same W each rank continues
+    its own dropout stream exactly.  With another W, rank 0 takes the saved rank-0 state and the
+    others start fresh streams from (seed, rank, samples): dropout then differs from an uninterrupted run.
+    """
+    ranks = state.get("rng_torch_ranks")
+    if world.size == 1 or (ranks is not None and len(ranks) == world.size):
+        torch.set_rng_state(ranks[world.rank] if world.size > 1 else state["rng_torch"])
+        dev.set_rng_state(state["rng_device_ranks"][world.rank] if world.size > 1 else state.get("rng_device"))
+    elif world.rank == 0:
+        torch.set_rng_state(state["rng_torch"])
+        dev.set_rng_state(state.get("rng_device"))
+    else:
+        torch.manual_seed(distributed.rank_seed(seed * 1_000_003 + state["samples"], world.rank))
 
 
 def _apply_resets(resets, student, teacher, self_teacher, inference, optimizer):

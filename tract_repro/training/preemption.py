@@ -35,10 +35,13 @@ def reset():
     _requested.clear()
 
 
-def at_step_boundary(save, path, samples):
+def at_step_boundary(save, path, samples, requested=None):
     """Called by the loop between steps: if a stop was requested, make sure ``path`` holds a
-    checkpoint of this step (``save()`` writes it) and raise :class:`Stopped`."""
-    if not _requested.is_set():
+    checkpoint of this step (``save()`` writes it) and raise :class:`Stopped`.
+
+    ``requested`` overrides this process's own flag (data-parallel ranks agree on it first).
+    """
+    if not (_requested.is_set() if requested is None else requested):
         return
     if not path.is_file():
         save()
