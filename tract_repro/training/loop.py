@@ -144,6 +144,7 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
             metrics.truncate(samples)
     world.check_in_sync([student], "at the start")
     if main:
+        workdir.mkdir(parents=True, exist_ok=True)  # the launcher makes it; train() called directly may not
         (workdir / "operative_config.gin").write_text(gin.operative_config_str())
         write_json(workdir / "run.json", info)
 
