@@ -44,12 +44,18 @@ def check_workdir(workdir, config_text):
 
 
 @gin.configurable
-def local_executor(folder, timeout_min=24 * 60, cpus_per_task=None):
-    """submitit's local executor: the job runs in a fresh process."""
+def local_executor(folder, timeout_min=24 * 60, cpus_per_task=None, gpus_per_node=None):
+    """submitit's local executor: the job runs in a fresh process.
+
+    submitit hides every GPU from a local job unless it asks for some, so by default each job
+    sees all of this machine's GPUs (local jobs share them); ``gpus_per_node = 0`` hides them.
+    """
     import submitit
+    import torch
 
     executor = submitit.LocalExecutor(folder=folder)
-    params = dict(timeout_min=timeout_min)
+    gpus = torch.cuda.device_count() if gpus_per_node is None else int(gpus_per_node)
+    params = dict(timeout_min=timeout_min, gpus_per_node=gpus)
     if cpus_per_task:
         params["cpus_per_task"] = cpus_per_task
     executor.update_parameters(**params)

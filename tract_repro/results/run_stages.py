@@ -64,7 +64,7 @@ def run(stages, params, jobs):
                 rc, seconds = running.pop(name).result()
                 (done.add if rc == 0 else failed.append)(name)
                 print(f"{'finished' if rc == 0 else 'FAILED'} {name} in {seconds:.0f} s", flush=True)
-    return failed
+    return done, failed
 
 
 def _run_all(cmds):
@@ -93,10 +93,10 @@ def main(argv=None):
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    failed = run(stages, params, args.jobs)
-    print(f"{len(stages) - len(failed)}/{len(stages)} stages done in {time.perf_counter() - t0:.0f} s"
+    done, failed = run(stages, params, args.jobs)
+    print(f"{len(done)}/{len(stages)} stages done in {time.perf_counter() - t0:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    return 1 if len(done) < len(stages) else 0
 
 
 if __name__ == "__main__":
