@@ -29,8 +29,8 @@ from tract_repro.training.optim import adam
 from tract_repro.training.step import optimisation_step
 
 NETS = {
-    "digits": dict(in_channels=1, resolution=8, channels=16, emb_channels=128, channel_mult=(1, 2),
-                   num_res_blocks=2, attn_resolutions=(4,), norm_groups=8),
+    "digits": dict(in_channels=1, resolution=8, channels=16, emb_channels=64, channel_mult=(1, 2),
+                   num_res_blocks=1, attn_resolutions=(4,), norm_groups=8),  # gin/digits/base.gin
     "cifar10": dict(in_channels=3, resolution=32, channels=256, emb_channels=1024, channel_mult=(1, 1, 1),
                     num_res_blocks=3, attn_resolutions=(16, 8), attn_heads=1),
 }
