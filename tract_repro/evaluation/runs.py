@@ -21,8 +21,11 @@ class FinishedRun:
     weights: Path
 
 
-def load_run(path):
-    """The run at ``path`` with its ema.pt loaded; one-line error if it isn't finished."""
+def load_run(path, with_data=True):
+    """The run at ``path`` with its ema.pt loaded; one-line error if it isn't finished.
+
+    ``with_data = False`` leaves ``data`` None (image FID needs no training set in memory).
+    """
     path = Path(path)
     weights, saved = path / "ema.pt", path / "config.gin"
     if not (weights.is_file() and saved.is_file()):
@@ -33,6 +36,6 @@ def load_run(path):
     grid = TimeGrid(schedule, config.query("train.T", 1024))
     denoiser = build_denoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
     denoiser.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    data = config.build("train.dataset")
+    data = config.build("train.dataset") if with_data else None
     info = json.loads((path / "run.json").read_text())
     return FinishedRun(path, info, denoiser.eval().requires_grad_(False), grid, data, weights)

@@ -373,16 +373,18 @@ DIGITS_TINY_KWARGS = dict(
 
 
 @gin.configurable
-def edm_cifar10_ve(augment_dim: int = 9) -> EDMNet:
+def edm_cifar10_ve(augment_dim: int = 9, dropout: float = 0.13) -> EDMNet:
     """SongUNet of ``edm-cifar10-32x32-uncond-ve`` (56,397,827 params; augment_dim=0 drops
-    ``map_augment``, 56,395,523, the layer is unused at inference)."""
-    return EDMNet(SongUNet(**{**CIFAR10_VE_KWARGS, "augment_dim": augment_dim}))
+    ``map_augment``, 56,395,523, the layer is unused at inference).  ``dropout`` defaults to the
+    released training value; the official TRACT code distils with 0."""
+    return EDMNet(SongUNet(**{**CIFAR10_VE_KWARGS, "augment_dim": augment_dim, "dropout": dropout}))
 
 
 @gin.configurable
-def edm_imagenet64_adm() -> EDMNet:
-    """DhariwalUNet of ``edm-imagenet-64x64-cond-adm`` (295,899,267 params)."""
-    return EDMNet(DhariwalUNet(**IMAGENET64_ADM_KWARGS))
+def edm_imagenet64_adm(dropout: float = 0.10) -> EDMNet:
+    """DhariwalUNet of ``edm-imagenet-64x64-cond-adm`` (295,899,267 params).  ``dropout`` defaults
+    to the released training value; the official TRACT code distils with 0."""
+    return EDMNet(DhariwalUNet(**{**IMAGENET64_ADM_KWARGS, "dropout": dropout}))
 
 
 @gin.configurable

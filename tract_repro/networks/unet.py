@@ -66,6 +66,7 @@ class UNet(nn.Module):
         if logsnr_input != "inv_cos":
             raise ValueError(f"logsnr_input={logsnr_input!r} not supported (only 'inv_cos')")
         self.in_channels = in_channels
+        self.resolution = resolution
         self.channels = C = channels
         self.emb_channels = E = emb_channels if emb_channels is not None else 4 * channels
         self.num_classes = num_classes

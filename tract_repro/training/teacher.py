@@ -3,10 +3,14 @@
 ``train.teacher`` chooses the source: a run directory (its ema.pt), a ``.pt`` state dict, an
 NVIDIA EDM snapshot ``*.pkl`` (allow-list unpickler, no code runs), or a Google PD Flax
 checkpoint such as ``cifar_original`` (read as msgpack; nothing is unpickled).
+
+:func:`import_teacher` turns an imported checkpoint into a finished run directory of its own
+(``python -m tract_repro.import_teacher``).
 """
 import json
 from pathlib import Path
 
+import gin
 import torch
 
 
@@ -75,3 +79,25 @@ def load_into(denoiser, spec, expect=None):
     denoiser.load_state_dict(state)
     return weights
 
+
+@gin.configurable(denylist=["workdir"])
+def import_teacher(workdir, weights=gin.REQUIRED):
+    """Load ``weights`` into the network the parsed gin config describes; write ema.pt and run.json."""
+    from tract_repro import config
+    from tract_repro.diffusion.schedules import CosineSchedule
+    from tract_repro.networks.denoiser import build_denoiser
+    from tract_repro.training import checkpoint as ckpt
+    from tract_repro.training.run_files import write_json
+
+    workdir = Path(workdir)
+    schedule = config.build("train.schedule", CosineSchedule)
+    parameterisation = config.query("train.parameterisation", "v")
+    denoiser = build_denoiser(config.build("train.network"), schedule, parameterisation)
+    source = load_into(denoiser, weights)
+    ckpt.save_atomic(denoiser.state_dict(), workdir / "ema.pt")
+    info = dict(method="ImportedTeacher", source=str(source), source_sha256=ckpt.sha256(source),
+                T=config.query("train.T", 1024), parameterisation=parameterisation,
+                noise_schedule=type(schedule).__name__, parameters=sum(p.numel() for p in denoiser.parameters()),
+                status="complete")
+    write_json(workdir / "run.json", info)
+    return workdir

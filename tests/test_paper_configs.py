@@ -1,0 +1,154 @@
+"""Paper-scale gin files: every one that experiments/*.yaml names exists, parses with each row's
+bindings, and builds the published network (on the meta device: no memory, no weights)."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tract_repro import config
+from tract_repro.methods.phases import plan_phases
+from tract_repro.training.lengths import parse_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Published parameter counts (ml-tract-notes §2.1, edm-notes §2.6 and §3.5).
+PD_CIFAR10, PD_IMAGENET64 = 60_004_099, 295_905_222
+EDM_CIFAR10_NO_AUGMENT, EDM_IMAGENET64 = 56_395_523, 295_899_267
+EXPECTED = {
+    "gin/cifar10_teacher.gin": PD_CIFAR10,
+    "gin/cifar10_tract.gin": PD_CIFAR10,
+    "gin/cifar10_btd.gin": PD_CIFAR10,
+    "gin/cifar10_tract_edm.gin": EDM_CIFAR10_NO_AUGMENT,
+    "gin/imagenet64_tract.gin": PD_IMAGENET64,
+    "gin/imagenet64_2phase.gin": PD_IMAGENET64,
+    "gin/imagenet64_btd.gin": PD_IMAGENET64,
+    "gin/imagenet64_tract_edm.gin": EDM_IMAGENET64,
+}
+
+
+def paper_rows():
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        table = yaml.safe_load(path.read_text())
+        if path.stem == "runs":
+            continue
+        for row in table["rows"]:
+            if row.get("paper_scale"):
+                yield pytest.param(row["paper_scale"], id=f"{path.stem}:{row['id']}")
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_every_paper_gin_file_has_an_expected_parameter_count():
+    named = {spec.values[0]["gin"] for spec in paper_rows()}
+    assert named <= set(EXPECTED), f"add the parameter count of {sorted(named - set(EXPECTED))} here"
+    assert all((ROOT / f).is_file() for f in EXPECTED)
+
+
+@pytest.mark.parametrize("spec", list(paper_rows()))
+def test_paper_row_parses_and_builds_its_network(spec, in_repo):
+    bindings = [f"{k} = {v}" for k, v in sorted(spec.get("bindings", {}).items())]
+    assert Path(spec["gin"]).is_file(), f"{spec['gin']} is missing"
+    config.parse([spec["gin"]], bindings)
+    with torch.device("meta"):
+        net = config.build("train.network")
+    assert sum(p.numel() for p in net.parameters()) == EXPECTED[spec["gin"]]
+    assert config.query("Device.name") == "cuda"
+    assert not config.query("Device.tf32") and config.query("Device.autocast") is None
+    assert not config.query("Device.channels_last")
+    method = config.build("train.method")
+    steps = method.steps(config.query("train.T", 1024))
+    if method.needs_teacher:
+        phases = plan_phases(steps, config.query("train.total"), config.query("train.phase_lengths"))
+        assert all(p.length >= config.query("train.batch_size") for p in phases)
+        assert spec.get("phase", len(phases) - 1) < len(phases)
+        assert config.query("train.teacher") and config.query("train.dataset") is not None
+    T = config.query("train.T", 1024)
+    assert T % spec["steps"] == 0, f"{spec['steps']} evaluation steps do not divide T = {T}"
+
+
+RUN_FILES = sorted(p for p in (ROOT / "gin").glob("*.gin") if not p.name.startswith("digits"))
+
+
+@pytest.mark.parametrize("path", RUN_FILES, ids=[p.name for p in RUN_FILES])
+def test_run_files_declare_their_macros_first(path):
+    """t5x style: the run-level file opens with its required macros (or includes a file that does)."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if lines[0].startswith("include "):  # a variant of another run file, e.g. imagenet64_2phase.gin
+        included = ROOT / "gin" / lines[0].split(None, 1)[1].strip("'\"")
+        assert included.name in {p.name for p in RUN_FILES}
+        return
+    first_include = next(i for i, ln in enumerate(lines) if ln.startswith("include "))
+    declared = [ln.split("=")[0].strip() for ln in lines[:first_include]]
+    assert declared and all(re.fullmatch(r"[A-Z][A-Z0-9_]*", name) for name in declared), declared
+    used = set(re.findall(r"%([A-Z][A-Z0-9_]*)", "\n".join(_with_includes(path))))
+    assert used <= set(declared), f"{path.name} uses {sorted(used - set(declared))} without declaring them"
+    for name in ("SEED", "LR", "DATA"):
+        assert name in declared
+
+
+def _with_includes(path):
+    text = path.read_text()
+    out = [text]
+    for line in text.splitlines():
+        if line.startswith("include "):
+            out += _with_includes(ROOT / "gin" / line.split(None, 1)[1].strip("'\""))
+    return out
+
+
+def test_imagenet64_2phase_is_the_two_phase_1024_32_1_run(in_repo):
+    config.parse(["gin/imagenet64_2phase.gin"])
+    method = config.build("train.method")
+    phases = plan_phases(method.steps(1024), config.query("train.total"), config.query("train.phase_lengths"))
+    assert [(p.teacher_steps, p.student_steps) for p in phases] == [(1024, 32), (32, 1)]
+    assert [p.length for p in phases] == [parse_samples("48M")] * 2
+    assert config.query("train.parameterisation") == "both" and config.query("UNet.num_classes") == 1000
+    assert config.query("train.loss_reduction") == "sum" and config.query("train.batch_size") == 256
+
+
+def test_official_settings(in_repo):
+    """batch 256 / Adam 2e-4 / μ_S 0.5 / μ_I from residual 1e-3 / summed truncated-SNR loss (VP);
+    batch 512 / Adam 1e-3 / no clipping / per-sample mean (CIFAR-10 EDM, the official example)."""
+    config.parse(["gin/cifar10_tract.gin"])
+    assert (config.query("train.batch_size"), config.query("adam.lr"), config.query("TRACT.self_teacher_momentum")) \
+        == (256, 2e-4, 0.5)
+    assert config.query("inference_ema_momentum.momentum") is None
+    assert config.query("inference_ema_momentum.residual") == 1e-3
+    assert (config.query("train.loss_reduction"), config.query("train.grad_clip")) == ("sum", 1.0)
+    assert config.query("UNet.dropout") == 0.0 and config.query("train.parameterisation") == "x"
+    config.parse(["gin/cifar10_tract_edm.gin"])
+    assert (config.query("train.batch_size"), config.query("adam.lr"), config.query("train.grad_clip")) == (512, 1e-3, 0)
+    assert config.query("train.loss_reduction") == "mean" and config.query("TRACT.schedule") == (40, 1)
+    assert config.query("edm_cifar10_ve.dropout") == 0.0
+    config.parse(["gin/cifar10_btd.gin"], ["START_STEPS = 8192"])
+    assert config.query("train.T") == 8192 and len(config.build("train.method").steps(8192)) == 14
+
+
+def test_importing_a_teacher_makes_a_finished_run(tmp_path):
+    """import_teacher writes ema.pt/config.gin/run.json from a weights file; the evaluation can load it."""
+    from tests.conftest import TINY_NET
+    from tract_repro import import_teacher
+    from tract_repro.evaluation.runs import load_run
+    from tract_repro.networks.denoiser import build_denoiser
+    from tract_repro.diffusion.schedules import CosineSchedule
+    from tract_repro.networks.unet import UNet
+
+    config.parse(text=TINY_NET)
+    torch.manual_seed(3)
+    teacher = build_denoiser(UNet(), CosineSchedule(), "x")
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    gin_file = tmp_path / "teacher.gin"
+    gin_file.write_text(TINY_NET + "\ntrain.dataset = @digits\ntrain.network = @UNet\ntrain.parameterisation = 'x'\n"
+                        f"import_teacher.weights = '{tmp_path / 'teacher.pt'}'\n")
+    assert import_teacher.main([str(gin_file), "--workdir", str(tmp_path / "run")]) == 0
+    run = load_run(tmp_path / "run", with_data=False)
+    assert run.info["status"] == "complete" and run.info["method"] == "ImportedTeacher"
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(run.denoiser.state_dict()[name], value)
+    assert import_teacher.main([str(gin_file), "--workdir", str(tmp_path / "run")]) == 0  # idempotent
+    gin_file.write_text(gin_file.read_text().replace("teacher.pt", "missing.pt"))
+    assert import_teacher.main([str(gin_file), "--workdir", str(tmp_path / "other")]) == 2
