@@ -17,28 +17,41 @@ def labels_from_seeds(seeds, num_classes):
 
 
 @torch.no_grad()
-def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim"):
-    """x₀ samples (N, *shape) in [−1, 1], seed i → sample i.
+def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim",
+                     device=None):
+    """Yield x₀ samples (B, *shape) in [−1, 1] batch by batch, seed i → sample i (see :func:`generate`).
 
-    ``ddim``: K = ``steps`` clipped DDIM steps on the training grid (K must divide T).
-    ``heun``: EDM's deterministic Heun sampler on the schedule's own K-step grid (2K − 1 network calls).
+    ``device``: where the denoiser and ``grid`` live; noise and labels are drawn on the CPU per seed and moved
+    there, and each batch comes back on the CPU.
     """
     seeds = list(seeds)
-    out = []
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"{sampler} {steps} steps", leave=False, disable=None):
         chunk = seeds[i:i + batch_size]
         labels = labels_from_seeds(chunk, num_classes) if num_classes > 1 else None
         noise = noise_from_seeds(chunk, shape)
+        if device is not None:
+            noise = noise.to(device)
+            labels = None if labels is None else labels.to(device)
         if sampler == "heun":
             logsnrs = grid.schedule.grid(steps).flip(0)
+            logsnrs = logsnrs if device is None else logsnrs.to(device)
             _, sigma_max = grid.alpha_sigma(logsnrs[:1])
             x = heun_sampler(denoiser, sigma_max * noise, logsnrs, grid.alpha_sigma, labels)
         elif sampler == "ddim":
             x = sample_grid_steps(denoiser, grid, steps, noise, labels)
         else:
             raise ValueError(f"unknown sampler {sampler!r}: choose 'ddim' or 'heun'")
-        out.append(x.clamp(-1, 1))
-    return torch.cat(out)
+        x = x.clamp(-1, 1)
+        yield x if device is None else x.cpu()
+
+
+def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim"):
+    """x₀ samples (N, *shape) in [−1, 1], seed i → sample i.
+
+    ``ddim``: K = ``steps`` clipped DDIM steps on the training grid (K must divide T).
+    ``heun``: EDM's deterministic Heun sampler on the schedule's own K-step grid (2K − 1 network calls).
+    """
+    return torch.cat(list(generate_batches(denoiser, grid, steps, seeds, shape, num_classes, batch_size, desc, sampler)))
 
 
 def network_calls(sampler, steps):

@@ -5,25 +5,18 @@ Inception (``inception-2015-12-05.pt``); ``legacy_pytorch`` uses pytorch-fid's w
 closest to the official TRACT code.  We never let clean-fid download: the weights must be
 where clean-fid keeps them (or at a path bound in gin), or we stop with one line.
 """
-import platform
 from pathlib import Path
 
 import gin
 import torch
 
-TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
-PYTORCH_FID_NAME = "pt_inception-2015-12-05-6726825d.pth"
-PYTORCH_FID_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{PYTORCH_FID_NAME}"
+from tract_repro.evaluation.sources import (  # noqa: F401  (re-exported names)
+    PYTORCH_FID_NAME, PYTORCH_FID_URL, TORCHSCRIPT_NAME, TORCHSCRIPT_URL, default_torchscript_dir,
+)
 
 
 class MissingWeights(ValueError):
     """Inception weights are not on disk."""
-
-
-def default_torchscript_dir():
-    """Where clean-fid looks for (and would download) the TorchScript Inception."""
-    return Path("./") if platform.system() == "Windows" else Path("/tmp")
 
 
 @gin.configurable

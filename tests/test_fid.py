@@ -1,0 +1,197 @@
+"""The paper-scale FID protocol (method-spec §8) on tiny generated data with a fake feature function:
+3 disjoint seed ranges, FID per range and mean ± std, the feature network built once, reference
+statistics that say where they come from, and one-line failures when offline."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_NET
+from tract_repro import config, import_teacher
+from tract_repro.evaluation import fid, sources
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeExtractor:
+    """A deterministic stand-in for Inception: [0, 255] images → 5 features; counts its constructions and calls."""
+
+    built = 0
+
+    def __init__(self, mode="clean", path=None, device="cpu"):
+        type(self).built += 1
+        self.calls = 0
+        self.projection = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).double()
+
+    def __call__(self, x):
+        self.calls += 1
+        flat = x.double().flatten(1) / 255
+        return (flat[:, :64] @ self.projection.T + flat.mean(1, keepdim=True)).float()
+
+
+@pytest.fixture
+def fake():
+    FakeExtractor.built = 0
+    made = []
+
+    def factory(**kwargs):
+        made.append(FakeExtractor(**kwargs))
+        return made[-1]
+
+    factory.made = made
+    return factory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished run: a randomly initialised 8×8 one-channel x-prediction UNet, imported as a teacher."""
+    from tract_repro.diffusion.schedules import CosineSchedule
+    from tract_repro.networks.denoiser import build_denoiser
+    from tract_repro.networks.unet import UNet
+
+    tmp = tmp_path_factory.mktemp("fid")
+    config.parse(text=TINY_NET)
+    torch.manual_seed(1)
+    denoiser = build_denoiser(UNet(), CosineSchedule(), "x")
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(denoiser.state_dict(), tmp / "w.pt")
+    (tmp / "t.gin").write_text(TINY_NET + "\ntrain.dataset = @digits\ntrain.network = @UNet\ntrain.T = 64\n"
+                               f"train.parameterisation = 'x'\nimport_teacher.weights = '{tmp / 'w.pt'}'\n")
+    assert import_teacher.main([str(tmp / "t.gin"), "--workdir", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def reference(tmp_path, mode="clean", n=96, shape=(1, 8, 8)):
+    images = torch.randint(0, 256, (n, *shape), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    features = fid.ImageFeatures(FakeExtractor(), mode, "cpu", resize=lambda a: a)
+    return fid.dataset_reference(tmp_path / f"ref_{mode}.npz", images, features, "fake-train", batch_size=32)
+
+
+def test_default_seed_ranges_are_three_disjoint_ranges_of_50k():
+    ranges = fid.seed_ranges()
+    assert [(r.start, r.stop - 1) for r in ranges] == [(0, 49_999), (50_000, 99_999), (100_000, 149_999)]
+    with pytest.raises(ValueError, match="overlap"):
+        fid.seed_ranges((0, 10), samples=20)
+
+
+def test_feature_network_is_built_once_per_evaluation(tiny_run, tmp_path, fake):
+    ref = reference(tmp_path)
+    out = tmp_path / "eval" / "metrics.json"
+    metrics = fid.evaluate_fid(tiny_run, steps=(1, 4), reference=ref, first_seeds=(0, 40, 80), samples=40,
+                               batch_size=16, extractor_factory=fake, resize=lambda a: a, out=out)
+    assert len(fake.made) == 1  # one construction for 2 step counts × 3 seed ranges × 3 batches
+    assert fake.made[0].calls == 2 * 3 * 3
+    assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
+    assert (tmp_path / "eval" / "metrics_1steps.png").is_file()
+    for row in metrics["results"]:
+        assert len(row["fid"]) == 3 and all(f > 0 for f in row["fid"])
+        assert row["fid_mean"] == pytest.approx(np.mean(row["fid"]))
+        assert row["fid_std"] == pytest.approx(np.std(row["fid"], ddof=1))
+        assert row["seed_ranges"] == [[0, 39], [40, 79], [80, 119]] and row["samples_per_range"] == 40
+        assert row["mode"] == "clean" and row["reference_sha256"] == fid.sha256(ref)
+        assert row["sampler"] == "ddim" and row["ema"] == "inference" and row["nfe"] == row["steps"]
+    assert metrics["reference"]["sha256"] == fid.sha256(ref) and metrics["reference"]["dataset"] == "fake-train"
+    assert metrics["protocol"]["mode"] == "clean" and metrics["weights_sha256"]
+    assert len({tuple(r["fid"]) for r in metrics["results"]}) == 2
+
+
+def test_a_seed_range_scores_the_same_wherever_it_is_evaluated(tiny_run, tmp_path, fake):
+    """Samples depend on their seeds only: range 40..79 gives one FID alone or as the middle range."""
+    ref = reference(tmp_path)
+    together = fid.evaluate_fid(tiny_run, (2,), ref, (0, 40, 80), 40, batch_size=8, extractor_factory=fake,
+                                resize=lambda a: a, out=tmp_path / "a.json")
+    alone = fid.evaluate_fid(tiny_run, (2,), ref, (40,), 40, batch_size=8, extractor_factory=fake,
+                             resize=lambda a: a, out=tmp_path / "b.json")
+    assert alone["results"][0]["fid"] == [together["results"][0]["fid"][1]]
+    assert alone["results"][0]["fid_std"] is None
+
+
+def test_reference_statistics_say_what_they_come_from(tmp_path):
+    path = reference(tmp_path, mode="legacy_tensorflow")
+    (mu, sigma), meta = fid.load_reference(path)
+    assert mu.shape == (5,) and sigma.shape == (5, 5)
+    assert meta["mode"] == "legacy_tensorflow" and meta["images"] == 96 and meta["dataset"] == "fake-train"
+    assert meta["shape"] == [1, 8, 8] and meta["sha256"] == fid.sha256(path)
+
+
+def test_mode_and_shape_must_match_the_reference(tiny_run, tmp_path, fake):
+    ref = reference(tmp_path)
+    with pytest.raises(ValueError, match="mode 'clean', not 'legacy_pytorch'"):
+        fid.evaluate_fid(tiny_run, (1,), ref, (0,), 8, mode="legacy_pytorch", extractor_factory=fake)
+    other = reference(tmp_path, shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="use the reference of its dataset"):
+        fid.evaluate_fid(tiny_run, (1,), other, (0,), 8, extractor_factory=fake)
+    assert not fake.made  # refused before any network was built
+
+
+def test_cifar10_reference_is_cleanfids_precomputed_file_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "cleanfid_stats_folder", lambda: tmp_path / "stats")
+    with pytest.raises(fid.MissingStatistics) as info:
+        fid.cifar10_reference(tmp_path / "ref.npz", mode="clean")
+    message = str(info.value)
+    assert "\n" not in message and "cifar10_clean_train_32.npz" in message
+    assert f"put it in {tmp_path / 'stats'}/" in message and "https://www.cs.cmu.edu/~clean-fid/stats/" in message
+    (tmp_path / "stats").mkdir()
+    np.savez(tmp_path / "stats" / "cifar10_clean_train_32.npz", mu=np.zeros(3), sigma=np.eye(3))
+    path = fid.cifar10_reference(tmp_path / "ref.npz", mode="clean")
+    (mu, sigma), meta = fid.load_reference(path)
+    assert np.array_equal(sigma, np.eye(3)) and meta["mode"] == "clean" and meta["dataset"] == "cifar10-train"
+    assert meta["source"] == "clean-fid precomputed cifar10_clean_train_32.npz" and meta["shape"] == [3, 32, 32]
+    assert meta["source_sha256"] == fid.sha256(tmp_path / "stats" / "cifar10_clean_train_32.npz")
+
+
+def test_the_real_cleanfid_stats_folder_is_inside_the_installed_package():
+    import cleanfid
+
+    assert sources.cleanfid_stats_folder() == Path(cleanfid.__file__).parent / "stats"
+
+
+def test_offline_inception_stops_in_one_line_naming_file_and_folder(tiny_run, tmp_path):
+    ref = reference(tmp_path)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "tract_repro.evaluation.fid", "evaluate", str(tiny_run), "--steps", "1",
+                           "--reference", str(ref), "--inception", str(tmp_path / "nowhere"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert time.perf_counter() - start < 60
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "inception-2015-12-05.pt" in lines[0] and f"{tmp_path / 'nowhere'}/" in lines[0] and "fetch https://" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # published-npz labels (irrelevant to FID statistics)
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # clean-fid's Inception is TorchScript
+def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
+    """`reference imagenet64` reads the training set with our loader, runs a TorchScript stand-in for clean-fid's
+    Inception (same interface, local file), writes the statistics, and reuses them from the cache."""
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Identity()
+
+        def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+            return x.flatten(1)[:, :2048] / 255
+
+    torch.jit.script(Stub()).save(str(tmp_path / "inception-2015-12-05.pt"))
+    root = tmp_path / "imagenet64"
+    root.mkdir()
+    g = np.random.default_rng(0)
+    np.savez(root / "train_data_batch_1.npz", data=g.integers(0, 256, (20, 12288), dtype=np.uint8),
+             labels=g.integers(1, 1001, 20))
+    args = ["reference", "imagenet64", "--root", str(root), "--mode", "legacy_tensorflow", "--inception",
+            str(tmp_path), "--device", "cpu", "--batch", "8", "--cache", str(tmp_path / "cache")]
+    assert fid.main(args + ["--out", str(tmp_path / "a.npz")]) == 0
+    (mu, sigma), meta = fid.load_reference(tmp_path / "a.npz")
+    assert mu.shape == (2048,) and meta["images"] == 20 and meta["shape"] == [3, 64, 64]
+    assert meta["dataset"] == "imagenet64-npz-train" and meta["mode"] == "legacy_tensorflow"
+    assert meta["source"] == "computed from the training-set loader"
+    assert fid.main(args + ["--out", str(tmp_path / "b.npz")]) == 0
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    assert fid.main(["reference", "imagenet64", "--out", str(tmp_path / "c.npz")]) == 2  # --root is required

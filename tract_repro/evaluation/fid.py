@@ -1,0 +1,373 @@
+"""Image FID by the paper-scale protocol (method-spec §8), through clean-fid's features and statistics.
+
+    python -m tract_repro.evaluation.fid reference cifar10 --mode clean --out runs/paper/fid_ref/cifar10.npz
+    python -m tract_repro.evaluation.fid reference imagenet64 --root data/imagenet64 --out runs/paper/fid_ref/imagenet64.npz
+    python -m tract_repro.evaluation.fid evaluate runs/paper/RUN --steps 1 2 --reference runs/paper/fid_ref/cifar10.npz
+
+**Protocol.** 50,000 samples for each of 3 disjoint seed ranges (0..49999, 50000..99999,
+100000..149999; one seed per sample, as EDM), FID per range against the training-set reference
+statistics, reported as mean ± std over the ranges (std with ddof = 1).  Samples are quantised to
+8 bits, resized as clean-fid's ``mode`` does (``clean``: PIL bicubic to 299; ``legacy_tensorflow``:
+inside the network; ``legacy_pytorch``: bilinear) and passed through the Inception network, which
+is built **once** per evaluation and reused for every batch, step count and seed range.
+
+**Reference statistics.** CIFAR-10 uses clean-fid's precomputed training-set statistics
+(``cifar10_<mode>_train_32.npz``), read from clean-fid's own stats folder and never downloaded;
+ImageNet 64 statistics are computed from our training-set loader (the same variant the runs train
+on) with the same extractor.  Either way they are saved as an ``.npz`` (``mu``, ``sigma`` and what
+they were computed from) and every result records that file's sha256 and the clean-fid mode.
+
+``--executor local|slurm`` runs the work as a submitit job (the executors of
+:mod:`tract_repro.launch`) and waits for it.  Errors print one line and exit with status 2.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tract_repro.evaluation import frechet, sources
+
+FIRST_SEEDS = (0, 50_000, 100_000)
+SAMPLES = 50_000
+MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+STD_DDOF = 1
+
+
+class MissingStatistics(ValueError):
+    """Reference statistics are not on disk."""
+
+
+def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
+    """One ``range`` of ``samples`` seeds per first seed; they must not overlap."""
+    if samples < 2:
+        raise ValueError(f"FID needs at least 2 samples per seed range, got {samples}")
+    ranges = [range(int(s), int(s) + int(samples)) for s in first_seeds]
+    if not ranges or any(r.start < 0 for r in ranges):
+        raise ValueError(f"seed ranges need non-negative first seeds, got {list(first_seeds)}")
+    ordered = sorted(ranges, key=lambda r: r.start)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.start < a.stop:
+            raise ValueError(f"seed ranges {a.start}..{a.stop - 1} and {b.start}..{b.stop - 1} overlap: "
+                             f"first seeds must be at least {samples} apart")
+    return ranges
+
+
+def quantise(x):
+    """[−1, 1] floats → uint8 in [0, 255] (round(127.5·(x + 1)), as every FID protocol and the official code)."""
+    return torch.round(127.5 * (x.double() + 1)).clamp(0, 255).to(torch.uint8)
+
+
+def sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ImageFeatures:
+    """clean-fid's feature path for in-memory uint8 images: the mode's resize, then the extractor.
+
+    ``extractor`` (e.g. :func:`tract_repro.evaluation.inception.inception_extractor`'s result) maps a float
+    batch (B, 3, H, W) in [0, 255] to (B, D) features.  It is built by the caller once and reused here for
+    every batch.  ``resize`` replaces clean-fid's resize for the mode (tests pass the identity).
+    """
+
+    def __init__(self, extractor, mode="clean", device="cpu", resize=None, workers=8):
+        from cleanfid.resize import build_resizer
+
+        if mode not in MODES:
+            raise ValueError(f"clean-fid mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.extractor, self.mode, self.device = extractor, mode, torch.device(device)
+        self.inside = resize is None and mode == "legacy_tensorflow"  # the network resizes inside
+        self.resize = resize if resize is not None else build_resizer(mode)
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None  # PIL releases the GIL while resizing
+
+    def __call__(self, images):
+        """(B, C, H, W) uint8 → (B, D) float features, as clean-fid's generator path computes them."""
+        from cleanfid.fid import get_batch_features
+
+        if images.dtype != torch.uint8:
+            raise ValueError(f"ImageFeatures takes uint8 images, got {images.dtype}: quantise first")
+        if self.inside:
+            batch = images.float()
+        else:
+            arrays = list(images.permute(0, 2, 3, 1).numpy())
+            resized = list(self.pool.map(self.resize, arrays)) if self.pool else [self.resize(a) for a in arrays]
+            batch = torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2).astype(np.float32))
+        return get_batch_features(batch, self.extractor, self.device)
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+def save_reference(path, mu, sigma, **meta):
+    """Reference statistics as an .npz (mu, sigma, and strings/ints saying what they come from), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                 **{k: np.asarray(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference(path):
+    """(μ, Σ), metadata (with the file's sha256) of reference statistics written by :func:`save_reference`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingStatistics(f"reference statistics {path} not found: compute them with "
+                                f"`python -m tract_repro.evaluation.fid reference ...` (dvc repro runs that stage)")
+    with np.load(path, allow_pickle=False) as z:
+        mu, sigma = z["mu"], z["sigma"]
+        meta = {k: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k not in ("mu", "sigma")}
+    meta.update(path=str(path), sha256=sha256(path))
+    return (mu, sigma), meta
+
+
+def cifar10_reference(out, mode="clean"):
+    """Copy clean-fid's precomputed CIFAR-10 training-set statistics (never downloaded) to ``out``."""
+    missing = sources.missing_cleanfid_stats(mode)
+    if missing:
+        raise MissingStatistics(missing)
+    name = sources.cleanfid_stats_name(mode=mode)
+    source = sources.cleanfid_stats_folder() / name
+    with np.load(source, allow_pickle=False) as z:
+        mu, sigma = z["mu"], z["sigma"]
+    return save_reference(out, mu, sigma, mode=mode, dataset="cifar10-train", images=50_000, shape=(3, 32, 32),
+                          source=f"clean-fid precomputed {name}", source_sha256=sha256(source))
+
+
+def dataset_reference(out, images, features, dataset, batch_size=500):
+    """Statistics of every image of a uint8 (N, C, H, W) training set through ``features`` (an :class:`ImageFeatures`)."""
+    feats = [features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    mu, sigma = frechet.statistics(np.concatenate(feats))
+    return save_reference(out, mu, sigma, mode=features.mode, dataset=dataset, images=len(images),
+                          shape=tuple(images.shape[1:]), source="computed from the training-set loader")
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+def image_shape(denoiser):
+    """(C, H, W) of the images a run's network makes (PD UNet or EDM net)."""
+    net = denoiser.net
+    if hasattr(net, "img_resolution"):
+        return (net.img_channels, net.img_resolution, net.img_resolution)
+    return (net.in_channels, net.resolution, net.resolution)
+
+
+def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, mode=None, batch_size=500,
+                 device="cpu", sampler="ddim", inception=None, extractor_factory=None, resize=None, out=None,
+                 grid_samples=100):
+    """FID of a finished run's inference-EMA samples at each step count K, per seed range and mean ± std.
+
+    ``extractor_factory(mode=, path=, device=)`` builds the feature network (default: clean-fid's Inception
+    from local weights); it is called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.
+    """
+    from tract_repro.evaluation.generate import generate_batches, network_calls
+    from tract_repro.evaluation.inception import inception_extractor
+    from tract_repro.evaluation.runs import load_run
+    from tract_repro.sampling.images import save_grid
+    from tract_repro.training.checkpoint import sha256 as file_sha256
+
+    ranges = seed_ranges(first_seeds, samples)
+    if not steps or any(k < 1 for k in steps):
+        raise ValueError(f"FID needs step counts ≥ 1, got {list(steps)}")
+    ref_stats, ref = load_reference(reference)
+    mode = mode or ref["mode"]
+    if ref["mode"] != mode:
+        raise ValueError(f"reference statistics {reference} are clean-fid mode {ref['mode']!r}, not {mode!r}: "
+                         f"compute a reference in mode {mode!r}")
+    run = load_run(run_dir, with_data=False)
+    shape = image_shape(run.denoiser)
+    if "shape" in ref and tuple(ref["shape"]) != shape:
+        raise ValueError(f"reference statistics {reference} are of {ref['dataset']} images {ref['shape']}, but "
+                         f"{run.path} makes {shape}: use the reference of its dataset")
+    device = torch.device(device)
+    denoiser = run.denoiser.to(device)
+    grid = run.grid.to(device)
+    classes = run.denoiser.net.num_classes if run.denoiser.conditional else 1
+    factory = extractor_factory or inception_extractor
+    features = ImageFeatures(factory(mode=mode, path=inception, device=str(device)), mode, device, resize)  # once
+    out = Path(out) if out else run.path / "eval" / "fid.json"
+    rows = []
+    for k in steps:
+        fids = []
+        for r, seeds in enumerate(ranges):
+            feats = []
+            for b, x in enumerate(generate_batches(denoiser, grid, k, seeds, shape, classes, batch_size,
+                                                   desc=f"{run.path.name} {k} steps, seeds {seeds.start}..",
+                                                   sampler=sampler, device=device)):
+                if r == 0 and b == 0 and grid_samples:
+                    save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{k}steps.png"), scale=2)
+                feats.append(features(quantise(x)))
+            fids.append(frechet.frechet_distance(frechet.statistics(np.concatenate(feats)), ref_stats))
+        rows.append(dict(steps=k, nfe=network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
+                         seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
+                         reference_sha256=ref["sha256"], fid=fids, fid_mean=float(np.mean(fids)),
+                         fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None))
+    weights_file = sources.inception_file(mode, inception)
+    metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
+                   weights_sha256=file_sha256(run.weights), dataset=ref.get("dataset"),
+                   sampler="ddim (clipped x̂)" if sampler == "ddim" else "heun (EDM, deterministic)", ema="inference",
+                   protocol=dict(samples_per_range=samples, seed_ranges=[[s.start, s.stop - 1] for s in ranges],
+                                 mode=mode, std_ddof=STD_DDOF, quantised="uint8, round(127.5·(x + 1))"),
+                   reference={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ref.items()},
+                   inception=dict(path=str(weights_file), sha256=file_sha256(weights_file))
+                   if weights_file.is_file() else None,
+                   device=str(device), results=rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _device(name):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def run(args):
+    """Do what the parsed command line asks, in this process; raise ValueError in one line on bad input."""
+    from tract_repro.evaluation.inception import inception_extractor
+
+    device = _device(args.device)
+    if args.command == "reference":
+        if args.dataset == "cifar10" and args.source == "cleanfid":
+            path = cifar10_reference(args.out, args.mode)
+        else:
+            missing = sources.missing_inception(args.mode, args.inception)
+            if missing:
+                raise ValueError(missing)
+            from tract_repro.data.cifar10 import cifar10
+            from tract_repro.data.imagenet64 import imagenet64
+
+            cached = Path(args.cache) / f"fid_ref_{_listing_key(args.dataset, args.root, args.mode)}.npz" \
+                if args.cache else None
+            if cached is not None and cached.is_file():  # the same files and mode: the same statistics
+                shutil.copyfile(cached, args.out)
+                path = Path(args.out)
+            else:
+                loader = cifar10 if args.dataset == "cifar10" else imagenet64
+                data = loader(root=args.root, split="train", hflip=False)
+                features = ImageFeatures(inception_extractor(mode=args.mode, path=args.inception, device=device),
+                                         args.mode, device)  # built once for the whole training set
+                path = dataset_reference(args.out, data.images, features, data.name, args.batch)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, cached)
+        _, meta = load_reference(path)
+        print(f"{path}: {meta['dataset']} ({meta['images']} images), clean-fid mode {meta['mode']}, sha256 {meta['sha256'][:16]}…")
+        return 0
+    missing = sources.missing_inception(args.mode or load_reference(args.reference)[1]["mode"], args.inception)
+    if missing:
+        raise ValueError(missing)
+    metrics = evaluate_fid(args.run, args.steps, args.reference, args.seed_ranges, args.samples, args.mode,
+                           args.batch, device, args.sampler, args.inception, out=args.out)
+    for row in metrics["results"]:
+        print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  FID {row['fid_mean']:.3f} ± "
+              f"{row['fid_std'] or 0:.3f} over {len(row['fid'])} seed ranges of {row['samples_per_range']} "
+              f"({row['mode']})")
+    return 0
+
+
+def _listing_key(dataset, root, mode):
+    """A digest of a dataset folder's file names and sizes and the mode: the identity of its statistics."""
+    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in Path(root).rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps([dataset, mode, files]).encode()).hexdigest()[:16]
+
+
+def _job(argv):
+    """The body of a submitted job: the same command, inline."""
+    return run(_parser().parse_args(argv))
+
+
+def _submit(argv, kind, gin_bindings, folder):
+    """Run this command as a submitit job through launch's ``<kind>_executor`` and wait for it."""
+    from tract_repro import config, launch
+
+    factory = getattr(launch, f"{kind}_executor", None)
+    if factory is None:
+        raise ValueError(f"--executor {kind}: tract_repro.launch has no {kind}_executor")
+    config.parse(bindings=gin_bindings)  # executor options, e.g. --gin "slurm_executor.gpus_per_node = 1"
+    job = factory(folder).submit(_job, argv)
+    print(f"submitted job {job.job_id}; logs in {folder}", flush=True)
+    return launch._wait(job)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m tract_repro.evaluation.fid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("evaluate", "reference"):
+        p = sub.add_parser(name)
+        if name == "evaluate":
+            p.add_argument("run", help="a finished run directory (ema.pt, config.gin, run.json)")
+            p.add_argument("--steps", type=int, nargs="+", required=True, help="sampler step counts K")
+            p.add_argument("--reference", required=True, help="reference statistics .npz (the `reference` command)")
+            p.add_argument("--out", help="metrics JSON (default RUN/eval/fid.json)")
+            p.add_argument("--sampler", choices=["ddim", "heun"], default="ddim")
+            p.add_argument("--samples", type=int, default=SAMPLES, help="samples per seed range")
+            p.add_argument("--seed-ranges", type=int, nargs="+", default=list(FIRST_SEEDS), help="first seed of each range")
+            p.add_argument("--mode", choices=MODES, help="clean-fid mode (default: the reference's)")
+        else:
+            p.add_argument("dataset", choices=["cifar10", "imagenet64"])
+            p.add_argument("--out", required=True, help="where to write the .npz")
+            p.add_argument("--mode", choices=MODES, default="clean")
+            p.add_argument("--root", help="dataset root (data/cifar10, data/imagenet64) for statistics from our loader")
+            p.add_argument("--source", choices=["cleanfid", "loader"], default="cleanfid",
+                           help="cifar10: clean-fid's precomputed statistics (default) or our loader")
+            p.add_argument("--cache", help="folder keeping loader statistics by dataset files and mode, so that "
+                                           "two references of the same data compute once")
+        p.add_argument("--batch", type=int, default=500, help="images per network call")
+        p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
+        p.add_argument("--inception", help="Inception weights file or folder (default: where clean-fid keeps them)")
+        p.add_argument("--executor", choices=["inline", "local", "slurm"], default="inline")
+        p.add_argument("--gin", action="append", default=[], metavar="'name = value'", help="executor bindings")
+    return parser
+
+
+def _inline(argv):
+    """The same command line with ``--executor inline`` (and without executor bindings)."""
+    out, skip = [], 0
+    for i, a in enumerate(argv):
+        if skip:
+            skip -= 1
+        elif a in ("--executor", "--gin"):
+            skip = 1
+        elif not a.startswith(("--executor=", "--gin=")):
+            out.append(a)
+    return out + ["--executor", "inline"]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "reference" and (args.dataset == "imagenet64" or args.source == "loader") and not args.root:
+            raise ValueError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")
+        if args.executor == "inline":
+            return run(args)
+        folder = Path(args.out).parent / "submitit"
+        _submit(_inline(argv), args.executor, args.gin, folder)
+        return 0
+    except (ValueError, OSError) as exc:  # bad input, missing files: one line
+        if os.environ.get("TRACT_TRACEBACK"):
+            raise
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a failed job
+        if os.environ.get("TRACT_TRACEBACK"):
+            raise
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
