@@ -27,8 +27,8 @@ def real_expansion():
 
 
 def test_dvc_yaml_is_current(in_repo):
-    params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
-    expected = pipeline.build(load_tables(), load_run_templates(), params)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    expected = pipeline.build(load_tables(), load_run_templates(), params["digits"], params["paper"])
     assert yaml.safe_load(Path("dvc.yaml").read_text()) == expected, "run `python -m tract_repro.results.pipeline`"
 
 

@@ -119,3 +119,76 @@ def eval_file(evaluation, seed, root="results/digits/eval"):
     """Where an evaluation's metrics for one seed live (Heun evaluations get their own file)."""
     suffix = "" if evaluation["sampler"] == "ddim" else f"_{evaluation['sampler']}"
     return f"{root}/{evaluation['target']}/s{seed}{suffix}.json"
+
+
+# ------------------------------------------------------------------------------------ paper scale
+
+PAPER_RUNS = "runs/paper"
+PAPER_EVAL = "results/paper/eval"
+
+
+@dataclass
+class PaperPhase(Phase):
+    """One phase of a paper-scale run: one training seed, one DVC stage, under runs/paper/."""
+
+    setup: str = ""
+
+    @property
+    def workdir(self):
+        return f"{PAPER_RUNS}/{self.key}"
+
+
+def setup_of_parsed():
+    """The setup of the gin config just parsed: its dataset and teacher family, e.g. 'cifar10_pd'."""
+    dataset = config.query("train.dataset")
+    name = getattr(dataset, "selector", str(dataset)).split(".")[-1]
+    family = "edm" if config.query("train.parameterisation") == "edm" else "pd"
+    return f"{name}_{family}"
+
+
+def paper_bindings(spec):
+    """A paper-scale row's bindings as gin lines; paper scale has literal values, no params symbols."""
+    bindings = []
+    for k, v in sorted((spec.get("bindings") or {}).items()):
+        if isinstance(v, str) and v.startswith("$"):
+            raise ValueError(f"paper-scale binding {k} = {v}: params symbols are for digits scale; write the value")
+        bindings.append(f"{k} = {v}")
+    return bindings
+
+
+def expand_paper(tables):
+    """(phases by key, teacher imports by name, evaluations) for every row with a ``paper_scale`` run.
+
+    Phases are shared between rows and tables exactly as at digits scale.  A row whose gin file trains no
+    student (a teacher, e.g. gin/cifar10_teacher.gin) evaluates the imported teacher checkpoint.
+    """
+    phases, teachers, evaluations = {}, {}, []
+    for name, table in tables.items():
+        for row in table["rows"]:
+            spec = row.get("paper_scale")
+            if not spec:
+                continue
+            gin_file, bindings = spec["gin"], paper_bindings(spec)
+            config.parse([gin_file], bindings)
+            setup, needs_teacher = setup_of_parsed(), config.build("train.method").needs_teacher
+            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=spec.get("sampler", "ddim"), setup=setup)
+            run = Path(gin_file).stem
+            if not needs_teacher:
+                teachers[run] = dict(gin=gin_file, bindings=bindings, setup=setup)
+                evaluations.append(dict(common, target=run))
+                continue
+            steps, lengths, effective = describe_run(gin_file, bindings)
+            last = spec.get("phase", len(lengths) - 1)
+            previous = None
+            for k in range(last + 1):
+                key = phase_key(run, effective, steps, lengths, k)
+                previous = phases.setdefault(key, PaperPhase(key, run, gin_file, bindings, k, previous, steps[k + 1],
+                                                             None, {0}, setup))
+            evaluations.append(dict(common, target=previous.key))
+    return phases, teachers, evaluations
+
+
+def paper_eval_file(evaluation, root=PAPER_EVAL):
+    """Where a paper-scale evaluation's metrics live (one file per target and sampler)."""
+    suffix = "" if evaluation["sampler"] == "ddim" else f"_{evaluation['sampler']}"
+    return f"{root}/{evaluation['target']}/metrics{suffix}.json"

@@ -1,8 +1,12 @@
 """Render results/<table>.md: our numbers beside the paper's, with the paper's orderings checked.
 
-    python -m tract_repro.results.tables table1        # after the digits pipeline has evaluated its rows
+    python -m tract_repro.results.tables table1                 # after the digits pipeline has evaluated its rows
+    python -m tract_repro.results.tables table1 --paper-scale   # after the paper-scale evaluations
 
-Also writes results/digits/<table>.json (DVC metrics), .csv (DVC plots) and .png.
+Digits mode also writes results/digits/<table>.json (DVC metrics), .csv (DVC plots) and .png.
+Paper-scale mode writes results/paper/<table>.json (the "ours, paper scale" column: FID mean ± std
+over the seed ranges, per row) and re-renders results/<table>.md with both columns; either mode
+picks up the other's latest numbers, so the two stages may run in any order.
 """
 import json
 import sys
@@ -13,7 +17,7 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
-from tract_repro.results.experiments import eval_file, load_tables
+from tract_repro.results.experiments import PAPER_EVAL, eval_file, load_tables, paper_eval_file
 from tract_repro.training.lengths import parse_samples
 
 matplotlib.use("Agg")
@@ -93,6 +97,51 @@ def _evaluation_of(table_name, row_id):
     return _EVALUATIONS.get((table_name, row_id))
 
 
+_PAPER_EVALUATIONS = {}
+
+
+def _paper_evaluation_of(table_name, row_id):
+    """What a row evaluates at paper scale (the expansion that wrote dvc.yaml), or None."""
+    if not _PAPER_EVALUATIONS:
+        from tract_repro.results.experiments import expand_paper
+
+        for e in expand_paper(load_tables())[2]:
+            _PAPER_EVALUATIONS[(e["table"], e["row"])] = e
+    return _PAPER_EVALUATIONS.get((table_name, row_id))
+
+
+def paper_scores(table, eval_dir=PAPER_EVAL):
+    """{row id: its paper-scale FID (mean, std, per range) and how it was measured} for the rows evaluated so far."""
+    out = {}
+    for row in table["rows"]:
+        evaluation = _paper_evaluation_of(table["table"], row["id"]) if row.get("paper_scale") else None
+        path = Path(paper_eval_file(evaluation, root=str(eval_dir))) if evaluation else None
+        if path is None or not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"]]
+        if hit:
+            r = hit[0]
+            out[row["id"]] = dict(fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"], steps=r["steps"], nfe=r["nfe"],
+                                  sampler=r["sampler"], mode=r["mode"], samples_per_range=r["samples_per_range"],
+                                  seed_ranges=r["seed_ranges"], reference_sha256=r["reference_sha256"],
+                                  run=metrics["run"], weights_sha256=metrics["weights_sha256"])
+    return out
+
+
+def paper_orderings(table, scores):
+    """For each claimed pair (a better than b) at paper scale: True, False, or None when either is missing."""
+    return [dict(better=a, worse=b, holds=bool(scores[a]["fid_mean"] < scores[b]["fid_mean"])
+                 if a in scores and b in scores else None) for a, b in table["ordering"]["pairs"]]
+
+
+def _fmt_paper(value):
+    if isinstance(value, dict):
+        std = f" ± {value['fid_std']:.2f}" if value.get("fid_std") is not None else ""
+        return f"{value['fid_mean']:.2f}{std} ({value['mode']})"
+    return f"{value:.2f}"
+
+
 def summarise(scores):
     """mean ± std over seeds per row."""
     if scores.empty:
@@ -119,14 +168,14 @@ def _fmt(mean, std, n):
     return f"{mean:.2f}" if n < 2 or pd.isna(std) else f"{mean:.2f} ± {std:.2f} (n={n})"
 
 
-def render(table, summary, orderings, paper_scale=None):
+def render(table, summary, orderings, paper_scale=None, paper_order=None):
     """The Markdown table: row, paper value (confidence), ours at paper scale, ours at digits scale, ordering."""
     labels = {r["id"]: r["label"] for r in table["rows"]}
     lines, rows = [], []
     for row in table["rows"]:
         p = row.get("paper") or {}
         paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')}; {p.get('source')})"
-        ours_paper = "" if not paper_scale or row["id"] not in paper_scale else f"{paper_scale[row['id']]:.2f}"
+        ours_paper = "" if not paper_scale or row["id"] not in paper_scale else _fmt_paper(paper_scale[row["id"]])
         digits = "n/a" if not row.get("digits") else ""
         if row["id"] in summary.index:
             s = summary.loc[row["id"]]
@@ -145,11 +194,21 @@ def render(table, summary, orderings, paper_scale=None):
     if held:
         lines.append(f"At digits scale {sum(o['holds'] for o in held)} of {len(held)} claimed pairwise orderings hold "
                      f"(✓ holds, ✗ reversed, ? not yet measured).")
+    measured = [v for v in (paper_scale or {}).values() if isinstance(v, dict)]
+    if measured:
+        held_paper = [o for o in paper_order or [] if o["holds"] is not None]
+        ranges = {(len(v["fid"]), v["samples_per_range"], v["mode"]) for v in measured}
+        lines.append("Paper scale: FID mean ± std over " + ", ".join(f"{n} seed ranges of {k:,} samples (clean-fid {m})"
+                                                                  for n, k, m in sorted(ranges))
+                     + f", against the training-set reference statistics; {len(measured)} rows measured"
+                     + (f"; {sum(o['holds'] for o in held_paper)} of {len(held_paper)} claimed pairwise orderings hold."
+                        if held_paper else "."))
     if "noise_floor" in summary.attrs:
         lines.append(f"digits-FD noise floor (two halves of the real set): {summary.attrs['noise_floor']:.2f}; "
                      f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
     lines.append("Confidence letters and sources are those of `paper-numbers.md` (P primary, S secondary, "
-                 "M medium, U unverified). Regenerate with `dvc repro digits_" + table["table"] + "`.")
+                 "M medium, U unverified). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale) or "
+                 "`dvc repro " + table["table"] + "` (paper scale).")
     return "\n".join(lines) + "\n"
 
 
@@ -184,10 +243,22 @@ def plot(table, summary, path, params=None):
     plt.close(fig)
 
 
+def read_paper_scale(name):
+    """(scores, orderings) of results/paper/<name>.json, or (None, None) before any paper-scale evaluation."""
+    path = Path("results/paper") / f"{name}.json"
+    if not path.is_file():
+        return None, None
+    saved = json.loads(path.read_text())
+    return saved.get("rows"), saved.get("orderings")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    paper_mode = "--paper-scale" in argv
+    argv = [a for a in argv if a != "--paper-scale"]
     tables = load_tables()
-    names = argv or [n for n, t in tables.items() if t["digits"].get("metric")]
+    names = argv or [n for n, t in tables.items() if (paper_mode and any(r.get("paper_scale") for r in t["rows"]))
+                     or (not paper_mode and t["digits"].get("metric"))]
     for name in names:
         if name not in tables:
             print(f"error: no experiments/{name}.yaml; choose from {', '.join(tables)}", file=sys.stderr)
@@ -198,10 +269,19 @@ def main(argv=None):
         if not scores.empty:
             summary.attrs.update(noise_floor=scores.noise_floor.mean(), samples=int(scores.samples.iloc[0]))
         orderings = check_orderings(table, summary)
-        paper_file = Path("results/paper") / f"{name}.json"
-        paper_scale = json.loads(paper_file.read_text()) if paper_file.is_file() else None
+        if paper_mode:
+            paper_scale = paper_scores(table)
+            paper_order = paper_orderings(table, paper_scale)
+            Path("results/paper").mkdir(parents=True, exist_ok=True)
+            Path(f"results/paper/{name}.json").write_text(json.dumps(dict(rows=paper_scale, orderings=paper_order),
+                                                                     indent=2, ensure_ascii=False) + "\n")
+            Path(f"results/{name}.md").write_text(render(table, summary, orderings, paper_scale, paper_order))
+            print(f"results/{name}.md: {len(paper_scale)} rows measured at paper scale, "
+                  f"{sum(o['holds'] is True for o in paper_order)}/{len(paper_order)} orderings hold")
+            continue
+        paper_scale, paper_order = read_paper_scale(name)
         Path("results/digits").mkdir(parents=True, exist_ok=True)
-        Path(f"results/{name}.md").write_text(render(table, summary, orderings, paper_scale))
+        Path(f"results/{name}.md").write_text(render(table, summary, orderings, paper_scale, paper_order))
         out = summary.reset_index()
         out.to_csv(f"results/digits/{name}.csv", index=False)
         Path(f"results/digits/{name}.json").write_text(json.dumps(dict(

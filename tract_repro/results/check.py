@@ -1,0 +1,111 @@
+"""Fail fast when a paper-scale setup's inputs are missing: ONE line naming what to fetch and where to put it.
+
+    python -m tract_repro.results.check cifar10_pd --data data/cifar10 --teacher ckpts/cifar_original \\
+        --inception ckpts/inception-2015-12-05.pt --mode clean --out runs/paper/checks/cifar10_pd
+
+A *setup* is a dataset with a teacher: ``cifar10_pd``, ``cifar10_edm``, ``imagenet64_pd``,
+``imagenet64_edm``.  The check looks for the training data, the teacher file, the Inception
+weights and (CIFAR-10) clean-fid's precomputed training-set statistics, and reports everything
+missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
+files and sizes) and ``OUT/teacher.json`` (the teacher's sha256): the identities that the
+reference-statistics and training stages of dvc.yaml depend on.  It imports no torch, so a
+missing input is reported within a second.
+"""
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+from tract_repro.evaluation import sources
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+IMAGENET64_URL = "https://image-net.org/download-images"
+
+#: setup → (dataset, what the teacher is, how to fetch it to {path})
+SETUPS = {
+    "cifar10_pd": ("cifar10", "Google PD CIFAR-10 teacher",
+                   "gsutil cp gs://gresearch/diffusion-distillation/cifar_original {path}"),
+    "imagenet64_pd": ("imagenet64", "Google PD ImageNet64 teacher",
+                      "gsutil cp gs://gresearch/diffusion-distillation/imagenet_original {path}"),
+    "cifar10_edm": ("cifar10", "NVIDIA EDM CIFAR-10 VE teacher",
+                    "download https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl to {path}"),
+    "imagenet64_edm": ("imagenet64", "NVIDIA EDM ImageNet64 ADM teacher",
+                       "download https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl to {path}"),
+}
+
+
+def data_files(dataset, root):
+    """([(relative name, size)] of the training files, or None) and the fetch instruction when they are missing."""
+    root = Path(root)
+    if dataset == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        if all(f.is_file() for f in files):
+            return [(str(f.relative_to(root)), f.stat().st_size) for f in files], None
+        return None, f"CIFAR-10 training batches not found in {folder}/: download {CIFAR10_URL} and extract it into {root}/"
+    found = {int(m.group(1)): p for p in root.glob("train_data_batch_*.npz")
+             if (m := re.fullmatch(r"train_data_batch_(\d+)\.npz", p.name))}
+    if found and sorted(found) == list(range(1, max(found) + 1)):
+        return [(found[i].name, found[i].stat().st_size) for i in sorted(found)], None
+    return None, (f"ImageNet 64x64 training batches (train_data_batch_*.npz) not found in {root}/: convert ImageNet's "
+                  f"train folder with `python -m tract_repro.data.imagenet64 --from-folder DIR --out {root}` (centre "
+                  f"crop + box resize, as the PD teacher saw), or unzip Imagenet64_train_npz.zip from "
+                  f"{IMAGENET64_URL} into {root}/")
+
+
+def sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check(setup, data, teacher, inception, mode="clean"):
+    """(problems, data identity, teacher identity) of a setup; problems is a list of one-line instructions."""
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup {setup!r}: choose {', '.join(SETUPS)}")
+    dataset, what, fetch = SETUPS[setup]
+    files, problem = data_files(dataset, data)
+    problems = [problem] if problem else []
+    if not Path(teacher).is_file():
+        problems.append(f"{what} {teacher} not found: {fetch.format(path=teacher)}")
+    for missing in (sources.missing_inception(mode, inception),
+                    sources.missing_cleanfid_stats(mode) if dataset == "cifar10" else None):
+        if missing:
+            problems.append(missing)
+    if problems:
+        return problems, None, None
+    return [], dict(dataset=dataset, root=str(data), files=files), \
+        dict(setup=setup, path=str(teacher), size=Path(teacher).stat().st_size, sha256=sha256(teacher))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tract_repro.results.check", description=__doc__.splitlines()[0])
+    parser.add_argument("setup", choices=sorted(SETUPS))
+    parser.add_argument("--data", required=True, help="dataset root, e.g. data/cifar10")
+    parser.add_argument("--teacher", required=True, help="teacher file, e.g. ckpts/cifar_original")
+    parser.add_argument("--inception", required=True, help="Inception weights file or folder")
+    parser.add_argument("--mode", default="clean", help="clean-fid mode of the evaluations")
+    parser.add_argument("--out", required=True, help="folder for data.json and teacher.json")
+    args = parser.parse_args(argv)
+    try:
+        problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.mode)
+    except (ValueError, OSError) as exc:
+        problems = [str(exc).strip().splitlines()[0]]
+    if problems:
+        print(f"error: missing paper-scale inputs ({args.setup}): " + "; ".join(problems), file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "teacher.json").write_text(json.dumps(teacher, indent=2) + "\n")
+    print(f"{args.setup}: {data['dataset']} in {args.data} ({len(data['files'])} files), teacher {args.teacher} "
+          f"(sha256 {teacher['sha256'][:16]}…), Inception and reference sources present")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
