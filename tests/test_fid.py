@@ -195,3 +195,9 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
     assert fid.main(args + ["--out", str(tmp_path / "b.npz")]) == 0
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     assert fid.main(["reference", "imagenet64", "--out", str(tmp_path / "c.npz")]) == 2  # --root is required
+    # the same command as a submitit job (the local executor of tract_repro.launch), without the cache
+    job = [a for a in args if a not in ("--cache", str(tmp_path / "cache"))]
+    assert fid.main(job + ["--out", str(tmp_path / "jobs" / "d.npz"), "--executor", "local"]) == 0
+    (mu_d, sigma_d), meta_d = fid.load_reference(tmp_path / "jobs" / "d.npz")
+    assert np.array_equal(mu_d, mu) and np.array_equal(sigma_d, sigma) and meta_d["images"] == 20
+    assert (tmp_path / "jobs" / "submitit").is_dir()
