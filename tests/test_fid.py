@@ -197,7 +197,33 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
     assert fid.main(["reference", "imagenet64", "--out", str(tmp_path / "c.npz")]) == 2  # --root is required
     # the same command as a submitit job (the local executor of tract_repro.launch), without the cache
     job = [a for a in args if a not in ("--cache", str(tmp_path / "cache"))]
-    assert fid.main(job + ["--out", str(tmp_path / "jobs" / "d.npz"), "--executor", "local"]) == 0
+    done = subprocess.run([sys.executable, "-m", "tract_repro.evaluation.fid", *job, "--out", str(tmp_path / "jobs" / "d.npz"),
+                           "--executor", "local", "--gin", "local_executor.gpus_per_node = 0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     (mu_d, sigma_d), meta_d = fid.load_reference(tmp_path / "jobs" / "d.npz")
     assert np.array_equal(mu_d, mu) and np.array_equal(sigma_d, sigma) and meta_d["images"] == 20
     assert (tmp_path / "jobs" / "submitit").is_dir()
+
+
+def test_slurm_evaluations_are_one_task_on_one_gpu_with_the_clusters_options(tmp_path, monkeypatch):
+    """--executor slurm keeps the cluster file's partition and time limit but asks for 1 node, 1 task, ≤ 1 GPU,
+    and the job runs the same command inline."""
+    from tract_repro import slurm
+
+    seen = {}
+    monkeypatch.setattr(slurm, "check_available", lambda: None)
+    monkeypatch.setattr(slurm, "submit_run", lambda run, folder, options, default_name: seen.update(
+        run=run, folder=folder, options=options) or type("Job", (), {"job_id": "42"})())
+    monkeypatch.setattr(slurm, "wait", lambda job: "done")
+    cluster = tmp_path / "cluster.gin"
+    cluster.write_text("slurm.partition = 'gpu'\nslurm.tasks_per_node = 8\nslurm.gpus_per_node = 8\nslurm.time_min = 90\n")
+    argv = ["evaluate", "runs/x", "--steps", "1", "--reference", "ref.npz", "--out", str(tmp_path / "e" / "m.json"),
+            "--executor", "slurm", "--cluster", str(cluster), "--gin", "slurm.qos = 'high'"]
+    assert fid.main(argv) == 0
+    options = seen["options"]
+    assert (options.partition, options.time_min, options.qos) == ("gpu", 90, "high")
+    assert (options.nodes, options.tasks_per_node, options.gpus_per_node) == (1, 1, 1)
+    assert seen["run"].args == (["evaluate", "runs/x", "--steps", "1", "--reference", "ref.npz", "--out",
+                                 str(tmp_path / "e" / "m.json"), "--executor", "inline"],)
+    assert seen["folder"] == tmp_path / "e" / "submitit"

@@ -69,7 +69,7 @@ def test_the_chain_from_check_to_table(stages, expansion):
     assert "runs/paper/checks/cifar10_pd/teacher.json" in run_first["deps"]
     assert f"runs/paper/{first.key}" in run_last["deps"] and f"train.previous = 'runs/paper/{first.key}'" in run_last["cmd"]
     for stage in (run_first, run_last):
-        assert stage["cmd"].startswith("python -m tract_repro.launch gin/cifar10_tract.gin ")
+        assert stage["cmd"].startswith("python -m tract_repro.launch ${paper.cluster} gin/cifar10_tract.gin ")
         assert "--executor ${paper.executor} --wait" in stage["cmd"]
         assert "TEACHER = '${paper.teachers.cifar10_pd}'" in stage["cmd"] and "DATA = '${paper.data.cifar10}'" in stage["cmd"]
         assert list(stage["outs"][0].values())[0] == {"cache": False, "persist": True}
@@ -86,7 +86,8 @@ def test_the_chain_from_check_to_table(stages, expansion):
     # the EDM rows need the EDM teacher only; ImageNet references are computed on the cluster
     edm = next(e for e in evaluations if e["table"] == "table1_edm")
     assert edm["setup"] == "cifar10_edm" and "paper_check_cifar10_edm" in stages
-    assert "--executor ${paper.executor}" in stages["paper_fid_ref_imagenet64_pd"]["cmd"]
+    assert "--executor ${paper.executor} --cluster ${paper.cluster}" in stages["paper_fid_ref_imagenet64_pd"]["cmd"]
+    assert "--cluster ${paper.cluster}" in evaluation["cmd"] and "paper.cluster" in evaluation["params"]
 
 
 def test_paper_phases_are_shared_across_tables(expansion):
@@ -181,3 +182,106 @@ def test_table_stage_writes_the_paper_scale_column(tmp_path, monkeypatch, expans
     assert "5.30 ± 0.05 (clean)" in text and "3 seed ranges of 50,000 samples (clean-fid clean)" in text
     assert "2 of 2 claimed pairwise orderings hold" in text and "`dvc repro table3`" in text
     assert not (tmp_path / "results" / "digits").exists()  # paper mode leaves the digits outputs alone
+
+
+def test_cluster_options_parse_with_every_paper_run_file(in_repo):
+    from tract_repro import config, slurm
+
+    for run_file in ("gin/cifar10_tract.gin", "gin/imagenet64_2phase.gin", "gin/cifar10_tract_edm.gin"):
+        config.parse(["gin/paper/cluster.gin", run_file])
+        options = slurm.slurm()
+        assert (options.tasks_per_node, options.gpus_per_node) == (8, 8)  # 8 data-parallel ranks of 32 (VP) or 64 (EDM)
+        assert config.query("train.batch_size") % options.tasks_per_node == 0
+
+
+TINY_IMAGENET_NET = {"UNet.channels": 32, "UNet.emb_channels": 64, "UNet.channel_mult": "(1, 2)",
+                     "UNet.num_res_blocks": 1, "UNet.attn_resolutions": "()", "UNet.attn_head_dim": "None"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script, for the Inception stand-in
+def test_tiny_paper_chain_runs_with_dvc(tmp_path):
+    """check → reference statistics from the loader → two shared phases → FID over 3 seed ranges → the table,
+    through `dvc repro`, with the real ImageNet64 gin file shrunk by row bindings, fake data, a random teacher
+    and a TorchScript stand-in for clean-fid's Inception; everything inline on the CPU."""
+    import numpy as np
+    import torch
+
+    from tract_repro import config
+    from tract_repro.diffusion.schedules import CosineSchedule
+    from tract_repro.networks.denoiser import build_denoiser
+
+    for item in ("gin", "experiments/runs.yaml"):
+        src, dst = ROOT / item, tmp_path / item
+        shutil.copytree(src, dst) if src.is_dir() else (dst.parent.mkdir(parents=True, exist_ok=True), shutil.copy(src, dst))
+    small = dict(TINY_IMAGENET_NET, **{"Device.name": "'cpu'", "train.threads": 1, "train.batch_size": 8,
+                                       "train.grid_size": 4, "TOTAL": "'32'"})
+    row = lambda rid, steps: dict(id=rid, label=rid, paper={"value": None}, digits=None,  # noqa: E731
+                                  paper_scale=dict(gin="gin/imagenet64_tract.gin", bindings=small, steps=steps))
+    table = dict(table="tinypaper", title="Tiny paper-scale chain", paper=dict(dataset="fake", metric="FID", setting="CI"),
+                 digits=dict(metric=None, seeds=[]), ordering=dict(claim="none", pairs=[["one", "two"]]),
+                 rows=[row("one", 1), row("two", 2)])
+    (tmp_path / "experiments" / "tinypaper.yaml").write_text(yaml.safe_dump(table, allow_unicode=True))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paper"]["teachers"]["imagenet64_pd"] = "ckpts/imagenet_original.pt"  # a state dict instead of Flax
+    params["paper"].update(executor="inline", inception="ckpts/inception-2015-12-05.pt",
+                           fid={"samples": 12, "seed-ranges": [0, 12, 24], "mode": "clean", "batch": 6})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    root = tmp_path / "data" / "imagenet64"
+    root.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    np.savez(root / "train_data_batch_1.npz", data=g.integers(0, 256, (40, 12288), dtype=np.uint8),
+             labels=g.integers(1, 1001, 40))
+    (tmp_path / "ckpts").mkdir()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        config.parse(["gin/imagenet64_tract.gin"], [f"{k} = {v}" for k, v in small.items()])
+        torch.manual_seed(0)
+        teacher = build_denoiser(config.build("train.network"), CosineSchedule(), "both")
+    finally:
+        os.chdir(cwd)
+    torch.save(teacher.state_dict(), tmp_path / "ckpts" / "imagenet_original.pt")
+
+    class Layers(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # 3 varying features, the rest constant
+            means = x.mean(dim=(2, 3))
+            return torch.cat([means, torch.zeros(x.shape[0], 2045)], 1)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+
+        def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+            return self.layers(x)
+
+    torch.jit.script(Stub()).save(str(tmp_path / "ckpts" / "inception-2015-12-05.pt"))
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+    assert run(sys.executable, "-m", "tract_repro.results.pipeline").returncode == 0
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    runs = sorted(k for k in stages if k.startswith("paper_run_"))
+    assert len(runs) == 2 and sum(k.startswith("paper_eval_") for k in stages) == 1  # both rows: one run, two K
+    assert run("git", "init", "-q").returncode == 0 and run("dvc", "init", "-q").returncode == 0
+    done = run("dvc", "repro", "tinypaper")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = json.loads((tmp_path / "results" / "paper" / "tinypaper.json").read_text())
+    assert set(saved["rows"]) == {"one", "two"}
+    for rid, steps in (("one", 1), ("two", 2)):
+        r = saved["rows"][rid]
+        assert r["steps"] == steps and len(r["fid"]) == 3 and r["mode"] == "clean" and r["samples_per_range"] == 12
+        assert r["seed_ranges"] == [[0, 11], [12, 23], [24, 35]]
+    reference = tmp_path / "runs" / "paper" / "fid_ref" / "imagenet64_pd.npz"
+    assert saved["rows"]["one"]["reference_sha256"] == check.sha256(reference)
+    metrics = json.loads(next((tmp_path / "results" / "paper" / "eval").glob("*/metrics.json")).read_text())
+    assert metrics["reference"]["dataset"] == "imagenet64-npz-train" and metrics["inception"]["sha256"]
+    text = (tmp_path / "results" / "tinypaper.md").read_text()
+    assert "(clean)" in text and "3 seed ranges of 12 samples" in text
+    again = run("dvc", "status", "tinypaper")
+    assert "paper_run_" not in again.stdout, again.stdout  # nothing to redo but the always-run check

@@ -17,8 +17,9 @@ ImageNet 64 statistics are computed from our training-set loader (the same varia
 on) with the same extractor.  Either way they are saved as an ``.npz`` (``mu``, ``sigma`` and what
 they were computed from) and every result records that file's sha256 and the clean-fid mode.
 
-``--executor local|slurm`` runs the work as a submitit job (the executors of
-:mod:`tract_repro.launch`) and waits for it.  Errors print one line and exit with status 2.
+``--executor local|slurm`` runs the work as a job and waits for it: launch's local executor, or a
+SLURM job of one task on one GPU with the ``slurm.*`` options of ``--cluster FILE.gin``
+(:mod:`tract_repro.slurm`).  Errors print one line and exit with status 2 (1 for a failed job).
 """
 import argparse
 import hashlib
@@ -289,17 +290,30 @@ def _job(argv):
     return run(_parser().parse_args(argv))
 
 
-def _submit(argv, kind, gin_bindings, folder):
-    """Run this command as a submitit job through launch's ``<kind>_executor`` and wait for it."""
-    from tract_repro import config, launch
+def _submit(argv, kind, cluster, gin_bindings, folder):
+    """Run this command as a job and wait for it: launch's local executor, or one SLURM task on one GPU.
 
-    factory = getattr(launch, f"{kind}_executor", None)
-    if factory is None:
-        raise ValueError(f"--executor {kind}: tract_repro.launch has no {kind}_executor")
-    config.parse(bindings=gin_bindings)  # executor options, e.g. --gin "slurm_executor.gpus_per_node = 1"
-    job = factory(folder).submit(_job, argv)
-    print(f"submitted job {job.job_id}; logs in {folder}", flush=True)
-    return launch._wait(job)
+    ``cluster`` (a gin file) and ``gin_bindings`` give the executor's options (``slurm.*``, ``local_executor.*``);
+    a SLURM job keeps the partition, time limit and so on, but asks for one node, one task and at most one GPU.
+    """
+    import dataclasses
+
+    from tract_repro import config, launch
+    from tract_repro.evaluation.fid import _job as job_body  # by its module name, also when run as __main__
+
+    config.parse([cluster] if cluster else [], gin_bindings)
+    if kind == "local":
+        job = launch.local_executor(folder).submit(job_body, argv)
+        print(f"submitted job {job.job_id}; logs in {folder}", flush=True)
+        return launch._wait(job)
+    from tract_repro import slurm
+
+    options = slurm.slurm()
+    options = dataclasses.replace(options, nodes=1, tasks_per_node=1, gpus_per_node=min(options.gpus_per_node, 1))
+    slurm.check_available()
+    job = slurm.submit_run(slurm.SlurmRun(job_body, argv), folder, options, default_name="tract-fid")
+    print(f"submitted SLURM job {job.job_id}; logs in {folder}", flush=True)
+    return slurm.wait(job)
 
 
 def _parser():
@@ -329,19 +343,20 @@ def _parser():
         p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
         p.add_argument("--inception", help="Inception weights file or folder (default: where clean-fid keeps them)")
         p.add_argument("--executor", choices=["inline", "local", "slurm"], default="inline")
+        p.add_argument("--cluster", metavar="FILE.gin", help="executor options (slurm.*), e.g. gin/paper/cluster.gin")
         p.add_argument("--gin", action="append", default=[], metavar="'name = value'", help="executor bindings")
     return parser
 
 
 def _inline(argv):
-    """The same command line with ``--executor inline`` (and without executor bindings)."""
+    """The same command line with ``--executor inline`` (and without the executor's options)."""
     out, skip = [], 0
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip -= 1
-        elif a in ("--executor", "--gin"):
+        elif a in ("--executor", "--gin", "--cluster"):
             skip = 1
-        elif not a.startswith(("--executor=", "--gin=")):
+        elif not a.startswith(("--executor=", "--gin=", "--cluster=")):
             out.append(a)
     return out + ["--executor", "inline"]
 
@@ -355,7 +370,7 @@ def main(argv=None):
         if args.executor == "inline":
             return run(args)
         folder = Path(args.out).parent / "submitit"
-        _submit(_inline(argv), args.executor, args.gin, folder)
+        _submit(_inline(argv), args.executor, args.cluster, args.gin, folder)
         return 0
     except (ValueError, OSError) as exc:  # bad input, missing files: one line
         if os.environ.get("TRACT_TRACEBACK"):

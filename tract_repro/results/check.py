@@ -5,8 +5,8 @@
 
 A *setup* is a dataset with a teacher: ``cifar10_pd``, ``cifar10_edm``, ``imagenet64_pd``,
 ``imagenet64_edm``.  The check looks for the training data, the teacher file, the Inception
-weights and (CIFAR-10) clean-fid's precomputed training-set statistics, and reports everything
-missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
+weights, (CIFAR-10) clean-fid's precomputed training-set statistics, the executor options file and
+(``--executor slurm``) SLURM's sbatch, and reports everything missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
 files and sizes) and ``OUT/teacher.json`` (the teacher's sha256): the identities that the
 reference-statistics and training stages of dvc.yaml depend on.  It imports no torch, so a
 missing input is reported within a second.
@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def sha256(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def check(setup, data, teacher, inception, mode="clean"):
+def check(setup, data, teacher, inception, mode="clean", executor="inline", cluster=None):
     """(problems, data identity, teacher identity) of a setup; problems is a list of one-line instructions."""
     if setup not in SETUPS:
         raise ValueError(f"unknown setup {setup!r}: choose {', '.join(SETUPS)}")
@@ -76,6 +77,12 @@ def check(setup, data, teacher, inception, mode="clean"):
                     sources.missing_cleanfid_stats(mode) if dataset == "cifar10" else None):
         if missing:
             problems.append(missing)
+    if cluster is not None and not Path(cluster).is_file():
+        problems.append(f"the executor options file {cluster} (params.yaml paper.cluster) is missing: restore "
+                        f"gin/paper/cluster.gin, or point paper.cluster at your own slurm.* options")
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        problems.append("paper.executor is slurm but sbatch is not on PATH: run `dvc repro` on the cluster's login "
+                        "node, or set paper.executor to local (this machine's GPUs) in params.yaml")
     if problems:
         return problems, None, None
     return [], dict(dataset=dataset, root=str(data), files=files), \
@@ -89,10 +96,13 @@ def main(argv=None):
     parser.add_argument("--teacher", required=True, help="teacher file, e.g. ckpts/cifar_original")
     parser.add_argument("--inception", required=True, help="Inception weights file or folder")
     parser.add_argument("--mode", default="clean", help="clean-fid mode of the evaluations")
+    parser.add_argument("--executor", default="inline", help="where the stages run (slurm needs sbatch on PATH)")
+    parser.add_argument("--cluster", help="the executor options file the stages pass to the launcher")
     parser.add_argument("--out", required=True, help="folder for data.json and teacher.json")
     args = parser.parse_args(argv)
     try:
-        problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.mode)
+        problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.mode, args.executor,
+                                        args.cluster)
     except (ValueError, OSError) as exc:
         problems = [str(exc).strip().splitlines()[0]]
     if problems:

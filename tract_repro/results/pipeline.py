@@ -143,8 +143,9 @@ def check_stage(setup):
     out = f"{CHECKS}/{setup}"
     return dict(cmd=f"python -m tract_repro.results.check {setup} --data ${{paper.data.{dataset}}} "
                     f"--teacher ${{paper.teachers.{setup}}} --inception ${{paper.inception}} "
-                    f"--mode ${{paper.fid.mode}} --out {out}",
-                params=[f"paper.data.{dataset}", f"paper.teachers.{setup}", "paper.inception", "paper.fid.mode"],
+                    f"--mode ${{paper.fid.mode}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}",
+                params=[f"paper.data.{dataset}", f"paper.teachers.{setup}", "paper.inception", "paper.fid.mode",
+                        "paper.executor", "paper.cluster"],
                 outs=[{f"{out}/data.json": {"cache": False}}, {f"{out}/teacher.json": {"cache": False}}],
                 always_changed=True)
 
@@ -159,8 +160,9 @@ def reference_stage(setup):
     else:
         cmd = (f"python -m tract_repro.evaluation.fid reference {dataset} --root ${{paper.data.{dataset}}} "
                f"--mode ${{paper.fid.mode}} --inception ${{paper.inception}} --batch ${{paper.fid.batch}} "
-               f"--cache {PAPER_RUNS}/cache --executor ${{paper.executor}} --out {out}")
-        params = [f"paper.data.{dataset}", "paper.fid.mode", "paper.fid.batch", "paper.inception", "paper.executor"]
+               f"--cache {PAPER_RUNS}/cache --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}")
+        params = [f"paper.data.{dataset}", "paper.fid.mode", "paper.fid.batch", "paper.inception", "paper.executor",
+                  "paper.cluster"]
     return dict(cmd=cmd, deps=[f"{CHECKS}/{setup}/data.json"], params=params, outs=[out])
 
 
@@ -182,7 +184,7 @@ def teacher_import_stage(name, spec):
 
 def paper_phase_stage(phase):
     paths, params = setup_bindings(phase.setup)
-    args = [LAUNCH, phase.gin, *[f"--gin {quote(b)}" for b in phase.bindings], *paths,
+    args = [LAUNCH, "${paper.cluster}", phase.gin, *[f"--gin {quote(b)}" for b in phase.bindings], *paths,
             f"--gin {quote(f'train.only_phase = {phase.index}')}"]
     deps = gin_deps(phase.gin)
     if phase.previous is not None:
@@ -192,7 +194,7 @@ def paper_phase_stage(phase):
         deps += [f"{CHECKS}/{phase.setup}/data.json", f"{CHECKS}/{phase.setup}/teacher.json"]
     args += ["--executor ${paper.executor} --wait", f"--workdir {phase.workdir}"]
     # persist: a phase interrupted on the cluster resumes from its checkpoints when the stage runs again
-    return dict(cmd=" ".join(args), deps=deps, params=[*params, "paper.executor"],
+    return dict(cmd=" ".join(args), deps=deps, params=[*params, "paper.executor", "paper.cluster"],
                 outs=[{phase.workdir: {"cache": False, "persist": True}}])
 
 
@@ -205,16 +207,17 @@ def paper_eval_stage(target, setup, requests):
         chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
         cmds.append(f"python -m tract_repro.evaluation.fid evaluate {PAPER_RUNS}/{target} --steps "
                     f"{' '.join(map(str, steps))}{chosen} --reference {FID_REF}/{setup}.npz ${{paper.fid}} "
-                    f"--inception ${{paper.inception}} --executor ${{paper.executor}} --out {out}")
+                    f"--inception ${{paper.inception}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} "
+                    f"--out {out}")
         metrics.append({out: {"cache": False}})
         pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for k in steps]
     return dict(cmd=cmds if len(cmds) > 1 else cmds[0], deps=[f"{PAPER_RUNS}/{target}", f"{FID_REF}/{setup}.npz"],
-                params=["paper.fid", "paper.inception", "paper.executor"], metrics=metrics, outs=pngs)
+                params=["paper.fid", "paper.inception", "paper.executor", "paper.cluster"], metrics=metrics, outs=pngs)
 
 
 def build_paper(tables, paper, digits_tables=()):
     """The paper-scale stages; ``digits_tables`` own results/<table>.md (the paper stage then updates it in place)."""
-    for key in ("executor", "inception", "data", "teachers", "fid"):
+    for key in ("executor", "cluster", "inception", "data", "teachers", "fid"):
         if key not in paper:
             raise ValueError(f"params.yaml's paper section has no {key!r}")
     phases, teachers, evaluations = expand_paper(tables)
