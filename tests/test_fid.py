@@ -2,6 +2,7 @@
 3 disjoint seed ranges, FID per range and mean ± std, the feature network built once, reference
 statistics that say where they come from, and one-line failures when offline."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -203,7 +204,9 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (mu_d, sigma_d), meta_d = fid.load_reference(tmp_path / "jobs" / "d.npz")
     assert np.array_equal(mu_d, mu) and np.array_equal(sigma_d, sigma) and meta_d["images"] == 20
-    assert (tmp_path / "jobs" / "submitit").is_dir()
+    folder = ROOT / fid.job_folder(tmp_path / "jobs" / "d.npz")
+    assert folder.is_dir() and folder.parent == ROOT / "runs" / "jobs"
+    shutil.rmtree(folder)
 
 
 def test_slurm_evaluations_are_one_task_on_one_gpu_with_the_clusters_options(tmp_path, monkeypatch):
@@ -226,4 +229,4 @@ def test_slurm_evaluations_are_one_task_on_one_gpu_with_the_clusters_options(tmp
     assert (options.nodes, options.tasks_per_node, options.gpus_per_node) == (1, 1, 1)
     assert seen["run"].args == (["evaluate", "runs/x", "--steps", "1", "--reference", "ref.npz", "--out",
                                  str(tmp_path / "e" / "m.json"), "--executor", "inline"],)
-    assert seen["folder"] == tmp_path / "e" / "submitit"
+    assert seen["folder"] == fid.job_folder(tmp_path / "e" / "m.json") and seen["folder"].parts[:2] == ("runs", "jobs")

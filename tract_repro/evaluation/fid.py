@@ -39,6 +39,7 @@ FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
 MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 STD_DDOF = 1
+JOBS = Path("runs/jobs")  # submitit/SLURM logs of submitted evaluations (runs/ is not version-controlled)
 
 
 class MissingStatistics(ValueError):
@@ -253,6 +254,7 @@ def run(args):
             cached = Path(args.cache) / f"fid_ref_{_listing_key(args.dataset, args.root, args.mode)}.npz" \
                 if args.cache else None
             if cached is not None and cached.is_file():  # the same files and mode: the same statistics
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(cached, args.out)
                 path = Path(args.out)
             else:
@@ -348,6 +350,11 @@ def _parser():
     return parser
 
 
+def job_folder(out):
+    """Where the job computing ``out`` logs: under runs/jobs/, named after ``out`` (results/ keeps only results)."""
+    return JOBS / str(Path(out).with_suffix("")).strip("/").replace("/", "_")
+
+
 def _inline(argv):
     """The same command line with ``--executor inline`` (and without the executor's options)."""
     out, skip = [], 0
@@ -369,7 +376,7 @@ def main(argv=None):
             raise ValueError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")
         if args.executor == "inline":
             return run(args)
-        folder = Path(args.out).parent / "submitit"
+        folder = job_folder(args.out)
         _submit(_inline(argv), args.executor, args.cluster, args.gin, folder)
         return 0
     except (ValueError, OSError) as exc:  # bad input, missing files: one line
