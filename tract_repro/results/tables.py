@@ -207,8 +207,9 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
         lines.append(f"digits-FD noise floor (two halves of the real set): {summary.attrs['noise_floor']:.2f}; "
                      f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
     lines.append("Confidence letters and sources are those of `paper-numbers.md` (P primary, S secondary, "
-                 "M medium, U unverified). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale) or "
-                 "`dvc repro " + table["table"] + "` (paper scale).")
+                 "M medium, U unverified). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale)"
+                 + (" or `dvc repro " + table["table"] + "` (paper scale)." if any(r.get("paper_scale") for r in table["rows"])
+                    else "."))
     return "\n".join(lines) + "\n"
 
 
