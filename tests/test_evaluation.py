@@ -148,3 +148,11 @@ def test_evaluate_unfinished_run_is_one_line(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not a finished run" in err
+
+
+def test_teacher_reference_steps_divide_the_teachers_grid():
+    from tract_repro.evaluate import reference_steps_on
+
+    assert reference_steps_on(1024, 64) == 64
+    assert reference_steps_on(40, 64) == 40  # an EDM grid: every step
+    assert reference_steps_on(32, 64) == 32 and reference_steps_on(48, 20) == 16 and reference_steps_on(7, 3) == 1

@@ -29,6 +29,12 @@ def digits_fd_reference(classifier, data, seed=0):
     return frechet.statistics(real), floor, feature_fn
 
 
+def reference_steps_on(T, wanted):
+    """The teacher's reference step count on its own grid: the largest divisor of T not above ``wanted``
+    (64 on a VP grid of 1024; all 40 steps of an EDM grid of T = 40)."""
+    return max(k for k in range(1, min(int(wanted), T) + 1) if T % k == 0)
+
+
 def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="runs/digits_classifier",
                  reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1, sampler="ddim"):
     """Metrics for each K in ``steps``; returns the dict written to metrics.json."""
@@ -40,6 +46,7 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     teacher = run if teacher_dir == run.path else load_run(teacher_dir)
     seeds = range(first_seed, first_seed + samples)
     shape, classes = run.data.shape, run.data.num_classes if run.denoiser.conditional else 1
+    reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
     reference = teacher_reference(teacher.denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
                                   cache, classes, batch_size)
     real_stats, floor, feature_fn = digits_fd_reference(load_classifier(classifier), run.data)
