@@ -43,3 +43,14 @@ def clean_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+def bitwise_equal(x, y):
+    """Whether two checkpoint values (nested dicts, lists, tensors, numbers) are bit-for-bit the same."""
+    import torch
+
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(bitwise_equal(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(bitwise_equal(u, v) for u, v in zip(x, y))
+    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import tiny_gin
+from tests.conftest import bitwise_equal, tiny_gin
 from tract_repro import config
 from tract_repro.data.arrays import ImageArrays
 from tract_repro.data.batch_random import StepRandom, as_batch_random
@@ -250,16 +250,10 @@ def test_a_two_process_run_with_dropout_resumes_exactly(tmp_path, teacher):
     assert len(a["rng_torch_ranks"]) == 2 and not torch.equal(*a["rng_torch_ranks"])  # two distinct dropout streams
     assert a.keys() == b.keys()
     for key in a:
-        assert same(a[key], b[key]), f"{key} differs after resume"
+        assert bitwise_equal(a[key], b[key]), f"{key} differs after resume"
     ea, eb = torch.load(straight / "ema.pt", weights_only=True), torch.load(resumed / "ema.pt", weights_only=True)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     strip = lambda run: [l.split('"samples_per_s"')[0] for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(straight) == strip(resumed)
 
 
-def same(x, y):
-    if isinstance(x, dict):
-        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-    if isinstance(x, (list, tuple)):
-        return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
-    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y

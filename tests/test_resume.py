@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_gin
+from tests.conftest import bitwise_equal, tiny_gin
 from tract_repro.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +67,8 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, method):
     b = ckpt.load(ckpt.list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1])
     assert a["samples"] == b["samples"] == 2560
 
-    def same(x, y):
-        if isinstance(x, dict):
-            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        if isinstance(x, (list, tuple)):
-            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
-        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-
     for key in a:
-        assert same(a[key], b[key]), f"{key} differs after resume"
+        assert bitwise_equal(a[key], b[key]), f"{key} differs after resume"
     ema_a = torch.load(tmp_path / "straight" / "ema.pt", weights_only=True)
     ema_b = torch.load(tmp_path / "resumed" / "ema.pt", weights_only=True)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_gin
+from tests.conftest import bitwise_equal, tiny_gin
 from tests.slurm_probe import record_distributed_env  # light enough to import in every task of a job
 from tract_repro import launch
 from tract_repro.training import checkpoint as ckpt
@@ -129,18 +129,11 @@ def job_log(workdir, job_id):
 
 
 def assert_same_as(reference, workdir):
-    def same(x, y):
-        if isinstance(x, dict):
-            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        if isinstance(x, (list, tuple)):
-            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
-        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-
     a = ckpt.load(ckpt.list_checkpoints(reference / "checkpoints")[-1])
     b = ckpt.load(ckpt.list_checkpoints(workdir / "checkpoints")[-1])
     assert a["samples"] == b["samples"] == TOTAL
     for key in a:
-        assert same(a[key], b[key]), f"{key} differs from the uninterrupted run"
+        assert bitwise_equal(a[key], b[key]), f"{key} differs from the uninterrupted run"
     ema_a = torch.load(reference / "ema.pt", weights_only=True)
     ema_b = torch.load(workdir / "ema.pt", weights_only=True)
     assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
