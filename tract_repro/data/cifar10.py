@@ -1,5 +1,4 @@
 """CIFAR-10 from torchvision's on-disk "python version" batches, read through the allow-list unpickler."""
-import hashlib
 import socket
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 
 from tract_repro.data import safe_pickle
 from tract_repro.data.arrays import ImageArrays
+from tract_repro.file_hash import file_digest
 
 
 class DatasetNotFoundError(FileNotFoundError, ValueError):
@@ -19,12 +19,8 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
-def _md5(path, chunk=1 << 20):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def _md5(path):
+    return file_digest(path, "md5")
 
 
 def _download(root, CIFAR10):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tract_repro.evaluation import frechet, sources
+from tract_repro.file_hash import sha256
 
 FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
@@ -64,14 +65,6 @@ def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
 def quantise(x):
     """[−1, 1] floats → uint8 in [0, 255] (round(127.5·(x + 1)), as every FID protocol and the official code)."""
     return torch.round(127.5 * (x.double() + 1)).clamp(0, 255).to(torch.uint8)
-
-
-def sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ImageFeatures:
@@ -177,7 +170,6 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     from tract_repro.evaluation.inception import inception_extractor
     from tract_repro.evaluation.runs import load_run
     from tract_repro.sampling.images import save_grid
-    from tract_repro.training.checkpoint import sha256 as file_sha256
 
     ranges = seed_ranges(first_seeds, samples)
     if not steps or any(k < 1 for k in steps):
@@ -217,12 +209,12 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                          fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None))
     weights_file = sources.inception_file(mode, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
-                   weights_sha256=file_sha256(run.weights), dataset=ref.get("dataset"),
+                   weights_sha256=sha256(run.weights), dataset=ref.get("dataset"),
                    sampler="ddim (clipped x̂)" if sampler == "ddim" else "heun (EDM, deterministic)", ema="inference",
                    protocol=dict(samples_per_range=samples, seed_ranges=[[s.start, s.stop - 1] for s in ranges],
                                  mode=mode, std_ddof=STD_DDOF, quantised="uint8, round(127.5·(x + 1))"),
                    reference={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ref.items()},
-                   inception=dict(path=str(weights_file), sha256=file_sha256(weights_file))
+                   inception=dict(path=str(weights_file), sha256=sha256(weights_file))
                    if weights_file.is_file() else None,
                    device=str(device), results=rows)
     out.parent.mkdir(parents=True, exist_ok=True)

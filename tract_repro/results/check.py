@@ -12,7 +12,6 @@ reference-statistics and training stages of dvc.yaml depend on.  It imports no t
 missing input is reported within a second.
 """
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -20,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tract_repro.evaluation import sources
+from tract_repro.file_hash import sha256
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGENET64_URL = "https://image-net.org/download-images"
@@ -54,14 +54,6 @@ def data_files(dataset, root):
                   f"train folder with `python -m tract_repro.data.imagenet64 --from-folder DIR --out {root}` (centre "
                   f"crop + box resize, as the PD teacher saw), or unzip Imagenet64_train_npz.zip from "
                   f"{IMAGENET64_URL} into {root}/")
-
-
-def sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check(setup, data, teacher, inception, mode="clean", executor="inline", cluster=None):

@@ -1,10 +1,11 @@
 """Atomic checkpoint files: write to a temporary file, fsync, then rename over the target."""
-import hashlib
 import os
 import re
 from pathlib import Path
 
 import torch
+
+from tract_repro.file_hash import file_digest
 
 PATTERN = re.compile(r"ckpt_(\d{12})\.pt$")
 
@@ -55,8 +56,4 @@ def prune(directory, keep):
 
 def sha256(path):
     """sha256 of a file, for provenance (teachers) and cache keys (references)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
