@@ -178,3 +178,10 @@ def test_a_failed_local_job_reports_its_exception_line(teacher_run, tmp_path, ca
                         "--seeds", "0", "--workdir", str(tmp_path / "s{seed}")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "ValueError: train.previous = /nonexistent is not a run directory" in err
+
+
+def test_a_many_step_student_draws_no_final_grid(teacher_run, tmp_path):
+    """Above train.grid_max_steps the final grid would cost more than a short phase: evaluation draws it instead."""
+    run = write(tmp_path / "p0.gin", tract(teacher_run, schedule=(64, 16, 1), total=64))
+    assert launch.main([run, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0
+    assert (tmp_path / "p0" / "ema.pt").is_file() and not list((tmp_path / "p0" / "samples").glob("final_*"))
