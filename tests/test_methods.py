@@ -209,3 +209,34 @@ def test_teacher_training_target_is_the_data_with_its_weight():
     alpha, sigma = GRID.alpha_sigma(target.logsnr)
     eps = (target.x_t - alpha * x) / sigma
     assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05  # x_t = αx + σε with ε ~ N(0, I)
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
+                               torch.nn.Conv2d(4, 1, 3, padding=1))
+
+
+def test_multi_tensor_adam_and_ema_equal_their_per_parameter_loops_bit_for_bit():
+    """The foreach Adam and EMA updates (fast on the CPU) are the same arithmetic as the plain loops."""
+    import copy
+
+    from tract_repro.training.optim import adam
+
+    fast, plain = _small_net(), _small_net()
+    opt_fast, opt_plain = adam(fast.parameters(), lr=1e-2), torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
+    ema, reference = EMA(fast, 0.9), copy.deepcopy(plain)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for k in range(1, 6):
+        for net, opt in ((fast, opt_fast), (plain, opt_plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        d = ema.decay()
+        ema.update(fast)
+        with torch.no_grad():
+            for p, q in zip(reference.parameters(), plain.parameters()):
+                p.lerp_(q, d)  # θ_ema ← θ_ema + d·(θ − θ_ema), one tensor at a time
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), plain.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(ema.module.parameters(), reference.parameters()))
+    assert opt_fast.defaults["foreach"] is True

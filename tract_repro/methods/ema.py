@@ -41,8 +41,8 @@ class EMA:
         d = self.decay()
         self.steps += 1
         src = dict(source.named_parameters())
-        for name, p in self.module.named_parameters():
-            p.lerp_(src[name].detach(), d)
+        mine = list(self.module.named_parameters())
+        torch._foreach_lerp_([p for _, p in mine], [src[name].detach() for name, _ in mine], d)  # p.lerp_(θ, d) for all
         src_buffers = dict(source.named_buffers())
         for name, b in self.module.named_buffers():
             if b.is_floating_point():

@@ -8,9 +8,14 @@ from tract_repro.methods.ema import momentum_from_residual
 
 
 @gin.configurable
-def adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """torch.optim.Adam with the official defaults (lr 2e-4, no weight decay)."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+def adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=True):
+    """torch.optim.Adam with the official defaults (lr 2e-4, no weight decay).
+
+    ``foreach``: one multi-tensor update instead of a loop over the parameters.  torch picks it by
+    itself only on CUDA; on the CPU it is the same arithmetic (bit-identical, tested) and halves the
+    update's time, a tenth of a digits-scale step.
+    """
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
 
 
 @gin.configurable
