@@ -294,3 +294,16 @@ def test_converter_round_trip(tmp_path):
 
     with pytest.raises(ValueError, match="remove the old batches"):
         inet.main(["--from-folder", str(src), "--out", str(out)])
+
+
+def test_digits_read_directly_equal_scikit_learns_loader():
+    """The digits file read without importing sklearn gives exactly load_digits()'s images and labels."""
+    from sklearn.datasets import load_digits
+
+    from tract_repro.data.digits import digits, digits_arrays
+
+    images, labels = digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+    data = digits()
+    assert data.images.shape == (1797, 1, 8, 8) and data.images.min() == -1 and data.images.max() == 1
