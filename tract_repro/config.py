@@ -19,6 +19,7 @@ import tract_repro.diffusion.edm  # noqa: F401
 import tract_repro.evaluation.inception  # noqa: F401  (inception_extractor.path may be bound in gin)
 import tract_repro.networks.edm_unets  # noqa: F401
 import tract_repro.slurm  # noqa: F401  (slurm.partition etc. may appear in any config)
+import tract_repro.local  # noqa: F401  (and local_executor.*)
 from tract_repro.methods.heun import heun_sampler, heun_teacher_step
 from tract_repro.methods.teacher_steps import ddim_teacher_step
 

@@ -2,7 +2,8 @@
 
 The job re-parses the config text in its own process, so inline and submitit runs take the
 same path.  ``--seeds 0 1 2 --parallel 2`` runs one job per seed (``{seed}`` in the workdir
-and in bindings is replaced) as submitit local jobs, two at a time.  Errors in the configuration print
+and in bindings is replaced), two at a time, each in a process forked from the launcher (or, with
+``--executor local``, as submitit local jobs).  Errors in the configuration print
 one line and exit with status 2.
 
 ``--executor slurm`` submits the run (or each seed's run) as a SLURM job with the options bound to
@@ -16,15 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import gin
-
 from tract_repro import config
+from tract_repro.local import local_executor
 
 
 def run_job(config_text, workdir):
     """The job body: parse the config text, write it beside the run, and train."""
+    from tract_repro.slurm import export_distributed_environment
     from tract_repro.training.loop import train
 
+    export_distributed_environment()  # in a multi-task submitit job: RANK, WORLD_SIZE, … for torch's env://
     config.parse(text=config_text)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -43,25 +45,6 @@ def check_workdir(workdir, config_text):
     return None
 
 
-@gin.configurable
-def local_executor(folder, timeout_min=24 * 60, cpus_per_task=None, gpus_per_node=None):
-    """submitit's local executor: the job runs in a fresh process.
-
-    submitit hides every GPU from a local job unless it asks for some, so by default each job
-    sees all of this machine's GPUs (local jobs share them); ``gpus_per_node = 0`` hides them.
-    """
-    import submitit
-    import torch
-
-    executor = submitit.LocalExecutor(folder=folder)
-    gpus = torch.cuda.device_count() if gpus_per_node is None else int(gpus_per_node)
-    params = dict(timeout_min=timeout_min, gpus_per_node=gpus)
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    executor.update_parameters(**params)
-    return executor
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.launch", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", metavar="FILE.gin", help="gin files, parsed in order")
@@ -73,7 +56,8 @@ def main(argv=None):
     parser.add_argument("--wait", action="store_true",
                         help="with --executor slurm: block until the job (through requeues) finishes; exit 1 if it failed")
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (binds train.seed); --workdir must contain {seed}")
-    parser.add_argument("--parallel", type=int, default=1, help="with --seeds: how many local jobs run at once")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="with --seeds: how many runs at once (inline: forked processes; local: submitit jobs)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or Path("runs") / Path(args.files[-1]).stem)
     try:
@@ -111,7 +95,12 @@ def main(argv=None):
 
 
 def _many(args, workdir):
-    """One local submitit job per seed, at most ``--parallel`` at a time; fail if any fails."""
+    """One run per seed, at most ``--parallel`` at a time; fail if any fails.
+
+    Inline (the default) each run is a process forked from this one, so it starts with torch and the
+    configuration already imported; ``--executor local`` makes each a submitit local job (a fresh
+    interpreter, logs under ``<run>/submitit``); ``--executor slurm`` submits them.
+    """
     if "{seed}" not in str(workdir):
         raise config.ConfigError("--seeds needs a --workdir containing {seed}, e.g. runs/x/s{seed}")
     jobs = []
@@ -123,22 +112,86 @@ def _many(args, workdir):
     if args.executor == "slurm":
         _slurm(args, jobs)
         return 0
+    start = _fork if args.executor == "inline" else _submit_local
     running, failed = [], []
     while jobs or running:
         while jobs and len(running) < max(1, args.parallel):
             run_dir, text = jobs.pop(0)
-            running.append((run_dir, local_executor(run_dir / "submitit").submit(run_job, text, str(run_dir))))
-        time.sleep(0.5)
-        for item in [r for r in running if r[1].done()]:
+            running.append((run_dir, start(text, run_dir)))
+        time.sleep(0.2)
+        for item in list(running):
+            result = item[1]()
+            if result is None:
+                continue
             running.remove(item)
-            try:
-                _wait(item[1])
+            if result == "":
                 print(f"done: {item[0]}", flush=True)
-            except RuntimeError as exc:
-                failed.append(f"{item[0]}: {exc}")
+            else:
+                failed.append(f"{item[0]}: {result}")
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(args.seeds)} runs failed; first: {failed[0]}")
     return 0
+
+
+FORK_LOG = "launch.log"  # a forked run's stdout and stderr, in its run directory
+
+
+def _fork(text, run_dir):
+    """Start ``run_job`` in a process forked from this one; return a poll: None while running, then
+    "" on success or the job's exception line.
+
+    The parent has run no torch operation (so no OpenMP pool exists to break in the child); it imports
+    what every run needs first, once, instead of once per run.
+    """
+    import multiprocessing
+
+    import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: ~2 s per fresh process)
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    process = multiprocessing.get_context("fork").Process(target=_forked_job, args=(text, str(run_dir)),
+                                                          name=f"tract {run_dir}")
+    process.start()
+    log = Path(run_dir) / FORK_LOG
+
+    def poll():
+        if process.exitcode is None:
+            return None
+        return "" if process.exitcode == 0 else failure_line(log.read_text() if log.is_file() else f"exit {process.exitcode}")
+    return poll
+
+
+def _forked_job(text, run_dir):
+    """The forked child: stdout and stderr (C level too) go to ``<run_dir>/launch.log``; exit 1 on failure."""
+    import traceback
+
+    code = 1
+    try:
+        log = open(Path(run_dir) / FORK_LOG, "a", buffering=1)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        run_job(text, run_dir)
+        code = 0
+    except BaseException:  # noqa: BLE001  (reported through the log's last exception line)
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def _submit_local(text, run_dir):
+    """Start ``run_job`` as a submitit local job; return a poll like :func:`_fork`'s."""
+    job = local_executor(Path(run_dir) / "submitit").submit(run_job, text, str(run_dir))
+
+    def poll():
+        if not job.done():
+            return None
+        try:
+            _wait(job)
+            return ""
+        except RuntimeError as exc:
+            return str(exc)
+    return poll
 
 
 def _slurm(args, runs):
@@ -187,7 +240,7 @@ def _wait(job):
     import submitit
 
     try:
-        return job.result()
+        return job.results()[0]  # a job of several tasks (data-parallel) has one result per task
     except submitit.core.utils.FailedJobError as exc:  # report the job's own exception line, not the log paths
         raise RuntimeError(f"job {job.job_id} failed: {failure_line(exc)}") from None
 

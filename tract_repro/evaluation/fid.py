@@ -293,11 +293,12 @@ def _submit(argv, kind, cluster, gin_bindings, folder):
     import dataclasses
 
     from tract_repro import config, launch
+    from tract_repro.local import local_executor
     from tract_repro.evaluation.fid import _job as job_body  # by its module name, also when run as __main__
 
     config.parse([cluster] if cluster else [], gin_bindings)
     if kind == "local":
-        job = launch.local_executor(folder).submit(job_body, argv)
+        job = local_executor(folder).submit(job_body, argv)
         print(f"submitted job {job.job_id}; logs in {folder}", flush=True)
         return launch._wait(job)
     from tract_repro import slurm
