@@ -1,5 +1,7 @@
 """Metrics: Fréchet distance identities, per-seed sampling, the classifier gate, offline Inception, evaluate."""
 import json
+import shutil
+from pathlib import Path
 import time
 
 import numpy as np
@@ -142,6 +144,16 @@ def test_evaluate_a_tiny_run_end_to_end(tmp_path, capsys):
                          cache=tmp_path / "cache", out=tmp_path / "m8.json")
     assert again["results"][0]["fidelity_rmse"] == 0.0
     assert load_run(tmp_path / "teacher").denoiser.parameterisation == "v"
+    # several runs in one process (a row's seeds): each file as if evaluated alone
+    shutil.copytree(tmp_path / "teacher", tmp_path / "copy")
+    outs = [str(tmp_path / "both" / "a.json"), str(tmp_path / "both" / "b.json")]
+    assert evaluate_main([str(tmp_path / "teacher"), str(tmp_path / "copy"), *args[1:], "--out", *outs]) == 0
+    for out in outs:
+        assert json.loads(Path(out).read_text())["results"] == metrics["results"]
+        assert Path(out.replace(".json", "_4steps.png")).is_file()
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path / "teacher"), str(tmp_path / "copy"), *args[1:], "--out", outs[0]]) == 2
+    assert "give one --out per run" in capsys.readouterr().err
 
 
 def test_evaluate_unfinished_run_is_one_line(tmp_path, capsys):

@@ -1,9 +1,12 @@
-"""Evaluate a finished run: K-step DDIM samples → digits-FD (or FID), teacher fidelity, a PNG grid.
+"""Evaluate finished runs: K-step DDIM samples → digits-FD (or FID), teacher fidelity, a PNG grid.
 
     python -m tract_repro.evaluate runs/digits_tract_1024_32_1 --steps 1 2
     python -m tract_repro.evaluate runs/digits_teacher --steps 1024 64 8 2 1 --samples 500
+    python -m tract_repro.evaluate runs/x/s0 runs/x/s1 runs/x/s2 --out s0.json s1.json s2.json
 
-Writes ``<run>/eval/metrics.json`` (a DVC metrics file) and ``<run>/eval/samples_<K>steps.png``.
+Writes ``<run>/eval/metrics.json`` (a DVC metrics file) and ``<run>/eval/samples_<K>steps.png``, or
+``OUT`` and ``OUT``'s stem + ``_<K>steps.png``.  Several runs (a row's seeds) share one process: the
+classifier, the real-set statistics and the teacher reference are loaded once.
 """
 import argparse
 import json
@@ -36,8 +39,14 @@ def reference_steps_on(T, wanted):
 
 
 def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="runs/digits_classifier",
-                 reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1, sampler="ddim"):
-    """Metrics for each K in ``steps``; returns the dict written to metrics.json."""
+                 reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1, sampler="ddim",
+                 shared=None):
+    """Metrics for each K in ``steps``; returns the dict written to metrics.json.
+
+    ``shared``: a dict kept between calls, so that runs evaluated in one process share the classifier's
+    real-set statistics and the teacher reference.
+    """
+    shared = {} if shared is None else shared
     torch.set_num_threads(threads)
     if samples < 1 or any(k < 1 for k in steps):
         raise ValueError(f"evaluation needs at least one sample and one step, got {samples} samples, steps {list(steps)}")
@@ -47,13 +56,20 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     seeds = range(first_seed, first_seed + samples)
     shape, classes = run.data.shape, run.data.num_classes if run.denoiser.conditional else 1
     reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
-    reference = teacher_reference(teacher.denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
-                                  cache, classes, batch_size)
-    real_stats, floor, feature_fn = digits_fd_reference(load_classifier(classifier), run.data)
+    key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples)
+    if key not in shared:
+        shared[key] = teacher_reference(teacher.denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
+                                        cache, classes, batch_size)
+    reference = shared[key]
+    key = ("real", str(classifier), data_digest(run.data))
+    if key not in shared:
+        shared[key] = digits_fd_reference(load_classifier(classifier), run.data)
+    real_stats, floor, feature_fn = shared[key]
     out_dir = Path(out).parent if out else run.path / "eval"
     rows = []
     for k in steps:
-        x = generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size, desc=f"{run.path.name} {k} steps",
+        own_reference = teacher is run and k == reference_steps and sampler == "ddim"
+        x = reference if own_reference else generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size, desc=f"{run.path.name} {k} steps",
                      sampler=sampler)
         fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
         rows.append(dict(steps=k, nfe=network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference)))
@@ -70,29 +86,43 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     return metrics
 
 
+def data_digest(data):
+    """Which real set a run was trained on: a digest of its images."""
+    import hashlib
+
+    return hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a finished run directory")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="finished run directories (e.g. a row's seeds)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1], help="DDIM step counts K to evaluate")
     parser.add_argument("--samples", type=int, default=1797, help="number of samples (one seed each)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--classifier", default="runs/digits_classifier")
     parser.add_argument("--reference-steps", type=int, default=64, help="teacher DDIM steps for teacher fidelity")
     parser.add_argument("--cache", default="runs/cache", help="where teacher references are cached")
-    parser.add_argument("--out", help="metrics file (default: RUN/eval/metrics.json)")
+    parser.add_argument("--out", nargs="+", help="metrics file of each RUN (default: RUN/eval/metrics.json)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sampler", choices=["ddim", "heun"], default="ddim",
                         help="ddim: K clipped DDIM steps on the training grid; heun: EDM's K-step Heun sampler")
     args = parser.parse_args(argv)
-    try:
-        metrics = evaluate_run(args.run, args.steps, args.samples, args.first_seed, args.classifier,
-                               args.reference_steps, args.cache, out=args.out, threads=args.threads, sampler=args.sampler)
-    except ValueError as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+    outs = args.out or [None] * len(args.runs)
+    if len(outs) != len(args.runs):
+        print(f"error: {len(args.runs)} runs but {len(outs)} --out files: give one --out per run", file=sys.stderr)
         return 2
-    for row in metrics["results"]:
-        print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  digits-FD {row['digits_fd']:8.3f}  "
-              f"fidelity RMSE {row['fidelity_rmse']:.4f}  (noise floor {metrics['digits_fd_noise_floor']:.3f})")
+    shared = {}
+    for run, out in zip(args.runs, outs):
+        try:
+            metrics = evaluate_run(run, args.steps, args.samples, args.first_seed, args.classifier, args.reference_steps,
+                                   args.cache, out=out, threads=args.threads, sampler=args.sampler, shared=shared)
+        except ValueError as exc:
+            print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        for row in metrics["results"]:
+            print(f"{run}: {row['steps']:>4} steps ({row['nfe']} NFE)  digits-FD {row['digits_fd']:8.3f}  "
+                  f"fidelity RMSE {row['fidelity_rmse']:.4f}  (noise floor {metrics['digits_fd_noise_floor']:.3f})",
+                  flush=True)
     return 0
 
 

@@ -51,7 +51,8 @@ def run_dir(name):
 
 
 def teacher_stage(name, template):
-    return dict(cmd=f"{LAUNCH} {template['gin']} --gin \"TOTAL = '${{digits.teacher_total}}'\" --workdir {run_dir(name)}",
+    return dict(cmd=f"{LAUNCH} {template['gin']} --gin \"TOTAL = '${{digits.teacher_total}}'\" --executor local "
+                    f"--workdir {run_dir(name)}",
                 deps=gin_deps(template["gin"]), params=["digits.teacher_total"], outs=[run_dir(name)])
 
 
@@ -70,20 +71,24 @@ def phase_stage(phase):
 
 
 def eval_stage(target, teacher, is_teacher, requests):
-    """Evaluate one run (all its seeds) for every (sampler, steps) its rows ask for."""
-    cmds, metrics, pngs = [], [], []
+    """Evaluate one run (all its seeds) for every (sampler, steps) its rows ask for: one process per
+    (sampler, steps), evaluating every seed (start-up, classifier and teacher reference paid once)."""
+    groups = {}
     for (sampler, seed), steps in sorted(requests.items()):
-        run = run_dir(target) if is_teacher else f"{run_dir(target)}/s{seed}"
-        out = eval_file(dict(target=target, sampler=sampler), seed)
-        steps = sorted(steps, reverse=True)
+        groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append(seed)
+    cmds, metrics, pngs = [], [], []
+    for (sampler, steps), seeds in sorted(groups.items()):
+        runs = [run_dir(target) if is_teacher else f"{run_dir(target)}/s{seed}" for seed in seeds]
+        outs = [eval_file(dict(target=target, sampler=sampler), seed) for seed in seeds]
         chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
-        cmds.append(f"python -m tract_repro.evaluate {run} --steps {' '.join(map(str, steps))}{chosen} "
+        cmds.append(f"python -m tract_repro.evaluate {' '.join(runs)} --steps {' '.join(map(str, steps))}{chosen} "
                     f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} --threads ${{digits.eval_threads}} "
-                    f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {out}")
-        metrics.append({out: {"cache": False}})
-        pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for k in steps]
+                    f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {' '.join(outs)}")
+        metrics += [{out: {"cache": False}} for out in outs]
+        pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for out in outs for k in steps]
     deps = sorted({run_dir(target), CLASSIFIER_DIR, run_dir(teacher)})
-    return dict(cmd=cmds, deps=deps, params=["digits.eval_samples", "digits.reference_steps", "digits.eval_threads"], metrics=metrics, outs=pngs)
+    return dict(cmd=cmds, deps=deps,
+                params=["digits.eval_samples", "digits.reference_steps", "digits.eval_threads"], metrics=metrics, outs=pngs)
 
 
 def build(tables, templates, params, paper=None):
