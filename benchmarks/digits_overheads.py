@@ -1,0 +1,152 @@
+"""Before and after, in one run, for the digits pipeline's CPU speed-ups (2-core machine).
+
+    python benchmarks/digits_overheads.py            # all cases
+    python benchmarks/digits_overheads.py --only adam startup
+
+Cases (each prints its before and after):
+* ``adam``: one digits step's Adam update, per-parameter loop vs multi-tensor (``adam.foreach``).
+* ``ema``: one EMA update, per-parameter ``lerp_`` loop vs ``torch._foreach_lerp_``.
+* ``startup``: a run's process start (import, config, data, networks, optimiser, first step), as a
+  fresh interpreter (submitit's local jobs, the old ``--seeds``) vs forked from a launcher that has
+  imported everything (``--seeds`` now).
+* ``teacher``: digits-teacher samples/s, one process on 2 threads vs two one-thread data-parallel
+  ranks (``local_executor.tasks_per_node = 2``), 12,800 samples each.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_NET = dict(in_channels=1, resolution=8, channels=16, emb_channels=64, channel_mult=(1, 2),
+                  num_res_blocks=1, attn_resolutions=(4,), norm_groups=8)  # gin/digits/base.gin
+
+
+def _digits_student():
+    from tract_repro.networks.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(**DIGITS_NET)
+    x, logsnr = torch.randn(128, 1, 8, 8), torch.randn(128)
+    net(x, logsnr).square().mean().backward()
+    return net
+
+
+def _time(fn, repeats=50):
+    for _ in range(5):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def adam_case():
+    torch.set_num_threads(1)
+    net = _digits_student()
+    rows = []
+    for foreach in (False, True):
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=foreach)
+        rows.append((f"Adam update, foreach={foreach}", f"{_time(optimizer.step):.2f} ms"))
+    return rows
+
+
+def ema_case():
+    from tract_repro.methods.ema import EMA
+
+    torch.set_num_threads(1)
+    net = _digits_student()
+    ema = EMA(net, 0.999)
+    pairs = list(zip(ema.module.parameters(), net.parameters()))
+
+    def loop():
+        with torch.no_grad():
+            for p, q in pairs:
+                p.lerp_(q, 0.001)
+    return [("EMA update, per-parameter loop", f"{_time(loop):.2f} ms"),
+            ("EMA update, foreach (EMA.update)", f"{_time(lambda: ema.update(net)):.2f} ms")]
+
+
+STARTUP = """
+import sys, time
+t0 = time.perf_counter()
+from tract_repro import config
+from tract_repro.training.loop import train
+config.parse(["gin/digits_teacher.gin"], ["TOTAL = 64", "train.threads = 1", "train.grid_every = None",
+             "train.grid_size = 1"])
+train(sys.argv[1])
+print(time.perf_counter() - t0)
+"""
+
+
+# What `launch --seeds` does now: the launcher imports, then forks the run; the child's wall time is printed.
+FORKED = (
+        "import sys, time, multiprocessing as mp\n"
+        "from tract_repro import config\n"
+        "import torch._dynamo\n"
+        "from tract_repro.training.loop import train\n"
+        "def job(w):\n"
+        "    config.parse(['gin/digits_teacher.gin'], ['TOTAL = 64', 'train.threads = 1', 'train.grid_every = None',"
+        " 'train.grid_size = 1'])\n"
+        "    train(w)\n"
+        "t0 = time.perf_counter()\n"
+        "p = mp.get_context('fork').Process(target=job, args=(sys.argv[1],)); p.start(); p.join()\n"
+        "print(time.perf_counter() - t0)\n")
+
+
+def startup_case(repeats=3):
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    rows = []
+    for label, code in (("run start, fresh interpreter (wall)", STARTUP),
+                        ("run start, forked from the launcher (child's wall)", FORKED)):
+        times = []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                out = subprocess.run([sys.executable, "-c", code, tmp], cwd=ROOT, env=env, capture_output=True,
+                                     text=True, check=True)
+                whole = time.perf_counter() - t0
+                times.append(float(out.stdout.strip().splitlines()[-1]) if "forked" in label else whole)
+        rows.append((label, f"{min(times):.2f} s (min of {repeats})"))
+    return rows
+
+
+def teacher_case(samples=12800):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    rows = []
+    for label, extra in (("digits teacher, 1 process × 2 threads", ["--gin", "train.threads = 2"]),
+                         ("digits teacher, 2 ranks × 1 thread (gloo)",
+                          ["--gin", "train.threads = 1", "--gin", "local_executor.tasks_per_node = 2", "--executor", "local"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "tract_repro.launch", "gin/digits_teacher.gin", "--gin", f"TOTAL = {samples}",
+                   "--gin", "train.log_every = 3200", "--gin", "train.grid_every = None", *extra, "--workdir", f"{tmp}/run"]
+            subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, check=True)
+            rates = [json.loads(line)["samples_per_s"] for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        rows.append((label, f"{sum(rates[1:]) / len(rates[1:]):.0f} samples/s (log intervals 2-{len(rates)})"))
+    return rows
+
+
+CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "teacher": teacher_case}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(CASES), default=list(CASES))
+    args = parser.parse_args()
+    rows = []
+    for name in args.only:
+        rows += CASES[name]()
+        print(tabulate(rows[-2:], tablefmt="plain"), flush=True)
+    print()
+    print(tabulate(rows, headers=["case", "measured"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
