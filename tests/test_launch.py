@@ -185,3 +185,32 @@ def test_a_many_step_student_draws_no_final_grid(teacher_run, tmp_path):
     run = write(tmp_path / "p0.gin", tract(teacher_run, schedule=(64, 16, 1), total=64))
     assert launch.main([run, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0
     assert (tmp_path / "p0" / "ema.pt").is_file() and not list((tmp_path / "p0" / "samples").glob("final_*"))
+
+
+def test_seeds_run_in_forked_processes_that_stop_with_the_launcher(teacher_run, tmp_path):
+    """--seeds forks one process per seed (output in <run>/launch.log); killing the launcher stops them."""
+    import os
+    import signal
+    import time
+
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, total=1 << 20))  # far longer than the test waits
+    cmd = [sys.executable, "-m", "tract_repro.launch", gin_file, "--seeds", "0", "1", "--parallel", "2",
+           "--workdir", str(tmp_path / "s{seed}")]
+    launcher = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not all((tmp_path / f"s{s}" / "run.json").is_file() for s in (0, 1)):
+        time.sleep(0.5)
+    assert all((tmp_path / f"s{s}" / "launch.log").is_file() for s in (0, 1)), "the seeds did not start"
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(launcher.pid, 0)  # anything left in the launcher's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        raise AssertionError("forked runs outlived their launcher")

@@ -13,7 +13,9 @@ has finished, requeues included, and exits 1 with one line if the job failed.
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,20 +116,30 @@ def _many(args, workdir):
         return 0
     start = _fork if args.executor == "inline" else _submit_local
     running, failed = [], []
-    while jobs or running:
-        while jobs and len(running) < max(1, args.parallel):
-            run_dir, text = jobs.pop(0)
-            running.append((run_dir, start(text, run_dir)))
-        time.sleep(0.2)
-        for item in list(running):
-            result = item[1]()
-            if result is None:
-                continue
-            running.remove(item)
-            if result == "":
-                print(f"done: {item[0]}", flush=True)
-            else:
-                failed.append(f"{item[0]}: {result}")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main_thread else None  # a kill reaches the except below
+    try:
+        while jobs or running:
+            while jobs and len(running) < max(1, args.parallel):
+                run_dir, text = jobs.pop(0)
+                running.append((run_dir, start(text, run_dir)))
+            time.sleep(0.2)
+            for item in list(running):
+                result = item[1]()
+                if result is None:
+                    continue
+                running.remove(item)
+                if result == "":
+                    print(f"done: {item[0]}", flush=True)
+                else:
+                    failed.append(f"{item[0]}: {result}")
+    except BaseException:  # Ctrl-C or a kill of the launcher: stop the runs it started (they resume from checkpoints)
+        for _, poll in running:
+            poll.stop()
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(args.seeds)} runs failed; first: {failed[0]}")
     return 0
@@ -157,6 +169,7 @@ def _fork(text, run_dir):
         if process.exitcode is None:
             return None
         return "" if process.exitcode == 0 else failure_line(log.read_text() if log.is_file() else f"exit {process.exitcode}")
+    poll.stop = process.terminate
     return poll
 
 
@@ -191,6 +204,7 @@ def _submit_local(text, run_dir):
             return ""
         except RuntimeError as exc:
             return str(exc)
+    poll.stop = job.cancel
     return poll
 
 
