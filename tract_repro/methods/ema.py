@@ -40,15 +40,23 @@ class EMA:
     def update(self, source):
         d = self.decay()
         self.steps += 1
-        src = dict(source.named_parameters())
-        mine = list(self.module.named_parameters())
-        torch._foreach_lerp_([p for _, p in mine], [src[name].detach() for name, _ in mine], d)  # p.lerp_(θ, d) for all
-        src_buffers = dict(source.named_buffers())
-        for name, b in self.module.named_buffers():
+        mine, theirs, buffers = self._pairs(source)
+        torch._foreach_lerp_(mine, theirs, d)  # p.lerp_(θ, d) for every parameter at once
+        for b, src in buffers:
             if b.is_floating_point():
-                b.lerp_(src_buffers[name], d)
+                b.lerp_(src, d)
             else:
-                b.copy_(src_buffers[name])
+                b.copy_(src)
+
+    def _pairs(self, source):
+        """(EMA parameters, source parameters, [(EMA buffer, source buffer)]) matched by name, looked up once
+        per source module (a module's tensors keep their identity; load_state_dict copies into them)."""
+        if getattr(self, "_cached", (None,))[0] is not source:
+            src, src_buffers = dict(source.named_parameters()), dict(source.named_buffers())
+            names = [name for name, _ in self.module.named_parameters()]
+            self._cached = (source, [p for _, p in self.module.named_parameters()], [src[n].detach() for n in names],
+                            [(b, src_buffers[n]) for n, b in self.module.named_buffers()])
+        return self._cached[1:]
 
     def restart(self):
         """Forget the history: the next update copies the source."""
