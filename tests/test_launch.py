@@ -161,6 +161,37 @@ def test_phases_run_as_separate_runs_equal_one_continuous_run(teacher_run, tmp_p
     assert json.loads((tmp_path / "p1" / "run.json").read_text())["final_student_steps"] == 1
 
 
+def test_one_phase_zero_serves_runs_that_differ_only_in_mu_I(teacher_run, tmp_path, capsys):
+    """A phase-0 run tracking extra inference EMAs continues into each μ_I's phase 1 exactly as that μ_I's own run would."""
+    whole = {label: write(tmp_path / f"{name}.gin", tract(teacher_run, total=256, extra=extra)) for name, label, extra in [
+        ("r", "residual=0.001", ""), ("m", "momentum=0.9", "inference_ema_momentum.momentum = 0.9")]}
+    shared = write(tmp_path / "shared.gin", tract(teacher_run, total=256, extra="inference_ema_momentum.residual = 0.01\n"
+                   "train.extra_inference_emas = [{'residual': 0.001}, {'momentum': 0.9}]"))
+    assert launch.main([shared, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0
+    info = json.loads((tmp_path / "p0" / "run.json").read_text())
+    assert info["inference_ema"] == "residual=0.01" and info["extra_inference_emas"] == ["residual=0.001", "momentum=0.9"]
+    for label, gin_file in whole.items():
+        assert launch.main([gin_file, "--workdir", str(tmp_path / f"whole_{label}")]) == 0
+        assert launch.main([gin_file, "--gin", "train.only_phase = 1", "--gin", f"train.previous = '{tmp_path / 'p0'}'",
+                            "--workdir", str(tmp_path / f"p1_{label}")]) == 0
+        a = torch.load(tmp_path / f"whole_{label}" / "ema.pt", weights_only=True)
+        b = torch.load(tmp_path / f"p1_{label}" / "ema.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), label
+    untracked = write(tmp_path / "u.gin", tract(teacher_run, total=256, extra="inference_ema_momentum.residual = 0.5"))
+    assert launch.main([untracked, "--gin", "train.only_phase = 1", "--gin", f"train.previous = '{tmp_path / 'p0'}'",
+                        "--workdir", str(tmp_path / "p1_u")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds no inference EMA with residual=0.5" in err and "train.extra_inference_emas" in err
+
+
+def test_extra_inference_emas_are_checked(teacher_run, tmp_path, capsys):
+    for i, (extra, message) in enumerate([("[{'residual': 0.001}]", "lists residual=0.001 twice"), ("[{'rate': 0.1}]", "has ['rate']")]):
+        gin_file = write(tmp_path / f"x{i}.gin", tract(teacher_run, total=64, extra=f"train.extra_inference_emas = {extra}"))
+        assert launch.main([gin_file, "--workdir", str(tmp_path / f"x{i}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err
+
+
 def test_continuing_a_different_run_is_refused(teacher_run, tmp_path, capsys):
     first = write(tmp_path / "a.gin", tract(teacher_run, total=256))
     assert launch.main([first, "--gin", "train.only_phase = 0", "--workdir", str(tmp_path / "p0")]) == 0

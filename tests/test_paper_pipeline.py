@@ -93,8 +93,10 @@ def test_the_chain_from_check_to_table(stages, expansion):
 def test_paper_phases_are_shared_across_tables(expansion):
     phases, _, evaluations = expansion
     where = {(e["table"], e["row"]): e["target"] for e in evaluations}
-    assert where[("table3", "mu_s_0.5")] == where[("table4", "mu_i_0.99995")] == where[("table5", "sched_1024_32_1")] \
-        == where[("table6", "sched_1024_32_1")]  # 2 × 48M is both "96M in all" and "48M per phase"
+    assert where[("table3", "mu_s_0.5")] == where[("table4", "mu_i_0.99995")] == where[("table5", "sched_1024_32_1")]
+    assert where[("table6", "sched_4096_512_64_8_1")] == where[("table5", "sched_4096_512_64_8_1")]  # 4 × 24M = 96M
+    # the first phase does not depend on μ_I: Table 1's TRACT (μ_I from residual 1e-3) and Table 4's fixed μ_I share it
+    assert phases[where[("table1", "tract_1step")]].previous is phases[where[("table4", "mu_i_0.999")]].previous
     assert phases[where[("table1", "tract_2steps")]].previous is phases[where[("table1", "tract_1step_256M")]].previous
     assert where[("table2", "tract_4steps")] == where[("table2", "tract_1step")]
     assert phases[where[("table1", "btd_1step")]].previous.key == where[("table1", "btd_2steps")]

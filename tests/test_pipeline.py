@@ -45,6 +45,21 @@ def test_identical_phases_are_shared_across_rows_and_tables(in_repo):
     # different μ_S means a different first phase
     firsts = {phases[where[("table3", r)]].previous.key for r in ("mu_s_0", "mu_s_0.5", "mu_s_0.9", "mu_s_0.99")}
     assert len(firsts) == 4
+    # a first phase is trained the same whatever μ_I: Table 1's TRACT (residual 1e-3) and every μ_I of Table 4
+    # continue from one phase-0 run, which tracks each of their inference EMAs; their second phases differ
+    mu_i_rows = [("table4", r) for r in ("mu_i_0.999", "mu_i_0.9999", "mu_i_0.99995", "mu_i_0.99999")] + [("table1", "tract_1step")]
+    first = phases[where[mu_i_rows[0]]].previous
+    assert all(phases[where[row]].previous is first for row in mu_i_rows)
+    assert len({where[row] for row in mu_i_rows}) == 5
+    assert first.ema_labels == {"residual=0.001", "residual=3.73e-86", "residual=2.89e-09", "residual=5.38e-05", "residual=0.14"}
+    bindings = first.stage_bindings()
+    assert "inference_ema_momentum.residual = 0.001" in bindings and not any(b.startswith("INFERENCE_EMA") for b in bindings)
+    assert "train.extra_inference_emas = [{'residual': 0.14}, {'residual': 2.89e-09}, {'residual': 3.73e-86}, " \
+           "{'residual': 5.38e-05}]" in bindings
+    # a run's final phase keeps μ_I in its identity: single-phase rows with different μ_I are different runs
+    assert all(not p.ema_labels for p in phases.values() if p.key in {e["target"] for e in evaluations})
+    # Table 6's 24M per phase is Table 5's four-phase row (96M over 4 phases)
+    assert where[("table6", "sched_4096_512_64_8_1")] == where[("table5", "sched_4096_512_64_8_1")]
     assert all(p.index == 0 or p.previous is not None for p in phases.values())
 
 

@@ -3,6 +3,9 @@
 A phase is identified by everything that determines its computation: the run template,
 the bindings other than schedule and lengths, the schedule up to its student, the phase
 lengths up to it, and T.  Rows whose runs agree on a prefix of phases share those phases.
+The first phase of a multi-phase run is trained the same whatever μ_I (the inference EMA only
+matters from the first phase boundary on): rows that differ in μ_I alone share it, and it tracks
+the inference EMA of each of their μ_I (``train.extra_inference_emas``).
 """
 import hashlib
 import json
@@ -13,10 +16,17 @@ import yaml
 
 from tract_repro import config
 from tract_repro.methods.phases import plan_phases
+from tract_repro.training.optim import bound_inference_ema_label, inference_ema_setting
 
 EXPERIMENTS = Path("experiments")
 DIGITS_RUNS = "runs/digits"
 LENGTH_MACROS = ("SCHEDULE", "TOTAL", "PHASE_LENGTH", "START_STEPS")
+MU_I_KEYS = ("INFERENCE_EMA", "inference_ema_momentum.momentum", "inference_ema_momentum.residual")
+
+
+def binding_name(line):
+    """'inference_ema_momentum.residual' of 'inference_ema_momentum.residual = 1e-3'."""
+    return line.split("=")[0].strip()
 
 
 def load_tables(root=EXPERIMENTS):
@@ -51,14 +61,27 @@ class Phase:
     student_steps: int
     teacher: str = "teacher"
     seeds: set = field(default_factory=set)
+    ema_labels: set = field(default_factory=set)  # a first phase shared across μ_I: every μ_I it must track
 
     @property
     def workdir(self):
         return f"{DIGITS_RUNS}/{self.key}"
 
+    def stage_bindings(self):
+        """The bindings its stage runs with; a first phase shared across μ_I runs the first (sorted) of its
+        μ_I settings and tracks the others as ``train.extra_inference_emas``."""
+        if not self.ema_labels:
+            return list(self.bindings)
+        main, *others = sorted(self.ema_labels)
+        setting = inference_ema_setting(main)
+        extras = [{k: v for k, v in inference_ema_setting(label).items() if v is not None} for label in others]
+        return ([b for b in self.bindings if binding_name(b) not in MU_I_KEYS]
+                + [f"inference_ema_momentum.{k} = {v}" for k, v in setting.items()]
+                + ([f"train.extra_inference_emas = {extras}"] if extras else []))
+
 
 def describe_run(gin_file, bindings):
-    """(schedule, phase lengths, effective config) of a run, computed by the engine from its gin config.
+    """(schedule, phase lengths, effective config, μ_I label) of a run, computed by the engine from its gin config.
 
     The effective config is gin's resolved configuration without the macros that only shape
     the phases (those are represented by the schedule and lengths themselves).
@@ -72,8 +95,28 @@ def describe_run(gin_file, bindings):
         raise ValueError(f"{gin_file} with {bindings}: phases of {[p.length for p in phases]} samples are shorter "
                          f"than one batch ({batch}); raise the budget in params.yaml")
     effective = [line for line in text.splitlines() if line.strip() and not line.startswith("#")
-                 and line.split("=")[0].strip() not in LENGTH_MACROS]
-    return steps, [p.length for p in phases], effective
+                 and binding_name(line) not in LENGTH_MACROS]
+    return steps, [p.length for p in phases], effective, bound_inference_ema_label()
+
+
+def chain_phases(phases, new_phase, run, described, last):
+    """Find or add (``new_phase(key, k, previous, student_steps)``) phases 0..last of a run; return the last.
+
+    ``described`` is :func:`describe_run`'s answer.  Phase 0 of a run that goes on to further phases
+    leaves μ_I out of its key and records the run's μ_I among those it tracks.
+    """
+    steps, lengths, effective, ema_label = described
+    previous = None
+    for k in range(last + 1):
+        shared = k == 0 and last > 0
+        identity = [line for line in effective if binding_name(line) not in MU_I_KEYS] if shared else effective
+        key = phase_key(run, identity, steps, lengths, k)
+        if key not in phases:
+            phases[key] = new_phase(key, k, previous, steps[k + 1])
+        if shared:
+            phases[key].ema_labels.add(ema_label)
+        previous = phases[key]
+    return previous
 
 
 def phase_key(run, effective, steps, lengths, k):
@@ -102,17 +145,21 @@ def expand(tables, templates, params):
                 evaluations.append(dict(common, target=spec["run"], teacher=spec["run"], seeds=[0]))
                 continue
             bindings = [f"{k} = {resolve(v, params)}" for k, v in sorted(spec.get("bindings", {}).items())]
-            steps, lengths, effective = describe_run(template["gin"], bindings)
-            last = spec.get("phase", len(lengths) - 1)
-            previous = None
-            for k in range(last + 1):
-                key = phase_key(spec["run"], effective, steps, lengths, k)
-                phase = phases.setdefault(key, Phase(key, spec["run"], template["gin"], bindings, k, previous,
-                                                     steps[k + 1], template["teacher"]))
+            described = describe_run(template["gin"], bindings)
+            last = spec.get("phase", len(described[1]) - 1)
+            previous = chain_phases(phases, lambda key, k, before, student: Phase(
+                key, spec["run"], template["gin"], bindings, k, before, student, template["teacher"]), spec["run"], described, last)
+            for phase in _chain(previous):
                 phase.seeds.update(seeds)
-                previous = phase
             evaluations.append(dict(common, target=previous.key, teacher=template["teacher"], seeds=list(seeds)))
     return phases, evaluations
+
+
+def _chain(phase):
+    """A phase and the phases before it."""
+    while phase is not None:
+        yield phase
+        phase = phase.previous
 
 
 def eval_file(evaluation, seed, root="results/digits/eval"):
@@ -177,13 +224,10 @@ def expand_paper(tables):
                 teachers[run] = dict(gin=gin_file, bindings=bindings, setup=setup)
                 evaluations.append(dict(common, target=run))
                 continue
-            steps, lengths, effective = describe_run(gin_file, bindings)
-            last = spec.get("phase", len(lengths) - 1)
-            previous = None
-            for k in range(last + 1):
-                key = phase_key(run, effective, steps, lengths, k)
-                previous = phases.setdefault(key, PaperPhase(key, run, gin_file, bindings, k, previous, steps[k + 1],
-                                                             None, {0}, setup))
+            described = describe_run(gin_file, bindings)
+            last = spec.get("phase", len(described[1]) - 1)
+            previous = chain_phases(phases, lambda key, k, before, student: PaperPhase(
+                key, run, gin_file, bindings, k, before, student, None, {0}, setup=setup), run, described, last)
             evaluations.append(dict(common, target=previous.key))
     return phases, teachers, evaluations
 

@@ -57,7 +57,7 @@ def teacher_stage(name, template):
 
 
 def phase_stage(phase):
-    args = [LAUNCH, phase.gin, *[f"--gin {quote(b)}" for b in phase.bindings],
+    args = [LAUNCH, phase.gin, *[f"--gin {quote(b)}" for b in phase.stage_bindings()],
             f"--gin {quote(f'TEACHER = {run_dir(phase.teacher)!r}')}", f"--gin {quote(f'train.only_phase = {phase.index}')}"]
     deps = gin_deps(phase.gin)
     if phase.previous is not None:
@@ -189,7 +189,7 @@ def teacher_import_stage(name, spec):
 
 def paper_phase_stage(phase):
     paths, params = setup_bindings(phase.setup)
-    args = [LAUNCH, "${paper.cluster}", phase.gin, *[f"--gin {quote(b)}" for b in phase.bindings], *paths,
+    args = [LAUNCH, "${paper.cluster}", phase.gin, *[f"--gin {quote(b)}" for b in phase.stage_bindings()], *paths,
             f"--gin {quote(f'train.only_phase = {phase.index}')}"]
     deps = gin_deps(phase.gin)
     if phase.previous is not None:

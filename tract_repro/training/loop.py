@@ -32,7 +32,9 @@ from tract_repro.training import distributed, preemption
 from tract_repro.training import teacher as teachers
 from tract_repro.training.device import Device
 from tract_repro.training.lengths import parse_samples
-from tract_repro.training.optim import adam, inference_ema_momentum, learning_rate
+from tract_repro.training.optim import (
+    adam, bound_inference_ema_label, inference_ema_label, inference_ema_momentum, inference_ema_setting, learning_rate,
+)
 from tract_repro.training.run_files import MetricsLog, write_json
 from tract_repro.training.step import LossDiverged, apply_update, backward_share
 
@@ -50,11 +52,14 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
           T=1024, parameterisation="v", teacher=None, batch_size=128, accumulate=1, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
           checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
-          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, device=None):
+          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, extra_inference_emas=(), device=None):
     """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
 
     With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
     final checkpoint of ``previous``, the run of phase p − 1 (so DVC can share phases between runs).
+    ``extra_inference_emas`` (e.g. ``[{'residual': 1e-3}, {'momentum': 0.999}]``) tracks further inference
+    EMAs with other μ_I settings beside the run's own, in its checkpoints: a phase of this run then serves
+    as the previous phase of runs that differ only in μ_I (each continues from the EMA of its own μ_I).
     ``device`` (a :class:`Device`, default ``Device()``) says where the networks run and in what precision.
     ``batch_size`` is the global batch of a step; with WORLD_SIZE > 1 in the environment each process
     trains on its slice of it, and ``accumulate = k`` splits each process's slice into k micro-batches
@@ -69,7 +74,7 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
 
 def _train(workdir, method, network, dataset, schedule, T, parameterisation, teacher, batch_size, accumulate, total,
            phase_lengths, grad_clip, loss_reduction, phase_reset, seed, threads, checkpoint_every, keep_checkpoints,
-           log_every, grid_every, grid_size, grid_scale, grid_max_steps, only_phase, previous, dev, world):
+           log_every, grid_every, grid_size, grid_scale, grid_max_steps, only_phase, previous, extra_inference_emas, dev, world):
     """The body of :func:`train`, in one process of ``world`` (a :class:`distributed.World`) on ``dev``."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
@@ -115,6 +120,9 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         self_teacher = EMA(student, method.self_teacher_momentum)
         nets.self_teacher = self_teacher.module
     inference = EMA(student, inference_ema_momentum(phases[0], batch_size))
+    own_ema = bound_inference_ema_label()  # μ_I of this run, e.g. 'residual=0.001'
+    extras = _extra_inference_emas(extra_inference_emas, own_ema, student, phases[0], batch_size)
+    info.update(inference_ema=own_ema, extra_inference_emas=list(extras))
     optimizer = adam(student.parameters())
     base_lr = optimizer.param_groups[0]["lr"]
     generator = torch.Generator().manual_seed(seed)
@@ -133,7 +141,12 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         samples, current = state["samples"], state["phase"]
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
-        inference.load_state_dict(state["inference_ema"])
+        tracked = _tracked_inference_emas(state, own_ema)
+        for label, ema in [(own_ema, inference), *extras.items()]:
+            if label not in tracked:
+                raise ValueError(f"{latest[-1]} holds no inference EMA with {label} (only {', '.join(sorted(tracked))}): "
+                                 f"add {inference_ema_setting(label)} to train.extra_inference_emas of the run that wrote it")
+            ema.load_state_dict(tracked[label])
         if self_teacher is not None:
             self_teacher.load_state_dict(state["self_teacher"])
         if nets.teacher is not None:
@@ -155,7 +168,8 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         if not main:
             return
         state = dict(samples=samples, phase=current, student=student.state_dict(), optimizer=optimizer.state_dict(),
-                     inference_ema=inference.state_dict(), rng_torch=rng_torch,
+                     inference_ema=inference.state_dict(), inference_ema_label=own_ema,
+                     extra_inference_emas=[dict(label=k, ema=e.state_dict()) for k, e in extras.items()], rng_torch=rng_torch,
                      rng_method=generator.get_state(), rng_device=rng_device)
         if world.size > 1:  # dropout streams of every rank, for an exact resume with the same world size
             state["rng_torch_ranks"] = [r for r, _ in every_rank]
@@ -183,7 +197,9 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         if phase.index != current:  # phase boundary: the teacher becomes the inference EMA (method-spec §5)
             nets.teacher.load_state_dict(inference.module.state_dict())
             inference.momentum = inference_ema_momentum(phase, batch_size)
-            _apply_resets(phase_reset, student, nets.teacher, self_teacher, inference, optimizer)
+            for label, ema in extras.items():
+                ema.momentum = inference_ema_momentum(phase, batch_size, **inference_ema_setting(label))
+            _apply_resets(phase_reset, student, nets.teacher, self_teacher, [inference, *extras.values()], optimizer)
             current = phase.index
         idx = order.indices(samples, batch_size)
         draws = StepRandom(generator, batch_size)  # the step's random tensors, drawn for the whole global batch
@@ -200,7 +216,7 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         lr = learning_rate(base_lr, samples, phase)
         try:
             loss, grad_norm = apply_update(student, optimizer, loss, lr, grad_clip,
-                                           [e for e in (self_teacher, inference) if e is not None], world)
+                                           [e for e in (self_teacher, inference, *extras.values()) if e is not None], world)
         except LossDiverged:
             raise LossDiverged(f"the loss became non-finite at sample {samples} ({info['method']}, parameterisation "
                                f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge") from None
@@ -287,13 +303,35 @@ def _restore_global_rng(state, dev, world, seed):
         torch.manual_seed(distributed.rank_seed(seed * 1_000_003 + state["samples"], world.rank))
 
 
-def _apply_resets(resets, student, teacher, self_teacher, inference, optimizer):
+def _extra_inference_emas(settings, own, student, phase, batch_size):
+    """{label: EMA} for ``train.extra_inference_emas``, each with its own μ_I for ``phase``."""
+    extras = {}
+    for setting in settings:
+        unknown = set(setting) - {"momentum", "residual"}
+        if unknown:
+            raise ValueError(f"train.extra_inference_emas entry {setting} has {sorted(unknown)}: use {{'momentum': m}} or {{'residual': r}}")
+        label = inference_ema_label(**setting)
+        if label == own or label in extras:
+            raise ValueError(f"train.extra_inference_emas lists {label} twice (or as the run's own μ_I): list each setting once")
+        extras[label] = EMA(student, inference_ema_momentum(phase, batch_size, **inference_ema_setting(label)))
+    return extras
+
+
+def _tracked_inference_emas(state, own):
+    """{label: EMA state} of the inference EMAs in a checkpoint (one written before labels holds only its own)."""
+    tracked = {state.get("inference_ema_label", own): state["inference_ema"]}
+    tracked.update({e["label"]: e["ema"] for e in state.get("extra_inference_emas", [])})
+    return tracked
+
+
+def _apply_resets(resets, student, teacher, self_teacher, inferences, optimizer):
     """Optional resets at a phase boundary; by default the student, self-teacher and optimiser carry on."""
     if "student" in resets:
         student.load_state_dict(teacher.state_dict())
     if "self_teacher" in resets and self_teacher is not None:
         self_teacher.restart()
     if "inference_ema" in resets:
-        inference.restart()
+        for ema in inferences:
+            ema.restart()
     if "optimizer" in resets:
         optimizer.state.clear()

@@ -37,3 +37,23 @@ def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
     if residual is None:
         raise ValueError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
     return momentum_from_residual(residual, math.ceil(phase.length / batch_size))
+
+
+def inference_ema_label(momentum=None, residual=None):
+    """A μ_I setting as text, 'momentum=0.999' (fixed) or 'residual=0.001' (derived per phase): names an EMA in checkpoints."""
+    if momentum is not None:
+        return f"momentum={float(momentum)!r}"
+    if residual is not None:
+        return f"residual={float(residual)!r}"
+    raise ValueError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
+
+
+def inference_ema_setting(label):
+    """The keyword arguments of :func:`inference_ema_momentum` that ``label`` names (its inverse)."""
+    name, value = label.split("=", 1)
+    return dict(momentum=float(value), residual=None) if name == "momentum" else dict(momentum=None, residual=float(value))
+
+
+def bound_inference_ema_label():
+    """The label of the μ_I setting bound in gin (inference_ema_momentum.momentum or .residual)."""
+    return inference_ema_label(**gin.get_bindings(inference_ema_momentum))
