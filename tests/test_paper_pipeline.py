@@ -24,7 +24,7 @@ def in_repo(monkeypatch):
 
 @pytest.fixture(scope="module")
 def stages():
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return pipeline.load_stages(ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_check_writes_identities_when_everything_is_there(tmp_path, monkeypatch)
 
 def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
     """A fresh copy of the repository with no data, teachers or Inception weights: the first stage stops."""
-    for item in ("gin", "experiments", "params.yaml", "dvc.yaml"):
+    for item in ("gin", "experiments", "params.yaml", "dvc.yaml", "pipelines"):
         src = ROOT / item
         shutil.copytree(src, tmp_path / item) if src.is_dir() else shutil.copy(src, tmp_path / item)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
@@ -267,7 +267,7 @@ def test_tiny_paper_chain_runs_with_dvc(tmp_path):
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
     assert run(sys.executable, "-m", "tract_repro.results.pipeline").returncode == 0
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    stages = pipeline.load_stages(tmp_path)
     runs = sorted(k for k in stages if k.startswith("paper_run_"))
     assert len(runs) == 2 and sum(k.startswith("paper_eval_") for k in stages) == 1  # both rows: one run, two K
     assert run("git", "init", "-q").returncode == 0 and run("dvc", "init", "-q").returncode == 0

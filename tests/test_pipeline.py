@@ -28,8 +28,40 @@ def real_expansion():
 
 def test_dvc_yaml_is_current(in_repo):
     params = yaml.safe_load(Path("params.yaml").read_text())
-    expected = pipeline.build(load_tables(), load_run_templates(), params["digits"], params["paper"])
-    assert yaml.safe_load(Path("dvc.yaml").read_text()) == expected, "run `python -m tract_repro.results.pipeline`"
+    tables = load_tables()
+    expected = pipeline.split(pipeline.build(tables, load_run_templates(), params["digits"], params["paper"]), tables)
+    found = {f.as_posix(): yaml.safe_load(f.read_text()) for f in map(Path, pipeline.pipeline_files())}
+    assert found == expected, "run `python -m tract_repro.results.pipeline`"
+
+
+def test_run_and_evaluation_stages_live_beside_their_first_table(in_repo):
+    """dvc.yaml keeps what a user names; each run or evaluation stage sits in pipelines/<table>/dvc.yaml
+    (DVC rewrites that file's small lock after each stage) and runs from the repository root."""
+    root = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    assert {"digits_table1", "digits_classifier", "digits_teacher", "table1"} <= set(root)
+    assert not [n for n in root if n.startswith(("digits_run_", "digits_eval_", "paper_run_", "paper_eval_"))]
+    table1 = yaml.safe_load(Path("pipelines/table1/dvc.yaml").read_text())
+    assert table1["vars"] == ["../../params.yaml"] and all(s["wdir"] == "../.." for s in table1["stages"].values())
+    assert "digits_eval_teacher" in table1["stages"]
+    # the first phase Table 1's TRACT shares with Tables 3 and 4 belongs to Table 1
+    shared = [n for n in table1["stages"] if n.startswith("digits_run_tract_1024-32_")]
+    assert len(shared) == 1 and "extra_inference_emas" in table1["stages"][shared[0]]["cmd"]
+    table4 = yaml.safe_load(Path("pipelines/table4/dvc.yaml").read_text())["stages"]
+    assert not [n for n in table4 if n.startswith("digits_run_tract_1024-32_")]
+
+
+def test_regenerating_re_files_lock_entries_and_drops_stale_ones(tmp_path):
+    files = {"dvc.yaml": {"stages": {"t": {"cmd": "x"}}},
+             "pipelines/a/dvc.yaml": {"vars": ["../../params.yaml"], "stages": {"r1": {"wdir": "../..", "cmd": "y"}}}}
+    (tmp_path / "pipelines" / "old").mkdir(parents=True)
+    (tmp_path / "pipelines" / "old" / "dvc.yaml").write_text("stages: {r1: {cmd: y}, gone: {cmd: z}}\n")
+    (tmp_path / "pipelines" / "old" / "dvc.lock").write_text("schema: '2.0'\nstages:\n  r1:\n    cmd: y\n  gone:\n    cmd: z\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  t:\n    cmd: x\n")
+    pipeline.write(files, tmp_path)
+    assert not (tmp_path / "pipelines" / "old").exists()
+    assert yaml.safe_load((tmp_path / "pipelines" / "a" / "dvc.lock").read_text()) == {"schema": "2.0", "stages": {"r1": {"cmd": "y"}}}
+    assert yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"] == {"t": {"cmd": "x"}}
+    assert set(pipeline.load_stages(tmp_path)) == {"t", "r1"}
 
 
 def test_identical_phases_are_shared_across_rows_and_tables(in_repo):
@@ -122,7 +154,7 @@ def test_small_pipeline_runs_with_dvc(tmp_path):
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
     assert run(sys.executable, "-m", "tract_repro.results.pipeline").returncode == 0
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    stages = pipeline.load_stages(tmp_path)
     assert sum(name.startswith("digits_run_tract_1024-32_") for name in stages) == 1  # phase 0 shared by both TRACT rows
     assert run("git", "init", "-q").returncode == 0 and run("dvc", "init", "-q").returncode == 0
     done = run("dvc", "repro", "digits_tiny")
@@ -162,7 +194,7 @@ def test_budget_sweep_plots_lines_against_the_budget(tmp_path, sweep, span):
 
 
 def test_each_teacher_has_its_stage_and_edm_rows_use_the_edm_teacher(in_repo):
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    stages = pipeline.load_stages()
     assert "digits_teacher" in stages and "digits_edm_teacher" in stages
     assert stages["digits_edm_teacher"]["deps"] == ["gin/digits_edm_teacher.gin", "gin/digits/edm.gin"]
     edm_phases = [v for k, v in stages.items() if k.startswith("digits_run_tract_edm_") or k.startswith("digits_run_btd_edm_")]

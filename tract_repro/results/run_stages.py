@@ -17,16 +17,17 @@ from pathlib import Path
 import yaml
 
 from tract_repro.results.experiments import expand, load_run_templates, load_tables
+from tract_repro.results.pipeline import load_stages
 
 
-def table_stages(table, dvc_file="dvc.yaml", params_file="params.yaml"):
-    """The run stages (name → stage) that the digits rows of ``table`` need, from dvc.yaml."""
+def table_stages(table, root=".", params_file="params.yaml"):
+    """The run stages (name → stage) that the digits rows of ``table`` need, from the pipeline files."""
     params = yaml.safe_load(Path(params_file).read_text())["digits"]
     tables = load_tables()
     if table not in tables:
         raise ValueError(f"no experiments/{table}.yaml: choose from {', '.join(tables)}")
     phases, _ = expand({table: tables[table]}, load_run_templates(), params)
-    stages = yaml.safe_load(Path(dvc_file).read_text())["stages"]
+    stages = load_stages(root)
     missing = [k for k in phases if f"digits_run_{k}" not in stages]
     if missing:
         raise ValueError(f"dvc.yaml has no stage for {missing[0]}: regenerate it with `python -m tract_repro.results.pipeline`")
