@@ -119,8 +119,8 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
     if method.self_teacher_momentum is not None:
         self_teacher = EMA(student, method.self_teacher_momentum)
         nets.self_teacher = self_teacher.module
-    inference = EMA(student, inference_ema_momentum(phases[0], batch_size))
     own_ema = bound_inference_ema_label()  # μ_I of this run, e.g. 'residual=0.001'
+    inference = EMA(student, inference_ema_momentum(phases[0], batch_size, **inference_ema_setting(own_ema)))
     extras = _extra_inference_emas(extra_inference_emas, own_ema, student, phases[0], batch_size)
     info.update(inference_ema=own_ema, extra_inference_emas=list(extras))
     optimizer = adam(student.parameters())
@@ -196,8 +196,7 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         phase = phase_at(phases, samples)
         if phase.index != current:  # phase boundary: the teacher becomes the inference EMA (method-spec §5)
             nets.teacher.load_state_dict(inference.module.state_dict())
-            inference.momentum = inference_ema_momentum(phase, batch_size)
-            for label, ema in extras.items():
+            for label, ema in [(own_ema, inference), *extras.items()]:  # each μ_I for the new phase's length
                 ema.momentum = inference_ema_momentum(phase, batch_size, **inference_ema_setting(label))
             _apply_resets(phase_reset, student, nets.teacher, self_teacher, [inference, *extras.values()], optimizer)
             current = phase.index

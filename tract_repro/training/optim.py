@@ -32,10 +32,9 @@ def learning_rate(base_lr, samples, phase, warmup=0, decay="constant"):
 @gin.configurable
 def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
     """μ_I: fixed if ``momentum`` is set, else r^(1/n) from a residual r and the n steps of the phase (method-spec §5)."""
+    inference_ema_label(momentum, residual)  # one of the two must be set: the one-line error if not
     if momentum is not None:
         return float(momentum)
-    if residual is None:
-        raise ValueError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
     return momentum_from_residual(residual, math.ceil(phase.length / batch_size))
 
 
