@@ -9,6 +9,8 @@ Cases (each prints its before and after):
 * ``startup``: a run's process start (import, config, data, networks, optimiser, first step), as a
   fresh interpreter (submitit's local jobs, the old ``--seeds``) vs forked from a launcher that has
   imported everything (``--seeds`` now).
+* ``exit``: a stage process's import and exit (what the launcher, evaluate and the table stage
+  do besides their work), with the interpreter's normal teardown vs ``tract_repro.process.exit_now``.
 * ``teacher``: digits-teacher samples/s, one process on 2 threads vs two one-thread data-parallel
   ranks (``local_executor.tasks_per_node = 2``), 12,800 samples each.
 """
@@ -118,6 +120,23 @@ def startup_case(repeats=3):
     return rows
 
 
+EXIT = {"normal exit (sys.exit)": "import sys\n{imports}\nsys.exit(0)\n",
+        "exit_now (no teardown)": "{imports}\nfrom tract_repro.process import exit_now\nexit_now(0)\n"}
+
+
+def exit_case(repeats=5):
+    rows = []
+    for what, imports in (("launcher", "import tract_repro.launch, torch._dynamo"), ("evaluate", "import tract_repro.evaluate")):
+        for label, code in EXIT.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code.format(imports=imports)], cwd=ROOT, check=True)
+                times.append(time.perf_counter() - t0)
+            rows.append((f"{what} import + {label}", f"{min(times):.2f} s (min of {repeats})"))
+    return rows
+
+
 def teacher_case(samples=12800):
     env = dict(os.environ, TQDM_DISABLE="1")
     rows = []
@@ -133,7 +152,7 @@ def teacher_case(samples=12800):
     return rows
 
 
-CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "teacher": teacher_case}
+CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "teacher": teacher_case}
 
 
 def main():
@@ -142,8 +161,9 @@ def main():
     args = parser.parse_args()
     rows = []
     for name in args.only:
-        rows += CASES[name]()
-        print(tabulate(rows[-2:], tablefmt="plain"), flush=True)
+        new = CASES[name]()
+        rows += new
+        print(tabulate(new, tablefmt="plain"), flush=True)
     print()
     print(tabulate(rows, headers=["case", "measured"], tablefmt="github"))
 

@@ -245,3 +245,23 @@ def test_seeds_run_in_forked_processes_that_stop_with_the_launcher(teacher_run, 
     else:
         os.killpg(launcher.pid, signal.SIGKILL)
         raise AssertionError("forked runs outlived their launcher")
+
+
+EXIT_PROGRAM = """
+import atexit, sys
+from tract_repro.process import exit_now
+atexit.register(lambda: open(sys.argv[1], "w").write("atexit ran"))
+print("buffered line", end="")          # stdout is a pipe: block-buffered until flushed
+print("and stderr", end="", file=sys.stderr)
+exit_now(int(sys.argv[2]) if sys.argv[2] != "None" else None)
+"""
+
+
+@pytest.mark.parametrize("code, status", [(3, 3), (0, 0), ("None", 0)])
+def test_exit_now_flushes_output_and_runs_atexit_before_it_exits(tmp_path, code, status):
+    """The entry points end with exit_now (no interpreter teardown): nothing printed or registered is lost."""
+    marker = tmp_path / "marker"
+    done = subprocess.run([sys.executable, "-c", EXIT_PROGRAM, str(marker), str(code)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stdout, done.stderr) == (status, "buffered line", "and stderr")
+    assert marker.read_text() == "atexit ran"

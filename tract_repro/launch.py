@@ -260,4 +260,6 @@ def _wait(job):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tract_repro.process import exit_now
+
+    exit_now(main())

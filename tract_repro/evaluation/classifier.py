@@ -103,4 +103,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tract_repro.process import exit_now
+
+    exit_now(main())
