@@ -165,7 +165,7 @@ def fake_metrics(path, run, steps, fids, mode="clean"):
 
 
 def test_table_stage_writes_the_paper_scale_column(tmp_path, monkeypatch, expansion):
-    for item in ("gin", "experiments", "params.yaml"):
+    for item in ("gin", "experiments", "params.yaml", "pipelines"):
         src = ROOT / item
         shutil.copytree(src, tmp_path / item) if src.is_dir() else shutil.copy(src, tmp_path / item)
     monkeypatch.chdir(tmp_path)

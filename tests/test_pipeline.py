@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from tract_repro.results import pipeline, tables
-from tract_repro.results.experiments import expand, load_run_templates, load_tables, resolve
+from tract_repro.results.experiments import (
+    EVALUATIONS, expand, load_run_templates, load_tables, read_evaluations, resolve,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +31,12 @@ def real_expansion():
 def test_dvc_yaml_is_current(in_repo):
     params = yaml.safe_load(Path("params.yaml").read_text())
     tables = load_tables()
-    expected = pipeline.split(pipeline.build(tables, load_run_templates(), params["digits"], params["paper"]), tables)
+    built = pipeline.build(tables, load_run_templates(), params["digits"], params["paper"])
     found = {f.as_posix(): yaml.safe_load(f.read_text()) for f in map(Path, pipeline.pipeline_files())}
-    assert found == expected, "run `python -m tract_repro.results.pipeline`"
+    assert found == pipeline.split(built, tables), "run `python -m tract_repro.results.pipeline`"
+    # the table stages read each row's evaluation from the index written beside the pipeline files
+    assert json.loads(Path(EVALUATIONS).read_text()) == json.loads(json.dumps(built["evaluations"]))
+    assert read_evaluations("digits")["table1"]["tract_1step_student_2steps"]["steps"] == 2
 
 
 def test_run_and_evaluation_stages_live_beside_their_first_table(in_repo):
@@ -48,6 +53,33 @@ def test_run_and_evaluation_stages_live_beside_their_first_table(in_repo):
     assert len(shared) == 1 and "extra_inference_emas" in table1["stages"][shared[0]]["cmd"]
     table4 = yaml.safe_load(Path("pipelines/table4/dvc.yaml").read_text())["stages"]
     assert not [n for n in table4 if n.startswith("digits_run_tract_1024-32_")]
+
+
+def _producers(stages, name):
+    """The stages that write ``name``'s deps."""
+    made = {next(iter(o)) if isinstance(o, dict) else o: n for n, s in stages.items()
+            for kind in ("outs", "metrics") for o in s.get(kind) or []}
+    return {made[d] for d in stages[name]["deps"] if d in made}
+
+
+def test_runs_shown_by_the_same_tables_share_one_evaluation_stage(in_repo):
+    """One evaluation stage per teacher and per set of tables showing the same runs: a table waits only for the
+    runs it shows, and each evaluation process covers all the group's runs and seeds."""
+    stages = pipeline.load_stages()
+    phases, evaluations = real_expansion()
+    shared = {e["target"] for e in evaluations if e["table"] == "table3" and e["row"] == "mu_s_0.5"}
+    assert {e["table"] for e in evaluations if e["target"] in shared} == {"table3", "table4", "table5"}
+    assert _producers(stages, "digits_table4") == {"digits_eval_table4", "digits_eval_table3-table4-table5"}
+    assert _producers(stages, "digits_table1") == {"digits_eval_teacher", "digits_eval_table1",
+                                                   "digits_eval_table1-budget_sweep"}
+    table4 = stages["digits_eval_table4"]
+    shown = sorted({e["target"] for e in evaluations if e["table"] == "table4"} - shared)
+    assert len(shown) == 3 and table4["deps"] == sorted(
+        ["runs/digits/classifier", "runs/digits/teacher", *[f"runs/digits/{t}" for t in shown]])
+    assert len(table4["cmd"]) == 1 and all(f"runs/digits/{t}/s{s}" in table4["cmd"][0] for t in shown for s in (0, 1, 2))
+    # every evaluation file is written by exactly one stage
+    outs = [next(iter(m)) for s in stages.values() for m in s.get("metrics") or [] if "/eval/" in next(iter(m))]
+    assert len(outs) == len(set(outs))
 
 
 def test_regenerating_re_files_lock_entries_and_drops_stale_ones(tmp_path):

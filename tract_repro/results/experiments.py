@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from tract_repro import config
-from tract_repro.methods.phases import plan_phases
-from tract_repro.training.optim import bound_inference_ema_label, inference_ema_setting
+# The engine (gin configurables, torch) is imported inside the functions that parse run configs, so
+# that reading experiments and evaluations (tables.py, a stage of every table) starts without torch.
 
 EXPERIMENTS = Path("experiments")
+EVALUATIONS = "pipelines/evaluations.json"  # what each table row evaluates: written with dvc.yaml, read by table stages
 DIGITS_RUNS = "runs/digits"
 LENGTH_MACROS = ("SCHEDULE", "TOTAL", "PHASE_LENGTH", "START_STEPS")
 MU_I_KEYS = ("INFERENCE_EMA", "inference_ema_momentum.momentum", "inference_ema_momentum.residual")
@@ -29,13 +29,26 @@ def binding_name(line):
     return line.split("=")[0].strip()
 
 
+def load_yaml(path):
+    """A YAML file's content, by libyaml's C parser where PyYAML has it (10× faster)."""
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_tables(root=EXPERIMENTS):
     """{table name: definition} for every experiments/<table>.yaml except runs.yaml."""
-    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(Path(root).glob("*.yaml")) if p.stem != "runs"}
+    return {p.stem: load_yaml(p) for p in sorted(Path(root).glob("*.yaml")) if p.stem != "runs"}
 
 
 def load_run_templates(root=EXPERIMENTS):
-    return yaml.safe_load((Path(root) / "runs.yaml").read_text())
+    return load_yaml(Path(root) / "runs.yaml")
+
+
+def read_evaluations(scale, root="."):
+    """{table: {row: evaluation}} at ``scale`` ('digits' or 'paper'), as the pipeline generator expanded them."""
+    path = Path(root) / EVALUATIONS
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: write it with `python -m tract_repro.results.pipeline`")
+    return json.loads(path.read_text()).get(scale, {})
 
 
 def resolve(value, params):
@@ -70,6 +83,8 @@ class Phase:
     def stage_bindings(self):
         """The bindings its stage runs with; a first phase shared across μ_I runs the first (sorted) of its
         μ_I settings and tracks the others as ``train.extra_inference_emas``."""
+        from tract_repro.training.optim import inference_ema_setting
+
         if not self.ema_labels:
             return list(self.bindings)
         main, *others = sorted(self.ema_labels)
@@ -86,6 +101,10 @@ def describe_run(gin_file, bindings):
     The effective config is gin's resolved configuration without the macros that only shape
     the phases (those are represented by the schedule and lengths themselves).
     """
+    from tract_repro import config
+    from tract_repro.methods.phases import plan_phases
+    from tract_repro.training.optim import bound_inference_ema_label
+
     text = config.parse([gin_file], bindings)
     method, T = config.build("train.method"), config.query("train.T", 1024)
     steps = method.steps(T)
@@ -187,6 +206,8 @@ class PaperPhase(Phase):
 
 def setup_of_parsed():
     """The setup of the gin config just parsed: its dataset and teacher family, e.g. 'cifar10_pd'."""
+    from tract_repro import config
+
     dataset = config.query("train.dataset")
     name = getattr(dataset, "selector", str(dataset)).split(".")[-1]
     family = "edm" if config.query("train.parameterisation") == "edm" else "pd"
@@ -209,6 +230,8 @@ def expand_paper(tables):
     Phases are shared between rows and tables exactly as at digits scale.  A row whose gin file trains no
     student (a teacher, e.g. gin/cifar10_teacher.gin) evaluates the imported teacher checkpoint.
     """
+    from tract_repro import config
+
     phases, teachers, evaluations = {}, {}, []
     for name, table in tables.items():
         for row in table["rows"]:

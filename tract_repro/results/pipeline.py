@@ -3,8 +3,8 @@
     python -m tract_repro.results.pipeline          # regenerate dvc.yaml after editing experiments/ or params.yaml
 
 Digits scale (``digits_*``): digits_classifier → digits_teacher → one stage per shared phase
-(all seeds, run as parallel one-thread jobs) → one evaluation stage per evaluated phase →
-digits_<table>.
+(all seeds, run as parallel one-thread jobs) → evaluation stages (one per teacher, one per set of
+tables showing the same runs, e.g. ``digits_eval_table5-table6``) → digits_<table>.
 
 Files: ``dvc.yaml`` holds what a user names (the tables, the classifier and teachers, the paper-scale
 checks, references and imports); each run and evaluation stage goes to ``pipelines/<table>/dvc.yaml``
@@ -19,6 +19,7 @@ paper_import_<name> (an imported teacher, for the teacher rows) → paper_run_<p
 shared phase, ``python -m tract_repro.launch … --executor ${paper.executor} --wait``) →
 paper_eval_<run> (FID, 3 seed ranges) → <table> (the paper-scale column of results/<table>.md).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 
 from tract_repro.results.check import SETUPS
 from tract_repro.results.experiments import (
-    DIGITS_RUNS, PAPER_RUNS, eval_file, expand, expand_paper, load_run_templates, load_tables, paper_eval_file,
+    DIGITS_RUNS, EVALUATIONS, PAPER_RUNS, eval_file, expand, expand_paper, load_run_templates, load_tables, paper_eval_file,
 )
 
 CLASSIFIER_DIR = f"{DIGITS_RUNS}/classifier"
@@ -83,25 +84,34 @@ def phase_stage(phase):
     return dict(cmd=" ".join(args), deps=deps, params=["digits.parallel"], outs=[phase.workdir])
 
 
-def eval_stage(target, teacher, is_teacher, requests):
-    """Evaluate one run (all its seeds) for every (sampler, steps) its rows ask for: one process per
-    (sampler, steps), evaluating every seed (start-up, classifier and teacher reference paid once)."""
+def eval_stage(targets):
+    """Evaluate runs (all their seeds) for every (sampler, steps) their rows ask for: one process per
+    (sampler, steps), evaluating every run and seed (start-up, classifier and teacher references paid once).
+
+    ``targets``: {target: dict(teacher=…, requests={(sampler, seed): {steps}})}.
+    """
     groups = {}
-    for (sampler, seed), steps in sorted(requests.items()):
-        groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append(seed)
+    for target, entry in sorted(targets.items()):
+        for (sampler, seed), steps in sorted(entry["requests"].items()):
+            groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append((target, seed))
     cmds, metrics, pngs = [], [], []
-    for (sampler, steps), seeds in sorted(groups.items()):
-        runs = [run_dir(target) if is_teacher else f"{run_dir(target)}/s{seed}" for seed in seeds]
-        outs = [eval_file(dict(target=target, sampler=sampler), seed) for seed in seeds]
+    for (sampler, steps), members in sorted(groups.items()):
+        runs = [run_dir(t) if t == targets[t]["teacher"] else f"{run_dir(t)}/s{seed}" for t, seed in members]
+        outs = [eval_file(dict(target=t, sampler=sampler), seed) for t, seed in members]
         chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
         cmds.append(f"python -m tract_repro.evaluate {' '.join(runs)} --steps {' '.join(map(str, steps))}{chosen} "
                     f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} --threads ${{digits.eval_threads}} "
                     f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {' '.join(outs)}")
         metrics += [{out: {"cache": False}} for out in outs]
         pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for out in outs for k in steps]
-    deps = sorted({run_dir(target), CLASSIFIER_DIR, run_dir(teacher)})
+    deps = sorted({run_dir(t) for t in targets} | {run_dir(e["teacher"]) for e in targets.values()} | {CLASSIFIER_DIR})
     return dict(cmd=cmds, deps=deps,
                 params=["digits.eval_samples", "digits.reference_steps", "digits.eval_threads"], metrics=metrics, outs=pngs)
+
+
+def table_order(tables):
+    """Tables in the order that owns shared stages: TABLE_ORDER, then the others by name."""
+    return sorted(tables, key=lambda t: (TABLE_ORDER.index(t) if t in TABLE_ORDER else len(TABLE_ORDER), t))
 
 
 def build(tables, templates, params, paper=None):
@@ -109,8 +119,9 @@ def build(tables, templates, params, paper=None):
     (its paper section), the paper-scale stages."""
     pipeline = build_digits(tables, templates, params)
     if paper is not None:
-        pipeline["stages"].update(build_paper(tables, paper, digits_tables={
-            name[len("digits_"):] for name in pipeline["stages"] if name[len("digits_"):] in tables}))
+        stages, pipeline["evaluations"]["paper"] = build_paper(tables, paper, digits_tables={
+            name[len("digits_"):] for name in pipeline["stages"] if name[len("digits_"):] in tables})
+        pipeline["stages"].update(stages)
     return pipeline
 
 
@@ -126,14 +137,22 @@ def build_digits(tables, templates, params):
             stages[f"digits_{name}"] = teacher_stage(name, template)
     for key in sorted(phases):
         stages[f"digits_run_{key}"] = phase_stage(phases[key])
+    # A teacher's evaluation is its own stage (1024 steps: the costliest).  Student runs shown by the same
+    # tables share one stage and one process per (sampler, steps), e.g. digits_eval_table3-table4-table5:
+    # each table still needs only the runs it shows, and start-up is paid once per group, not per run.
+    order = table_order(tables)
+    shown = {}
+    for e in evaluations:
+        shown.setdefault(e["target"], set()).add(e["table"])
     wanted = {}
     for e in evaluations:
-        entry = wanted.setdefault(e["target"], dict(teacher=e["teacher"], requests={}))
+        target = e["target"]
+        group = target if target == e["teacher"] else "-".join(t for t in order if t in shown[target])
+        entry = wanted.setdefault(group, {}).setdefault(target, dict(teacher=e["teacher"], requests={}))
         for seed in e["seeds"]:
             entry["requests"].setdefault((e["sampler"], seed), set()).add(e["steps"])
-    for target in sorted(wanted):
-        entry = wanted[target]
-        stages[f"digits_eval_{target}"] = eval_stage(target, entry["teacher"], target == entry["teacher"], entry["requests"])
+    for group, targets in sorted(wanted.items()):
+        stages[f"digits_eval_{group}"] = eval_stage(targets)
     for name in tables:
         rows = [e for e in evaluations if e["table"] == name]
         if not rows:
@@ -141,13 +160,13 @@ def build_digits(tables, templates, params):
         deps = sorted({eval_file(e, s) for e in rows for s in e["seeds"]})
         runs = sorted({f"{run_dir(e['target'])}/s{s}" for e in rows if e["target"] != e["teacher"] for s in e["seeds"]})
         stages[f"digits_{name}"] = dict(
-            cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", *deps, *runs],
+            cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", EVALUATIONS, *deps, *runs],
             metrics=[{f"results/digits/{name}.json": {"cache": False}}],
             outs=[{f"results/{name}.md": {"cache": False}}, {f"results/digits/{name}.png": {"cache": False}},
                   {f"results/digits/{name}_curves.png": {"cache": False}}],
             plots=[{f"results/digits/{name}.csv": {"cache": False, "x": "nfe", "y": "digits_fd", "template": "scatter"}},
                    {f"results/digits/{name}_curves.csv": {"cache": False, "x": "samples", "y": "loss", "template": "scatter"}}])
-    return {"stages": stages}
+    return {"stages": stages, "evaluations": {"digits": index(evaluations)}}
 
 
 # ------------------------------------------------------------------------------------ paper scale
@@ -260,12 +279,20 @@ def build_paper(tables, paper, digits_tables=()):
         if not rows:
             continue
         stage = dict(cmd=f"python -m tract_repro.results.tables {name} --paper-scale",
-                     deps=[f"experiments/{name}.yaml", *sorted({paper_eval_file(e) for e in rows})],
+                     deps=[f"experiments/{name}.yaml", EVALUATIONS, *sorted({paper_eval_file(e) for e in rows})],
                      metrics=[{f"results/paper/{name}.json": {"cache": False}}])
         if name not in digits_tables:  # no digits stage writes this table's Markdown
             stage["outs"] = [{f"results/{name}.md": {"cache": False}}]
         stages[name] = stage
-    return stages
+    return stages, index(evaluations)
+
+
+def index(evaluations):
+    """{table: {row: evaluation}}: what each row evaluates, as the table stages read it from EVALUATIONS."""
+    rows = {}
+    for e in evaluations:
+        rows.setdefault(e["table"], {})[e["row"]] = {k: v for k, v in e.items() if k not in ("table", "row")}
+    return rows
 
 
 def split(pipeline, tables):
@@ -288,9 +315,8 @@ def split(pipeline, tables):
     def owned(name):
         return name.startswith(("digits_run_", "digits_eval_", "paper_run_", "paper_eval_"))
 
-    order = sorted(tables, key=lambda t: (TABLE_ORDER.index(t) if t in TABLE_ORDER else len(TABLE_ORDER), t))
     owner = {}
-    for table in order:
+    for table in table_order(tables):
         for root in (f"digits_{table}", table):
             for name in sorted(upstream(root, set()) if root in stages else ()):
                 if owned(name):
@@ -341,6 +367,12 @@ def write(files, root="."):
                 rt.dump({"schema": "2.0", "stages": kept}, out)
 
 
+def write_index(evaluations, root="."):
+    path = Path(root) / EVALUATIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(evaluations, indent=1, sort_keys=True) + "\n")
+
+
 def main(argv=None):
     try:
         all_params = yaml.safe_load(Path("params.yaml").read_text())
@@ -351,6 +383,7 @@ def main(argv=None):
         return 2
     files = split(pipeline, tables)
     write(files)
+    write_index(pipeline["evaluations"])
     print(f"{len(pipeline['stages'])} stages in {len(files)} files: dvc.yaml and {PIPELINES}/<table>/dvc.yaml")
     return 0
 

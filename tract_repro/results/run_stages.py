@@ -4,7 +4,8 @@
 
 Runs the same commands as ``dvc repro`` would (``${digits.*}`` taken from params.yaml, or
 ``--set``), each stage once its upstream stages have finished, ``--jobs`` stages at a time.
-Afterwards, on a machine with DVC, record the evaluations with ``dvc repro -s digits_eval_…``.
+Afterwards, on a machine with DVC, record the evaluations with ``dvc repro -s digits_eval_<tables>``
+(e.g. ``digits_eval_budget_sweep_gpu``).
 """
 import argparse
 import re

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import matplotlib
 import pandas as pd
-import yaml
 from tabulate import tabulate
 
-from tract_repro.results.experiments import PAPER_EVAL, eval_file, load_tables, paper_eval_file
+from tract_repro.results.experiments import PAPER_EVAL, eval_file, load_tables, load_yaml, paper_eval_file, read_evaluations
 from tract_repro.training.lengths import parse_samples
 
 matplotlib.use("Agg")
@@ -46,8 +45,6 @@ def digits_scores(table, eval_dir=EVAL_DIR):
     return pd.DataFrame.from_records(records, columns=["row", "seed", "nfe", "digits_fd", "fidelity_rmse",
                                                        "noise_floor", "samples"])
 
-
-_EVALUATIONS = {}
 
 
 def training_curves(table, runs_root="runs/digits"):
@@ -87,27 +84,13 @@ def plot_curves(table, curves, path):
 
 
 def _evaluation_of(table_name, row_id):
-    """What a row evaluates (from the same expansion that wrote dvc.yaml), or None for rows without a digits run."""
-    if not _EVALUATIONS:
-        from tract_repro.results.experiments import expand, load_run_templates
-
-        params = yaml.safe_load(Path("params.yaml").read_text())["digits"]
-        for e in expand(load_tables(), load_run_templates(), params)[1]:
-            _EVALUATIONS[(e["table"], e["row"])] = e
-    return _EVALUATIONS.get((table_name, row_id))
-
-
-_PAPER_EVALUATIONS = {}
+    """What a row evaluates (the expansion that wrote dvc.yaml, saved beside it), or None for rows without a digits run."""
+    return read_evaluations("digits").get(table_name, {}).get(row_id)
 
 
 def _paper_evaluation_of(table_name, row_id):
     """What a row evaluates at paper scale (the expansion that wrote dvc.yaml), or None."""
-    if not _PAPER_EVALUATIONS:
-        from tract_repro.results.experiments import expand_paper
-
-        for e in expand_paper(load_tables())[2]:
-            _PAPER_EVALUATIONS[(e["table"], e["row"])] = e
-    return _PAPER_EVALUATIONS.get((table_name, row_id))
+    return read_evaluations("paper").get(table_name, {}).get(row_id)
 
 
 def paper_scores(table, eval_dir=PAPER_EVAL):
@@ -265,7 +248,11 @@ def main(argv=None):
             print(f"error: no experiments/{name}.yaml; choose from {', '.join(tables)}", file=sys.stderr)
             return 2
         table = tables[name]
-        scores = digits_scores(table)
+        try:
+            scores = digits_scores(table)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         summary = summarise(scores)
         if not scores.empty:
             summary.attrs.update(noise_floor=scores.noise_floor.mean(), samples=int(scores.samples.iloc[0]))
@@ -288,7 +275,7 @@ def main(argv=None):
         Path(f"results/digits/{name}.json").write_text(json.dumps(dict(
             rows=json.loads(out.to_json(orient="records")), orderings=orderings), indent=2) + "\n")
         if not summary.empty:
-            plot(table, summary, f"results/digits/{name}.png", yaml.safe_load(Path("params.yaml").read_text())["digits"])
+            plot(table, summary, f"results/digits/{name}.png", load_yaml("params.yaml")["digits"])
         curves = training_curves(table)
         curves.to_csv(f"results/digits/{name}_curves.csv", index=False)
         if not curves.empty:
@@ -299,4 +286,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tract_repro.process import exit_now
+
+    exit_now(main())
