@@ -253,3 +253,29 @@ def test_training_curves_follow_each_run_back_through_its_phases(tmp_path, monke
     assert curves.loss.tolist() == [1.0, 0.5, 1 / 3, 0.25]
     tables.plot_curves(table, curves, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_run_stages_follows_dependencies_and_stops_below_a_failure(tmp_path, monkeypatch):
+    """run_stages (DVC-less training on a lent machine): each stage after the stages writing its deps, a dep
+    inside another stage's output included; a failed stage's downstream does not run."""
+    from tract_repro.results import run_stages
+
+    monkeypatch.chdir(tmp_path)
+    stages = {
+        "b": dict(cmd="test -f runs/a/s0 && mkdir -p runs/b && echo ${digits.parallel} > runs/b/done", deps=["runs/a/s0"],
+                  outs=["runs/b"]),
+        "a": dict(cmd=["mkdir -p runs/a", "touch runs/a/s0"], outs=["runs/a"]),
+        "bad": dict(cmd="exit 3", outs=["runs/bad"]),
+        "after_bad": dict(cmd="touch never", deps=["runs/bad"], outs=["runs/after"]),
+    }
+    assert pipeline.upstream_stages(stages) == {"a": set(), "b": {"a"}, "bad": set(), "after_bad": {"bad"}}
+    done, failed = run_stages.run(stages, {"digits": {"parallel": 3}}, jobs=2)
+    assert done == {"a", "b"} and failed == ["bad"]
+    assert (tmp_path / "runs" / "b" / "done").read_text() == "3\n" and not (tmp_path / "never").exists()
+
+
+def test_run_stages_names_an_unknown_table_in_one_line(in_repo, capsys):
+    from tract_repro.results import run_stages
+
+    assert run_stages.main(["no_such_table"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

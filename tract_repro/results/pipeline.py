@@ -299,17 +299,13 @@ def split(pipeline, tables):
     """{dvc.yaml path: its content}: the named stages in ./dvc.yaml, every run and evaluation stage in
     pipelines/<table>/dvc.yaml of the first table (TABLE_ORDER, then by name) whose stage needs it."""
     stages = pipeline["stages"]
-    producer = {_path(o): n for n, s in stages.items() for kind in ("outs", "metrics", "plots") for o in s.get(kind) or []}
+    direct = upstream_stages(stages)
 
     def upstream(name, seen):
         if name not in seen:
             seen.add(name)
-            for dep in stages[name].get("deps") or []:
-                path = dep
-                while path and path not in producer:
-                    path = path.rsplit("/", 1)[0] if "/" in path else ""
-                if path:
-                    upstream(producer[path], seen)
+            for before in direct[name]:
+                upstream(before, seen)
         return seen
 
     def owned(name):
@@ -331,6 +327,18 @@ def split(pipeline, tables):
 
 def _path(out):
     return out if isinstance(out, str) else next(iter(out))
+
+
+def upstream_stages(stages):
+    """{stage: the stages writing its deps}: a dep is matched to the output that is it or contains it
+    (``runs/x/s0`` is written by the stage whose output is ``runs/x``)."""
+    producer = {_path(o): n for n, s in stages.items() for kind in ("outs", "metrics", "plots") for o in s.get(kind) or []}
+
+    def writer(path):
+        while path and path not in producer:
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
+        return producer.get(path)
+    return {name: {w for w in map(writer, s.get("deps") or []) if w is not None} for name, s in stages.items()}
 
 
 def pipeline_files(root="."):

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from tract_repro.results.experiments import expand, load_run_templates, load_tables
-from tract_repro.results.pipeline import load_stages
+from tract_repro.results.pipeline import load_stages, upstream_stages
 
 
 def table_stages(table, root=".", params_file="params.yaml"):
@@ -43,14 +43,8 @@ def substitute(cmd, params):
     return re.sub(r"\$\{([\w.]+)\}", value, cmd)
 
 
-def order(stages):
-    """{stage: upstream stages among ``stages``} from deps that are other stages' outs."""
-    produced = {out: name for name, s in stages.items() for out in s.get("outs", []) if isinstance(out, str)}
-    return {name: {produced[d] for d in s.get("deps", []) if d in produced} for name, s in stages.items()}
-
-
 def run(stages, params, jobs):
-    upstream, done, failed, running = order(stages), set(), [], {}
+    upstream, done, failed, running = upstream_stages(stages), set(), [], {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while len(done) + len(failed) < len(stages):
             ready = [n for n in stages if n not in done and n not in running and n not in failed
