@@ -11,6 +11,9 @@ Cases (each prints its before and after):
   imported everything (``--seeds`` now).
 * ``exit``: a stage process's import and exit (what the launcher, evaluate and the table stage
   do besides their work), with the interpreter's normal teardown vs ``tract_repro.process.exit_now``.
+* ``pacing``: a digits TRACT stage (3 seeds × 4K samples, ``--seeds 0 1 2 --parallel 3``) with its
+  seeds paced (``tract_repro.training.pacing``) and with ``--no-pace``: wall time and how long the
+  last seed ran alone.
 * ``teacher``: digits-teacher samples/s, one process on 2 threads vs two one-thread data-parallel
   ranks (``local_executor.tasks_per_node = 2``), 12,800 samples each.
 """
@@ -137,6 +140,31 @@ def exit_case(repeats=5):
     return rows
 
 
+def pacing_case(repeats=2):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "tract_repro.launch", "gin/digits_teacher.gin", "--gin", "TOTAL = '2K'",
+                        "--gin", "train.grid_every = None", "--workdir", f"{tmp}/teacher"], cwd=ROOT, env=env,
+                       capture_output=True, check=True)
+        for label, extra in (("seeds paced", []), ("seeds unpaced (--no-pace)", ["--no-pace"])):
+            walls, alone = [], []
+            for r in range(repeats):
+                cmd = [sys.executable, "-u", "-m", "tract_repro.launch", "gin/digits_tract.gin", "--gin", f"TEACHER = '{tmp}/teacher'",
+                       "--gin", "TOTAL = '8K'", "--gin", "train.only_phase = 0", "--seeds", "0", "1", "2", "--parallel", "3",
+                       *extra, "--workdir", f"{tmp}/{len(extra)}_{r}/s{{seed}}"]
+                t0, done = time.perf_counter(), []
+                with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) as proc:
+                    for line in proc.stdout:
+                        if line.startswith("done:"):
+                            done.append(time.perf_counter())
+                walls.append(time.perf_counter() - t0)
+                alone.append(done[-1] - done[-2])
+            rows.append((f"TRACT stage, 3 seeds on this machine's cores, {label}",
+                         f"{min(walls):.1f} s wall (min of {repeats}); last seed alone {sum(alone) / repeats:.1f} s (mean)"))
+    return rows
+
+
 def teacher_case(samples=12800):
     env = dict(os.environ, TQDM_DISABLE="1")
     rows = []
@@ -152,7 +180,8 @@ def teacher_case(samples=12800):
     return rows
 
 
-CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "teacher": teacher_case}
+CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "pacing": pacing_case,
+         "teacher": teacher_case}
 
 
 def main():

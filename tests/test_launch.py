@@ -265,3 +265,39 @@ def test_exit_now_flushes_output_and_runs_atexit_before_it_exits(tmp_path, code,
                           cwd=Path(__file__).resolve().parents[1])
     assert (done.returncode, done.stdout, done.stderr) == (status, "buffered line", "and stderr")
     assert marker.read_text() == "atexit ran"
+
+
+def test_paced_forked_seeds_train_the_same_weights_as_one_run_alone(teacher_run, tmp_path):
+    """--seeds forks the runs with pacing (a seed ahead of its siblings waits): only when steps happen changes."""
+    gin_file = write(tmp_path / "s.gin", tract(teacher_run, total=512))
+    cmd = [sys.executable, "-m", "tract_repro.launch", gin_file, "--seeds", "0", "1", "2", "--parallel", "3",
+           "--workdir", str(tmp_path / "s{seed}")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert launch.main([gin_file, "--gin", "train.seed = 2", "--workdir", str(tmp_path / "alone")]) == 0
+    a = torch.load(tmp_path / "s2" / "ema.pt", weights_only=True)
+    b = torch.load(tmp_path / "alone" / "ema.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_ahead_waits_for_the_slowest_running_sibling_only():
+    import threading
+    import time
+
+    from tract_repro.training.pacing import Pace
+
+    progress = [0, 0, -1]  # the third sibling is not running: never waited for
+    ahead, slow = Pace(progress, 0, slack=1, nap=0.001), Pace(progress, 1, slack=1)
+    ahead(1)  # one step ahead: within the slack
+    released = []
+    waiter = threading.Thread(target=lambda: (ahead(3), released.append(time.perf_counter())))
+    waiter.start()
+    time.sleep(0.05)
+    assert not released  # 3 steps against 0: it waits
+    moved = time.perf_counter()
+    slow(2)  # the slow one catches up to within one step
+    waiter.join(timeout=5)
+    assert released and released[0] >= moved and progress[:2] == [3, 2]
+    slow.leave()
+    ahead(10)  # a sibling that left is never waited for
+    assert progress == [10, -1, -1]

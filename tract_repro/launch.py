@@ -23,8 +23,8 @@ from tract_repro import config
 from tract_repro.local import local_executor
 
 
-def run_job(config_text, workdir):
-    """The job body: parse the config text, write it beside the run, and train."""
+def run_job(config_text, workdir, pace=None):
+    """The job body: parse the config text, write it beside the run, and train (``pace``: see :func:`_many`)."""
     from tract_repro.slurm import export_distributed_environment
     from tract_repro.training.loop import train
 
@@ -33,7 +33,7 @@ def run_job(config_text, workdir):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.gin").write_text(config_text)
-    return str(train(workdir))
+    return str(train(workdir, pace=pace))
 
 
 def check_workdir(workdir, config_text):
@@ -60,6 +60,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (binds train.seed); --workdir must contain {seed}")
     parser.add_argument("--parallel", type=int, default=1,
                         help="with --seeds: how many runs at once (inline: forked processes; local: submitit jobs)")
+    parser.add_argument("--no-pace", action="store_true",
+                        help="with --seeds inline: let the forked runs drift apart (by default a run ahead of the others waits)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or Path("runs") / Path(args.files[-1]).stem)
     try:
@@ -115,6 +117,14 @@ def _many(args, workdir):
         _slurm(args, jobs)
         return 0
     start = _fork if args.executor == "inline" else _submit_local
+    # Forked seeds that all start together keep level (training.pacing): the kernel shares the cores
+    # unevenly, and a seed left alone at the end runs on one core while the other idles.
+    progress = None
+    if args.executor == "inline" and not args.no_pace and 1 < len(jobs) <= max(1, args.parallel):
+        import multiprocessing
+
+        progress = multiprocessing.get_context("fork").RawArray("q", len(jobs))  # steps taken, all 0
+    slots = {str(run_dir): i for i, (run_dir, _) in enumerate(jobs)}
     running, failed = [], []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main_thread else None  # a kill reaches the except below
@@ -122,13 +132,16 @@ def _many(args, workdir):
         while jobs or running:
             while jobs and len(running) < max(1, args.parallel):
                 run_dir, text = jobs.pop(0)
-                running.append((run_dir, start(text, run_dir)))
+                running.append((run_dir, start(text, run_dir) if progress is None
+                                else _fork(text, run_dir, pace=(progress, slots[str(run_dir)]))))
             time.sleep(0.2)
             for item in list(running):
                 result = item[1]()
                 if result is None:
                     continue
                 running.remove(item)
+                if progress is not None:
+                    progress[slots[str(item[0])]] = -1  # finished or failed: no sibling waits for it
                 if result == "":
                     print(f"done: {item[0]}", flush=True)
                 else:
@@ -148,9 +161,9 @@ def _many(args, workdir):
 FORK_LOG = "launch.log"  # a forked run's stdout and stderr, in its run directory
 
 
-def _fork(text, run_dir):
+def _fork(text, run_dir, pace=None):
     """Start ``run_job`` in a process forked from this one; return a poll: None while running, then
-    "" on success or the job's exception line.
+    "" on success or the job's exception line.  ``pace``: (shared progress array, this run's slot).
 
     The parent has run no torch operation (so no OpenMP pool exists to break in the child); it imports
     what every run needs first, once, instead of once per run.
@@ -160,7 +173,7 @@ def _fork(text, run_dir):
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: ~2 s per fresh process)
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    process = multiprocessing.get_context("fork").Process(target=_forked_job, args=(text, str(run_dir)),
+    process = multiprocessing.get_context("fork").Process(target=_forked_job, args=(text, str(run_dir), pace),
                                                           name=f"tract {run_dir}")
     process.start()
     log = Path(run_dir) / FORK_LOG
@@ -173,8 +186,10 @@ def _fork(text, run_dir):
     return poll
 
 
-def _forked_job(text, run_dir):
+def _forked_job(text, run_dir, pace=None):
     """The forked child: stdout and stderr (C level too) go to ``<run_dir>/launch.log``; exit 1 on failure."""
+    from tract_repro.training.pacing import Pace
+
     import traceback
 
     code = 1
@@ -183,7 +198,7 @@ def _forked_job(text, run_dir):
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
-        run_job(text, run_dir)
+        run_job(text, run_dir, pace=None if pace is None else Pace(*pace))
         code = 0
     except BaseException:  # noqa: BLE001  (reported through the log's last exception line)
         traceback.print_exc()

@@ -47,12 +47,12 @@ def crossed(before, after, every):
     return bool(every) and after // every != before // every
 
 
-@gin.configurable(denylist=["workdir"])
+@gin.configurable(denylist=["workdir", "pace"])
 def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIRED, schedule=CosineSchedule,
           T=1024, parameterisation="v", teacher=None, batch_size=128, accumulate=1, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
           checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
-          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, extra_inference_emas=(), device=None):
+          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, extra_inference_emas=(), device=None, pace=None):
     """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
 
     With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
@@ -63,7 +63,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     ``device`` (a :class:`Device`, default ``Device()``) says where the networks run and in what precision.
     ``batch_size`` is the global batch of a step; with WORLD_SIZE > 1 in the environment each process
     trains on its slice of it, and ``accumulate = k`` splits each process's slice into k micro-batches
-    whose gradients add up to the full-batch step (to float rounding).
+    whose gradients add up to the full-batch step (to float rounding).  ``pace`` (a
+    :class:`~tract_repro.training.pacing.Pace`, set by the launcher for forked seeds) is told each step.
     """
     options = dict(locals())
     dev = options.pop("device")
@@ -74,7 +75,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
 
 def _train(workdir, method, network, dataset, schedule, T, parameterisation, teacher, batch_size, accumulate, total,
            phase_lengths, grad_clip, loss_reduction, phase_reset, seed, threads, checkpoint_every, keep_checkpoints,
-           log_every, grid_every, grid_size, grid_scale, grid_max_steps, only_phase, previous, extra_inference_emas, dev, world):
+           log_every, grid_every, grid_size, grid_scale, grid_max_steps, only_phase, previous, extra_inference_emas, dev, world,
+           pace):
     """The body of :func:`train`, in one process of ``world`` (a :class:`distributed.World`) on ``dev``."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
@@ -192,6 +194,7 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
     bar = tqdm(total=end - begin, initial=samples - begin, unit="sample", unit_scale=True, desc=f"{info['method']} {workdir.name}",
                dynamic_ncols=True, **({} if main else dict(disable=True)))
     tick = time.perf_counter()
+    first = samples
     while samples < end:
         phase = phase_at(phases, samples)
         if phase.index != current:  # phase boundary: the teacher becomes the inference EMA (method-spec §5)
@@ -221,6 +224,8 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
                                f"{parameterisation!r}); ε with truncated-SNR weighting is known to diverge") from None
         before, samples = samples, samples + batch_size
         bar.update(batch_size)
+        if pace is not None:
+            pace((samples - first) // batch_size)
         metrics.add(loss=loss.item(), grad_norm=grad_norm.item())
         if crossed(before, samples, every["log"]) or crossed(before, samples, every["checkpoint"]) or samples >= end:
             now = time.perf_counter()
@@ -239,6 +244,8 @@ def _train(workdir, method, network, dataset, schedule, T, parameterisation, tea
         preemption.at_step_boundary(save_checkpoint, ckpt.checkpoint_path(workdir / "checkpoints", samples), samples,
                                     requested=world.any(preemption.requested()))
     bar.close()
+    if pace is not None:
+        pace.leave()
     final_steps = phase_at(phases, end - 1).student_steps
     if main:
         if final_steps <= grid_max_steps:  # a 512-step student's grid costs more than its phase: evaluation draws those
