@@ -24,7 +24,10 @@ from tract_repro.local import local_executor
 
 
 def run_job(config_text, workdir, pace=None):
-    """The job body: parse the config text, write it beside the run, and train (``pace``: a :class:`~tract_repro.training.pacing.Pace`, for forked seeds)."""
+    """The job body: parse the config text, write it beside the run, and train.
+
+    ``pace``: a :class:`~tract_repro.training.pacing.Pace`, given to forked seeds by :func:`_many`.
+    """
     from tract_repro.slurm import export_distributed_environment
     from tract_repro.training.loop import train
 
