@@ -43,6 +43,13 @@ def load_run_templates(root=EXPERIMENTS):
     return load_yaml(Path(root) / "runs.yaml")
 
 
+def write_evaluations(evaluations, root="."):
+    """Save {scale: {table: {row: evaluation}}} to EVALUATIONS (the pipeline generator does, beside dvc.yaml)."""
+    path = Path(root) / EVALUATIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(evaluations, indent=1, sort_keys=True) + "\n")
+
+
 def read_evaluations(scale, root="."):
     """{table: {row: evaluation}} at ``scale`` ('digits' or 'paper'), as the pipeline generator expanded them."""
     path = Path(root) / EVALUATIONS

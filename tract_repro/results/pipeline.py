@@ -19,7 +19,6 @@ paper_import_<name> (an imported teacher, for the teacher rows) → paper_run_<p
 shared phase, ``python -m tract_repro.launch … --executor ${paper.executor} --wait``) →
 paper_eval_<run> (FID, 3 seed ranges) → <table> (the paper-scale column of results/<table>.md).
 """
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import yaml
 from tract_repro.results.check import SETUPS
 from tract_repro.results.experiments import (
     DIGITS_RUNS, EVALUATIONS, PAPER_RUNS, eval_file, expand, expand_paper, load_run_templates, load_tables, paper_eval_file,
+    write_evaluations,
 )
 
 CLASSIFIER_DIR = f"{DIGITS_RUNS}/classifier"
@@ -375,12 +375,6 @@ def write(files, root="."):
                 rt.dump({"schema": "2.0", "stages": kept}, out)
 
 
-def write_index(evaluations, root="."):
-    path = Path(root) / EVALUATIONS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(evaluations, indent=1, sort_keys=True) + "\n")
-
-
 def main(argv=None):
     try:
         all_params = yaml.safe_load(Path("params.yaml").read_text())
@@ -391,7 +385,7 @@ def main(argv=None):
         return 2
     files = split(pipeline, tables)
     write(files)
-    write_index(pipeline["evaluations"])
+    write_evaluations(pipeline["evaluations"])
     print(f"{len(pipeline['stages'])} stages in {len(files)} files: dvc.yaml and {PIPELINES}/<table>/dvc.yaml")
     return 0
 

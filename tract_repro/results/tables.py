@@ -46,7 +46,6 @@ def digits_scores(table, eval_dir=EVAL_DIR):
                                                        "noise_floor", "samples"])
 
 
-
 def training_curves(table, runs_root="runs/digits"):
     """Loss against samples for every (row, seed), following each run's chain of phases back to its start."""
     records = []
