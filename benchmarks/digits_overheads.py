@@ -14,6 +14,10 @@ Cases (each prints its before and after):
 * ``pacing``: a digits TRACT stage (3 seeds × 4K samples, ``--seeds 0 1 2 --parallel 3``) with its
   seeds paced (``tract_repro.training.pacing``) and with ``--no-pace``: wall time and how long the
   last seed ran alone.
+* ``warm``: stage processes started cold (``python -m tract_repro.launch ...`` as DVC runs them) and
+  under ``python -m tract_repro.warm`` (``make digits``), which forks them from a server that has
+  imported torch, torch._dynamo and clean-fid: ``--help`` of the launcher and of evaluate, and a digits
+  TRACT stage (3 seeds × 2K samples); each the min of 3 in a row, the server started once per row.
 * ``teacher``: digits-teacher samples/s, one process on 2 threads vs two one-thread data-parallel
   ranks (``local_executor.tasks_per_node = 2``), 12,800 samples each.
 """
@@ -165,6 +169,41 @@ def pacing_case(repeats=2):
     return rows
 
 
+WARM_TIMER = """
+import subprocess, sys, time
+times = []
+for i in range(int(sys.argv[1])):
+    t0 = time.perf_counter()
+    subprocess.run([a.replace("{i}", str(i)) for a in sys.argv[2:]], check=True, stdout=subprocess.DEVNULL)
+    times.append(time.perf_counter() - t0)
+print(*times)
+"""
+
+
+def warm_case(repeats=3):
+    """Each timer runs a stage command ``repeats`` times in a row: cold, then under one warm server (its
+    first call also waits for the server's imports, which overlap the command's start in a pipeline)."""
+    env = dict(os.environ, TQDM_DISABLE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "tract_repro.launch", "gin/digits_teacher.gin", "--gin", "TOTAL = '2K'",
+                        "--gin", "train.grid_every = None", "--workdir", f"{tmp}/teacher"], cwd=ROOT, env=env,
+                       capture_output=True, check=True)
+        stages = {"launcher --help": ["python", "-m", "tract_repro.launch", "--help"],
+                  "evaluate --help": ["python", "-m", "tract_repro.evaluate", "--help"],
+                  "TRACT stage, 3 seeds × 2K samples": [
+                      "python", "-m", "tract_repro.launch", "gin/digits_tract.gin", "--gin", f"TEACHER = '{tmp}/teacher'",
+                      "--gin", "TOTAL = '2K'", "--gin", "train.only_phase = 0", "--seeds", "0", "1", "2", "--parallel", "3"]}
+        for what, cmd in stages.items():
+            for label, prefix in (("cold", []), ("warm", [sys.executable, "-m", "tract_repro.warm", "--"])):
+                workdir = ["--workdir", f"{tmp}/{label}{{i}}/s{{seed}}"] if "stage" in what else []
+                out = subprocess.run([*prefix, sys.executable, "-c", WARM_TIMER, str(repeats), *cmd, *workdir], cwd=ROOT,
+                                     env=env, capture_output=True, text=True, check=True)
+                times = [float(t) for t in out.stdout.split()]
+                rows.append((f"{what}, {label}", f"{min(times):.2f} s (min of {repeats}; first {times[0]:.2f} s)"))
+    return rows
+
+
 def teacher_case(samples=12800):
     env = dict(os.environ, TQDM_DISABLE="1")
     rows = []
@@ -181,7 +220,7 @@ def teacher_case(samples=12800):
 
 
 CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "pacing": pacing_case,
-         "teacher": teacher_case}
+         "warm": warm_case, "teacher": teacher_case}
 
 
 def main():

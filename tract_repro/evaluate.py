@@ -8,6 +8,10 @@ Writes ``<run>/eval/metrics.json`` (a DVC metrics file) and ``<run>/eval/samples
 ``OUT`` and ``OUT``'s stem + ``_<K>steps.png``.  Several runs (a row's seeds) share one process: the
 classifier, the real-set statistics and the teacher reference are loaded once.
 """
+from tract_repro import warm
+
+warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in its warm server, not here
+
 import argparse
 import json
 import sys

@@ -10,6 +10,10 @@ one line and exit with status 2.
 ``slurm.*`` in gin (:mod:`tract_repro.slurm`) and returns.  With ``--wait`` it blocks until the job
 has finished, requeues included, and exits 1 with one line if the job failed.
 """
+from tract_repro import warm
+
+warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in its warm server, not here
+
 import argparse
 import os
 import re

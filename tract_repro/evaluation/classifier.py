@@ -2,6 +2,10 @@
 
     python -m tract_repro.evaluation.classifier --workdir runs/digits_classifier
 """
+from tract_repro import warm
+
+warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in its warm server, not here
+
 import argparse
 import json
 import sys

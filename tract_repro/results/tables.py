@@ -8,6 +8,10 @@ Paper-scale mode writes results/paper/<table>.json (the "ours, paper scale" colu
 over the seed ranges, per row) and re-renders results/<table>.md with both columns; either mode
 picks up the other's latest numbers, so the two stages may run in any order.
 """
+from tract_repro import warm
+
+warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in its warm server, not here
+
 import json
 import sys
 from pathlib import Path
