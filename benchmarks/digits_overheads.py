@@ -18,6 +18,9 @@ Cases (each prints its before and after):
   under ``python -m tract_repro.warm`` (``make digits``), which forks them from a server that has
   imported torch, torch._dynamo and clean-fid: ``--help`` of the launcher and of evaluate, and a digits
   TRACT stage (3 seeds × 2K samples); each the min of 3 in a row, the server started once per row.
+* ``sampling``: an evaluation's sampling (the digits UNet, 64 DDIM steps × 500 seeds, as the teacher's
+  evaluation at 1024/64/8/2/1 steps does at more steps), one process on 2 threads vs two forked
+  one-thread workers (``evaluate --workers 2``), each in a fresh interpreter.
 * ``teacher``: digits-teacher samples/s, one process on 2 threads vs two one-thread data-parallel
   ranks (``local_executor.tasks_per_node = 2``), 12,800 samples each.
 """
@@ -204,6 +207,35 @@ def warm_case(repeats=3):
     return rows
 
 
+SAMPLING = """
+import sys, time, torch
+from tract_repro.diffusion.grid import TimeGrid
+from tract_repro.diffusion.schedules import CosineSchedule
+from tract_repro.evaluation.generate import generate
+from tract_repro.networks.denoiser import VPDenoiser
+from tract_repro.networks.unet import UNet
+threads, workers = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+denoiser = VPDenoiser(UNet(**{net}), CosineSchedule(), "v").eval()
+t0 = time.perf_counter()
+generate(denoiser, TimeGrid(CosineSchedule(), 1024), 64, range(500), (1, 8, 8), workers=workers)
+print(time.perf_counter() - t0)
+"""
+
+
+def sampling_case(repeats=3):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    rows = []
+    for label, threads, workers in (("1 process × 2 threads", 2, 1), ("2 forked one-thread workers", 1, 2)):
+        times = [float(subprocess.run([sys.executable, "-c", SAMPLING.format(net=DIGITS_NET), str(threads), str(workers)],
+                                      cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout)
+                 for _ in range(repeats)]
+        rows.append((f"sampling 64 steps × 500 seeds, {label}",
+                     f"{min(times):.2f} s (min of {repeats}; {64 * 500 / min(times):.0f} sample-steps/s)"))
+    return rows
+
+
 def teacher_case(samples=12800):
     env = dict(os.environ, TQDM_DISABLE="1")
     rows = []
@@ -220,7 +252,7 @@ def teacher_case(samples=12800):
 
 
 CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "pacing": pacing_case,
-         "warm": warm_case, "teacher": teacher_case}
+         "warm": warm_case, "sampling": sampling_case, "teacher": teacher_case}
 
 
 def main():

@@ -105,3 +105,16 @@ def test_a_warm_started_run_trains_the_same_weights_as_a_cold_one(tmp_path):
         a = torch.load(tmp_path / "cold" / f"s{seed}" / "ema.pt", weights_only=True)
         b = torch.load(tmp_path / "warm" / f"s{seed}" / "ema.pt", weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_warm_started_entry_point_with_gin_configurables_binds_them_as_a_cold_one(tmp_path):
+    """`python -m tract_repro.evaluation.classifier --gin ...`: its configurables are registered once, as __main__'s.
+    One epoch falls short of the accuracy gate: both runs must stop at it with the same line."""
+    cmd = "python -m tract_repro.evaluation.classifier --workdir {}/{} --gin 'train_classifier.epochs = 1'"
+    cold = subprocess.run(["bash", "-c", cmd.format(tmp_path, "cold")], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"), timeout=300)
+    done = wrapped(f"{cmd.format(tmp_path, 'warm')} 2> {tmp_path}/warm.err; echo $? > {tmp_path}/warm.status; "
+                   "python -m warm_probe report < /dev/null", tmp_path)
+    assert json.loads(done.stdout.splitlines()[-1])["served"], done.stderr
+    assert cold.returncode == 2 and "held-out accuracy" in cold.stderr, cold.stderr
+    assert ((tmp_path / "warm.status").read_text(), (tmp_path / "warm.err").read_text()) == ("2\n", cold.stderr)

@@ -26,8 +26,11 @@ import sys
 from pathlib import Path
 
 ENV = "TRACT_WARM"  # the server's socket, set in CMD's environment
-PRELOAD = ("torch", "torch._dynamo", "torch.optim", "tract_repro.launch", "tract_repro.training.loop",
-           "tract_repro.evaluate", "tract_repro.evaluation.classifier", "tract_repro.results.tables", "cleanfid.fid")
+# What the entry points import, not the entry points themselves: `python -m X` runs X as a fresh
+# __main__, so a server that had imported X (and registered its gin configurables) could not serve it.
+PRELOAD = ("torch", "torch._dynamo", "torch.optim", "tract_repro.config", "tract_repro.evaluation.frechet",
+           "tract_repro.evaluation.generate", "tract_repro.evaluation.runs", "tract_repro.sampling.images",
+           "tract_repro.results.experiments", "cleanfid.fid", "matplotlib", "pandas", "tabulate")
 LOAD_TIME_ENV = ("PYTHON", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "CUDA_", "CUBLAS", "CUDNN", "NCCL_",
                  "TORCH", "PYTORCH_", "LD_", "LANG", "LC_")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -154,7 +157,6 @@ def _run_child(request, loaded, fds, closing):
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     _served = True
-    sys.modules.pop(request["module"], None)  # preloaded; `python -m` would find it not yet imported
     try:
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         code = 0
@@ -274,6 +276,8 @@ def _accept(listener, mine, loaded, children, selector, closing):
         return
     theirs = request["identity"]
     why = next((f"{key} differs from the server's" for key in mine if theirs.get(key) != mine[key]), None)
+    if why is None and request["module"] in sys.modules:
+        why = f"the server has imported {request['module']} itself"
     if why:
         for fd in fds:
             os.close(fd)
