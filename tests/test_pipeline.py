@@ -169,7 +169,7 @@ TINY_TABLE = {
     ],
 }
 TINY_PARAMS = {"digits": dict(teacher_total="1280", budget="768", phase_budget="384", binary_phase_budget="128",
-                              eval_samples=40, eval_threads=1, reference_steps=8, parallel=2, classifier_epochs=12)}
+                              eval_samples=40, eval_workers=1, reference_steps=8, parallel=2, classifier_epochs=12)}
 
 
 def test_small_pipeline_runs_with_dvc(tmp_path):

@@ -44,14 +44,16 @@ def reference_steps_on(T, wanted):
 
 def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="runs/digits_classifier",
                  reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1, sampler="ddim",
-                 shared=None):
+                 shared=None, workers=1):
     """Metrics for each K in ``steps``; returns the dict written to metrics.json.
+
+    ``workers`` > 1: samples are drawn by that many forked one-thread processes (``threads`` is then 1).
 
     ``shared``: a dict kept between calls, so that runs evaluated in one process share the classifier's
     real-set statistics and the teacher reference.
     """
     shared = {} if shared is None else shared
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1 if workers > 1 else threads)
     if samples < 1 or any(k < 1 for k in steps):
         raise ValueError(f"evaluation needs at least one sample and one step, got {samples} samples, steps {list(steps)}")
     run = load_run(run_dir)
@@ -63,7 +65,7 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples)
     if key not in shared:
         shared[key] = teacher_reference(teacher.denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
-                                        cache, classes, batch_size)
+                                        cache, classes, batch_size, workers)
     reference = shared[key]
     key = ("real", str(classifier), data_digest(run.data))
     if key not in shared:
@@ -73,8 +75,8 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     rows = []
     for k in steps:
         own_reference = teacher is run and k == reference_steps and sampler == "ddim"
-        x = reference if own_reference else generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size, desc=f"{run.path.name} {k} steps",
-                     sampler=sampler)
+        x = reference if own_reference else generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size,
+                                                     desc=f"{run.path.name} {k} steps", sampler=sampler, workers=workers)
         fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
         rows.append(dict(steps=k, nfe=network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference)))
         grid_name = f"{Path(out).stem}_{k}steps.png" if out else f"samples_{k}steps.png"
@@ -107,7 +109,9 @@ def main(argv=None):
     parser.add_argument("--reference-steps", type=int, default=64, help="teacher DDIM steps for teacher fidelity")
     parser.add_argument("--cache", default="runs/cache", help="where teacher references are cached")
     parser.add_argument("--out", nargs="+", help="metrics file of each RUN (default: RUN/eval/metrics.json)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="sample in this many forked one-thread processes (on a CPU: one per free core)")
     parser.add_argument("--sampler", choices=["ddim", "heun"], default="ddim",
                         help="ddim: K clipped DDIM steps on the training grid; heun: EDM's K-step Heun sampler")
     args = parser.parse_args(argv)
@@ -119,7 +123,8 @@ def main(argv=None):
     for run, out in zip(args.runs, outs):
         try:
             metrics = evaluate_run(run, args.steps, args.samples, args.first_seed, args.classifier, args.reference_steps,
-                                   args.cache, out=out, threads=args.threads, sampler=args.sampler, shared=shared)
+                                   args.cache, out=out, threads=args.threads, sampler=args.sampler, shared=shared,
+                                   workers=args.workers)
         except ValueError as exc:
             print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
             return 2

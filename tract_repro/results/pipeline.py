@@ -100,13 +100,13 @@ def eval_stage(targets):
         outs = [eval_file(dict(target=t, sampler=sampler), seed) for t, seed in members]
         chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
         cmds.append(f"python -m tract_repro.evaluate {' '.join(runs)} --steps {' '.join(map(str, steps))}{chosen} "
-                    f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} --threads ${{digits.eval_threads}} "
+                    f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} --workers ${{digits.eval_workers}} "
                     f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {' '.join(outs)}")
         metrics += [{out: {"cache": False}} for out in outs]
         pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for out in outs for k in steps]
     deps = sorted({run_dir(t) for t in targets} | {run_dir(e["teacher"]) for e in targets.values()} | {CLASSIFIER_DIR})
     return dict(cmd=cmds, deps=deps,
-                params=["digits.eval_samples", "digits.reference_steps", "digits.eval_threads"], metrics=metrics, outs=pngs)
+                params=["digits.eval_samples", "digits.reference_steps", "digits.eval_workers"], metrics=metrics, outs=pngs)
 
 
 def table_order(tables):
