@@ -1,4 +1,5 @@
 """Samples from a run's weights with one seed per sample (as EDM), so results don't depend on batching."""
+import functools
 import json
 import os
 from pathlib import Path
@@ -54,11 +55,12 @@ def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500,
     ``workers`` > 1: that many one-thread processes forked from this one (which has run no parallel
     torch operation), each sampling a contiguous share of the seeds; the same samples, sooner.
     """
-    args = (denoiser, grid, steps, shape, num_classes, batch_size, desc, sampler)
     seeds = list(seeds)
     if workers <= 1 or len(seeds) < 2:
         return torch.cat(list(generate_batches(denoiser, grid, steps, seeds, shape, num_classes, batch_size, desc, sampler)))
-    return _forked(args, _shares(seeds, workers))
+    one_process = functools.partial(generate, denoiser, grid, steps, shape=shape, num_classes=num_classes,
+                                    batch_size=batch_size, desc=desc, sampler=sampler)
+    return _forked(one_process, _shares(seeds, workers))
 
 
 def _shares(seeds, workers):
@@ -67,18 +69,17 @@ def _shares(seeds, workers):
     return [seeds[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _forked(args, shares):
-    """Run :func:`generate` on each share of seeds in a forked one-thread process; concatenate in order."""
+def _forked(sample, shares):
+    """Run ``sample(seeds=share)`` for each share in a forked one-thread process; concatenate in order."""
     import multiprocessing
     import numpy as np
 
-    denoiser, grid, steps, shape, num_classes, batch_size, desc, sampler = args
     context = multiprocessing.get_context("fork")
 
     def work(share, conn):
         torch.set_num_threads(1)
         try:
-            x = generate(denoiser, grid, steps, share, shape, num_classes, batch_size, desc, sampler)
+            x = sample(seeds=share)
             conn.send(("ok", x.numpy()))
         except BaseException as exc:  # noqa: B036 -- reported to the parent, which raises it
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
