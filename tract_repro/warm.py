@@ -64,20 +64,17 @@ def _send(conn, message, fds=()):
 
 
 def _receive(conn, maxfds=0):
-    """One newline-terminated JSON message (and up to ``maxfds`` descriptors), or None at EOF."""
+    """(one newline-terminated JSON message, the up to ``maxfds`` descriptors sent with it); None at EOF."""
     data, fds = b"", []
     while not data.endswith(b"\n"):
-        if maxfds and not fds:
-            chunk, fds, _, _ = socket.recv_fds(conn, 1 << 16, maxfds)
-        else:
-            chunk = conn.recv(1 << 16)
+        chunk, received, _, _ = socket.recv_fds(conn, 1 << 16, maxfds)
+        fds += received
         if not chunk:
             for fd in fds:
                 os.close(fd)
-            return (None, []) if maxfds else None
+            return None, []
         data += chunk
-    message = json.loads(data)
-    return (message, fds) if maxfds else message
+    return json.loads(data), fds
 
 
 def forward(name, spec):
@@ -90,7 +87,7 @@ def forward(name, spec):
         conn.connect(os.environ[ENV])
         _send(conn, {"module": spec.name, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
                      "identity": identity()}, fds=(0, 1, 2))
-        reply = _receive(conn)
+        reply, _ = _receive(conn)
     except OSError:  # no server (gone, or never started) or a closed standard stream: run cold
         conn.close()
         return
@@ -103,7 +100,7 @@ def forward(name, spec):
     for number in FORWARDED:
         signal.signal(number, lambda number, frame: os.kill(pid, number))
     try:
-        done = _receive(conn)
+        done, _ = _receive(conn)
     except OSError:
         done = None
     if done is None:
