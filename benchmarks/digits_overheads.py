@@ -10,9 +10,9 @@ Cases (each prints its before and after):
   fresh interpreter (submitit's local jobs, the old ``--seeds``) vs forked from a launcher that has
   imported everything (``--seeds`` now).
 * ``exit``: a stage process's import and exit (what the launcher, evaluate and the table stage
-  do besides their work), with the interpreter's normal teardown vs ``tract_repro.process.exit_now``.
+  do besides their work), with the interpreter's normal teardown vs ``tract_repro.launching.process.exit_now``.
 * ``pacing``: a digits TRACT stage (3 seeds × 4K samples, ``--seeds 0 1 2 --parallel 3``) with its
-  seeds paced (``tract_repro.training.pacing``) and with ``--no-pace``: wall time and how long the
+  seeds paced (``tract_repro.launching.pacing``) and with ``--no-pace``: wall time and how long the
   last seed ran alone.
 * ``warm``: stage processes started cold (``python -m tract_repro.launch ...`` as DVC runs them) and
   under ``python -m tract_repro.warm`` (``make digits``), which forks them from a server that has
@@ -131,7 +131,7 @@ def startup_case(repeats=3):
 
 
 EXIT = {"normal exit (sys.exit)": "import sys\n{imports}\nsys.exit(0)\n",
-        "exit_now (no teardown)": "{imports}\nfrom tract_repro.process import exit_now\nexit_now(0)\n"}
+        "exit_now (no teardown)": "{imports}\nfrom tract_repro.launching.process import exit_now\nexit_now(0)\n"}
 
 
 def exit_case(repeats=5):

@@ -23,12 +23,12 @@ from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods import TRACT, TeacherTraining
 from tract_repro.methods.base import Networks
 from tract_repro.methods.ema import EMA
-from tract_repro.methods.heun import heun_teacher_step
+from tract_repro.sampling.heun import heun_teacher_step
 from tract_repro.methods.phases import plan_phases
 from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.networks.edm_unets import edm_cifar10_ve
 from tract_repro.networks.unet import UNet
-from tract_repro.sampling.samplers import sample_grid_steps
+from tract_repro.sampling import registry
 from tract_repro.training.device import Device
 from tract_repro.training.optim import adam
 from tract_repro.training.step import optimisation_step
@@ -82,7 +82,7 @@ def measure(case, options, batch, steps):
 
         def step():
             with dev.autocast():
-                sample_grid_steps(student, grid, 1, noise)
+                registry.sample("ddim", student, grid, 1, noise)
     else:
         method = make_method()
         phase = plan_phases(method.steps(grid.T), total=10**9)[0]

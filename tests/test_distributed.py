@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from tests.conftest import bitwise_equal, tiny_gin
 from tract_repro import config
 from tract_repro.data.arrays import ImageArrays
-from tract_repro.data.batch_random import StepRandom, as_batch_random
+from tract_repro.common.batch_random import StepRandom, as_batch_random
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods import TRACT, TeacherTraining

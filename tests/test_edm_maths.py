@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from tract_repro.diffusion import edm
+from tract_repro.diffusion import weighting as W
+from tract_repro.sampling import registry
 from tract_repro.diffusion.ddim import ddim_step, invert_ddim
 from tract_repro.diffusion.edm import EDMSchedule
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import ve_alpha_sigma
-from tract_repro.methods.heun import heun_sampler, heun_teacher_step
+from tract_repro.sampling.heun import heun_sampler, heun_teacher_step
 from tract_repro.networks.edm_denoiser import EDMDenoiser
 from tract_repro.sampling.samplers import grid_logsnrs
 
@@ -109,9 +111,8 @@ def test_edm_weight_is_lambda_sigma():
     sigma = f64([0.002, 0.3, 1.0, 80.0])
     logsnr = -2 * torch.log(sigma)
     expected = (sigma ** 2 + SD ** 2) / (sigma * SD) ** 2
-    assert torch.allclose(edm.edm_weight(logsnr), expected, rtol=1e-12, atol=0)
-    assert torch.allclose(edm.edm_weight(logsnr), 1 / edm.c_out(sigma) ** 2, rtol=1e-12, atol=0)
-    assert edm.WEIGHTINGS["edm"] is edm.edm_weight
+    assert torch.allclose(W.get("edm")(logsnr), expected, rtol=1e-12, atol=0)
+    assert torch.allclose(W.get("edm")(logsnr), 1 / edm.c_out(sigma) ** 2, rtol=1e-12, atol=0)
 
 
 def test_lognormal_logsnr_moments():
@@ -222,11 +223,11 @@ def test_heun_sampler_18_steps_35_nfe_converges_to_flow():
         grid = TimeGrid(EDMSchedule(), steps)
         calls = []
         x = heun_sampler(gaussian_denoiser(s, calls), 80.0 * z, grid_logsnrs(grid, steps), grid.alpha_sigma)
-        assert len(calls) == edm.heun_nfe(steps) == 2 * steps - 1
+        assert len(calls) == registry.network_calls('heun', steps) == 2 * steps - 1
         errors.append(((x - exact) / exact).abs().max().item())
     assert errors[0] < 0.1
     assert errors[0] / errors[1] > 3.5
-    assert len(calls) == 71 and edm.heun_nfe(18) == 35
+    assert len(calls) == 71 and registry.network_calls('heun', 18) == 35
 
 
 def test_heun_sampler_last_step_is_d():

@@ -7,11 +7,11 @@ from tract_repro import launch
 from tract_repro.diffusion.ddim import ddim_step
 from tract_repro.diffusion.edm import EDMSchedule
 from tract_repro.diffusion.grid import TimeGrid
-from tract_repro.evaluate import evaluate_run
+from tract_repro.evaluation.metrics import evaluate_run
 from tract_repro.evaluation.classifier import train_classifier
 from tract_repro.methods import BTD, TRACT
 from tract_repro.methods.base import Networks
-from tract_repro.methods.heun import heun_teacher_step
+from tract_repro.sampling.heun import heun_teacher_step
 from tract_repro.methods.phases import plan_phases
 from tract_repro.methods.tract import tract_indices
 

@@ -212,7 +212,7 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
 def test_slurm_evaluations_are_one_task_on_one_gpu_with_the_clusters_options(tmp_path, monkeypatch):
     """--executor slurm keeps the cluster file's partition and time limit but asks for 1 node, 1 task, ≤ 1 GPU,
     and the job runs the same command inline."""
-    from tract_repro import slurm
+    from tract_repro.launching import slurm
 
     seen = {}
     monkeypatch.setattr(slurm, "check_available", lambda: None)

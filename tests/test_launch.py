@@ -208,7 +208,7 @@ def test_a_failed_local_job_reports_its_exception_line(teacher_run, tmp_path, ca
     assert launch.main([gin_file, "--gin", "train.only_phase = 1", "--gin", "train.previous = '/nonexistent'",
                         "--seeds", "0", "--workdir", str(tmp_path / "s{seed}")]) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "ValueError: train.previous = /nonexistent is not a run directory" in err
+    assert "\n" not in err and "ConfigError: train.previous = /nonexistent is not a run directory" in err
 
 
 def test_a_many_step_student_draws_no_final_grid(teacher_run, tmp_path):
@@ -249,7 +249,7 @@ def test_seeds_run_in_forked_processes_that_stop_with_the_launcher(teacher_run, 
 
 EXIT_PROGRAM = """
 import atexit, sys
-from tract_repro.process import exit_now
+from tract_repro.launching.process import exit_now
 atexit.register(lambda: open(sys.argv[1], "w").write("atexit ran"))
 print("buffered line", end="")          # stdout is a pipe: block-buffered until flushed
 print("and stderr", end="", file=sys.stderr)
@@ -284,7 +284,7 @@ def test_a_run_ahead_waits_for_the_slowest_running_sibling_only():
     import threading
     import time
 
-    from tract_repro.training.pacing import Pace
+    from tract_repro.launching.pacing import Pace
 
     progress = [0, 0, -1]  # the third sibling is not running: never waited for
     ahead, slow = Pace(progress, 0, slack=1, nap=0.001), Pace(progress, 1, slack=1)

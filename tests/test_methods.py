@@ -13,7 +13,7 @@ from tract_repro.methods.btd import btd_indices, halving_schedule
 from tract_repro.methods.ema import EMA, momentum_from_residual
 from tract_repro.methods.phases import check_schedule, phase_at, plan_phases
 from tract_repro.methods.tract import tract_indices
-from tract_repro.training.lengths import parse_samples
+from tract_repro.common.lengths import parse_samples
 from tract_repro.training.optim import inference_ema_momentum, learning_rate
 
 T = 1024

@@ -9,7 +9,7 @@ import yaml
 
 from tract_repro import config
 from tract_repro.methods.phases import plan_phases
-from tract_repro.training.lengths import parse_samples
+from tract_repro.common.lengths import parse_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -187,11 +187,12 @@ def test_table_stage_writes_the_paper_scale_column(tmp_path, monkeypatch, expans
 
 
 def test_cluster_options_parse_with_every_paper_run_file(in_repo):
-    from tract_repro import config, slurm
+    from tract_repro import config
+    from tract_repro.launching import slurm
 
     for run_file in ("gin/cifar10_tract.gin", "gin/imagenet64_2phase.gin", "gin/cifar10_tract_edm.gin"):
         config.parse(["gin/paper/cluster.gin", run_file])
-        options = slurm.slurm()
+        options = slurm.SlurmOptions()
         assert (options.tasks_per_node, options.gpus_per_node) == (8, 8)  # 8 data-parallel ranks of 32 (VP) or 64 (EDM)
         assert config.query("train.batch_size") % options.tasks_per_node == 0
 

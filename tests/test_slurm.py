@@ -197,18 +197,29 @@ def test_gin_options_reach_the_sbatch_script_and_wait_reports_a_failed_job(slurm
     out, err = waiting.communicate(timeout=300)
     err = err.strip()
     assert waiting.returncode == 1 and "\n" not in err, err[-3000:]
-    assert err.startswith("error: 1 of 2 jobs failed") and "ValueError: train.only_phase = 3, but the schedule has phases 0..0" in err
+    assert err.startswith("error: 1 of 2 jobs failed") and "ConfigError: train.only_phase = 3, but the schedule has phases 0..0" in err
     assert (runs[0] / "ema.pt").is_file() and not (runs[3] / "ema.pt").exists()
     assert f"done: {runs[0]}" in out
 
 
 def test_forced_requeue_resumes_bit_identical(slurm_cluster, reference, tmp_path):
-    gin_file = write(tmp_path / "run.gin", RUN + SLURM + "train.checkpoint_every = 160\n")
+    """`scontrol requeue` (no signal first, as a preemption): the requeued job resumes from the newest checkpoint.
+
+    The job's data wait at a gate after its 12th batch (tests/gated_data.py), so the requeue reaches
+    a run that is still training however fast the machine is; the gate opens for the requeued job.
+    """
+    gate = tmp_path / "gate"
+    gated = (f"import tests.gated_data\ntrain.dataset = @gated_digits\ngated_digits.gate = '{gate}'\n"
+             "gated_digits.after = 12\n")
+    gin_file = write(tmp_path / "run.gin", RUN + SLURM + "train.checkpoint_every = 160\n" + gated)
     workdir = tmp_path / "run"
     proc, job_id = submit([gin_file, "--workdir", str(workdir)])
     found = wait_for(lambda: ckpt.list_checkpoints(workdir / "checkpoints"), "a checkpoint")
+    assert [samples_of(p) for p in found] == [160]  # 10 steps of 16; the 13th step waits at the gate
     subprocess.run(["scontrol", "requeue", job_id], check=True)  # as a preemption without warning would
+    wait_for(lambda: state(job_id) == "PENDING", "the job to be requeued")
     assert not (workdir / "ema.pt").exists()
+    gate.touch()
     release_when_requeued(job_id)
     finish(proc)
     log = job_log(workdir, job_id)
@@ -239,9 +250,9 @@ def test_time_limit_signal_checkpoints_at_a_step_boundary_and_requeues(slurm_clu
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tasks need two CPUs")
 def test_a_multi_task_job_exports_the_torch_distributed_environment(slurm_cluster, tmp_path):
-    from tract_repro import slurm
+    from tract_repro.launching import slurm
 
-    options = slurm.slurm(partition="debug", tasks_per_node=2, time_min=5, mem_gb=1, signal_delay_s=60,
+    options = slurm.SlurmOptions(partition="debug", tasks_per_node=2, time_min=5, mem_gb=1, signal_delay_s=60,
                           extra_sbatch={"chdir": str(ROOT)})
     job = slurm.submit_run(slurm.SlurmRun(record_distributed_env, str(tmp_path)), tmp_path / "slurm", options)
     slurm.wait(job)

@@ -13,7 +13,7 @@ from tests.conftest import tiny_gin
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = '''
-from tract_repro import warm
+from tract_repro.launching import warm
 
 warm.forward(__name__, __spec__)
 

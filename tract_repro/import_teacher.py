@@ -1,4 +1,4 @@
-"""Import a teacher checkpoint into a finished run directory (ema.pt, config.gin, run.json).
+"""Import a teacher checkpoint as a finished run directory (ema.pt, config.gin, run.json).
 
     python -m tract_repro.import_teacher gin/cifar10_teacher.gin --workdir runs/cifar10_teacher
 
@@ -7,14 +7,17 @@ The gin file describes the teacher's network and process and names the checkpoin
 The run directory is then evaluated like any trained run.  Errors print one line (exit 2).
 """
 import argparse
-import os
-import sys
 from pathlib import Path
 
 from tract_repro import config
+from tract_repro.common.cli import command
+from tract_repro.common.files import write_text
+from tract_repro.diffusion.schedules import CosineSchedule
+from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.training.teacher import import_teacher
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.import_teacher",
                                      description="Import the teacher checkpoint named by import_teacher.weights "
@@ -24,26 +27,25 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
-    try:
-        text = config.parse(args.files, args.gin)
-        saved = workdir / "config.gin"
-        if saved.is_file() and (workdir / "ema.pt").is_file() and saved.read_text() == text:
-            print(f"{workdir} already holds this import; nothing to do")
-            return 0
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "ema.pt").unlink(missing_ok=True)
-        import_teacher(workdir)
-        saved.write_text(text)  # last: a directory with config.gin and ema.pt is a finished import
-    except ValueError as exc:
-        if os.environ.get("TRACT_TRACEBACK"):
-            raise
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    text = config.parse(args.files, args.gin)
+    saved = workdir / "config.gin"
+    if saved.is_file() and (workdir / "ema.pt").is_file() and saved.read_text() == text:
+        print(f"{workdir} already holds this import; nothing to do")
+        return 0
+    schedule = config.build("train.schedule", CosineSchedule)
+    parameterisation = config.query("train.parameterisation", "v")
+    denoiser = build_denoiser(config.build("train.network"), schedule, parameterisation)
+    process = dict(T=config.query("train.T", 1024), parameterisation=parameterisation,
+                   noise_schedule=type(schedule).__name__)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "ema.pt").unlink(missing_ok=True)
+    import_teacher(workdir, denoiser, process)
+    write_text(saved, text)  # last: a directory with config.gin and ema.pt is a finished import
     print(f"imported {config.query('import_teacher.weights')} → {workdir}")
     return 0
 
 
 if __name__ == "__main__":
-    from tract_repro.process import exit_now
+    from tract_repro.launching.process import exit_now
 
     exit_now(main())

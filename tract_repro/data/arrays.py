@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tract_repro.data.batch_random import as_batch_random
+from tract_repro.common.batch_random import as_batch_random
 
 
 @dataclass

@@ -6,9 +6,10 @@ import gin
 import numpy as np
 import torch
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.data import safe_pickle
 from tract_repro.data.arrays import ImageArrays
-from tract_repro.file_hash import file_digest
+from tract_repro.common.files import file_digest
 
 
 class DatasetNotFoundError(FileNotFoundError, ValueError):
@@ -44,7 +45,7 @@ def _get(d, key, path):
     for k in (key, key.decode()):
         if isinstance(d, dict) and k in d:
             return d[k]
-    raise ValueError(f"{path} is not a CIFAR-10 batch: no {key.decode()!r} entry")
+    raise ConfigError(f"{path} is not a CIFAR-10 batch: no {key.decode()!r} entry")
 
 
 @gin.configurable
@@ -56,7 +57,7 @@ def cifar10(root="data", split="train", hflip=None, check_md5=True, download=Fal
     from torchvision.datasets import CIFAR10
 
     if split not in ("train", "test"):
-        raise ValueError(f"CIFAR-10 split must be 'train' or 'test', not {split!r}")
+        raise ConfigError(f"CIFAR-10 split must be 'train' or 'test', not {split!r}")
     root = Path(root)
     folder = root / CIFAR10.base_folder
     files = CIFAR10.train_list if split == "train" else CIFAR10.test_list
@@ -74,19 +75,19 @@ def cifar10(root="data", split="train", hflip=None, check_md5=True, download=Fal
     for name, md5 in files:
         path = folder / name
         if check_md5 and (got := _md5(path)) != md5:
-            raise ValueError(f"{path} has md5 {got}, torchvision expects {md5}: the file is corrupt or "
+            raise ConfigError(f"{path} has md5 {got}, torchvision expects {md5}: the file is corrupt or "
                              f"not CIFAR-10; delete {folder} and re-download {CIFAR10.url}")
         batch = safe_pickle.load(path)
         data = np.asarray(_get(batch, b"data", path))
         lab = np.asarray(_get(batch, b"labels", path), dtype=np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(lab) != len(data):
-            raise ValueError(f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} "
+            raise ConfigError(f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} "
                              f"{data.shape} and {len(lab)} labels")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(lab)
     labels = np.concatenate(labels)
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"CIFAR-10 labels in {folder} must be 0-9, got {labels.min()}..{labels.max()}")
+        raise ConfigError(f"CIFAR-10 labels in {folder} must be 0-9, got {labels.min()}..{labels.max()}")
     return ImageArrays(torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels),
                        num_classes=10, name=f"cifar10-{split}",
                        hflip=(split == "train") if hflip is None else bool(hflip))

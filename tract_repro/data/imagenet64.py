@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.data.arrays import ImageArrays
 from tract_repro.data.cifar10 import DatasetNotFoundError
 
@@ -64,12 +65,12 @@ def _list_folder(root, split):
     items = []
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         if d.name not in index:
-            raise ValueError(f"{d} is not a class of {classes_dir} (labels index its sorted wnids)")
+            raise ConfigError(f"{d} is not a class of {classes_dir} (labels index its sorted wnids)")
         items += [(f, index[d.name]) for f in sorted(d.iterdir()) if f.suffix.lower() in EXTENSIONS]
     if not items:
         raise DatasetNotFoundError(f"no .JPEG/.jpg/.png images found under {split_dir}/<wnid>/")
     if len(wnids) > NUM_CLASSES:
-        raise ValueError(f"{classes_dir} has {len(wnids)} class folders; ImageNet has {NUM_CLASSES}")
+        raise ConfigError(f"{classes_dir} has {len(wnids)} class folders; ImageNet has {NUM_CLASSES}")
     return items, wnids
 
 
@@ -111,7 +112,7 @@ def _devkit_to_sorted(labels1, map_clsloc):
         table[cid] = order[wnid]
     out = table[np.clip(labels1, 0, len(table) - 1)]
     if (labels1 >= len(table)).any() or (out < 0).any():
-        raise ValueError(f"{map_clsloc} does not list every class id in the data")
+        raise ConfigError(f"{map_clsloc} does not list every class id in the data")
     return out
 
 
@@ -129,10 +130,10 @@ def _load_npz(root, split, map_clsloc):
             labels.append(np.asarray(z["labels"], dtype=np.int64).reshape(-1))
             markers.add(str(z["preprocess"]) if "preprocess" in z.files else None)
     if len(markers) > 1:
-        raise ValueError(f"{root} mixes published and converted batches ({markers}); keep one kind")
+        raise ConfigError(f"{root} mixes published and converted batches ({markers}); keep one kind")
     labels1 = np.concatenate(labels)
     if labels1.size and (labels1.min() < 1 or labels1.max() > NUM_CLASSES):
-        raise ValueError(f"ImageNet 64x64 labels in {root} must be 1..{NUM_CLASSES}, "
+        raise ConfigError(f"ImageNet 64x64 labels in {root} must be 1..{NUM_CLASSES}, "
                          f"got {labels1.min()}..{labels1.max()}")
     images = np.empty((len(labels1), 3, SIZE, SIZE), dtype=np.uint8)
     start = 0
@@ -140,7 +141,7 @@ def _load_npz(root, split, map_clsloc):
         with np.load(p, allow_pickle=False) as z:
             data = z["data"]
         if data.dtype != np.uint8 or data.shape != (len(lab), 3 * SIZE * SIZE):
-            raise ValueError(f"{p}: expected uint8 data ({len(lab)}, {3 * SIZE * SIZE}), "
+            raise ConfigError(f"{p}: expected uint8 data ({len(lab)}, {3 * SIZE * SIZE}), "
                              f"got {data.dtype} {data.shape}")
         images[start:start + len(lab)] = data.reshape(-1, 3, SIZE, SIZE)
         start += len(lab)
@@ -152,7 +153,7 @@ def _load_npz(root, split, map_clsloc):
                       "sorted wnids; pass imagenet64.map_clsloc for teachers trained on sorted wnids")
         return images, labels1 - 1, "npz"
     if marker != CROPBOX:
-        raise ValueError(f"{root}: unknown preprocess marker {marker!r}")
+        raise ConfigError(f"{root}: unknown preprocess marker {marker!r}")
     return images, labels1 - 1, "cropbox"
 
 
@@ -165,7 +166,7 @@ def imagenet64(root="data/imagenet64", split="train", source="npz", hflip=None, 
     published batches' labels to sorted-wnid order.
     """
     if split not in ("train", "val"):
-        raise ValueError(f"ImageNet 64x64 split must be 'train' or 'val', not {split!r}")
+        raise ConfigError(f"ImageNet 64x64 split must be 'train' or 'val', not {split!r}")
     if source == "npz":
         images, labels, variant = _load_npz(root, split, map_clsloc)
     elif source == "folder":
@@ -175,7 +176,7 @@ def imagenet64(root="data/imagenet64", split="train", source="npz", hflip=None, 
             images[i] = planes
         labels, variant = np.array([lab for _, lab in items], dtype=np.int64), "cropbox"
     else:
-        raise ValueError(f"imagenet64 source must be 'npz' or 'folder', not {source!r}")
+        raise ConfigError(f"imagenet64 source must be 'npz' or 'folder', not {source!r}")
     return ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), num_classes=NUM_CLASSES,
                        name=f"imagenet64-{variant}-{split}",
                        hflip=(split == "train") if hflip is None else bool(hflip))
@@ -196,7 +197,7 @@ def convert(folder, out, split="train", per_file=PER_FILE, workers=1):
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(out.glob("train_data_batch_*.npz" if split == "train" else "val_data.npz"))
     if stale:
-        raise ValueError(f"{out} already holds {stale[0].name}; remove the old batches first")
+        raise ConfigError(f"{out} already holds {stale[0].name}; remove the old batches first")
     per_file = len(items) if split == "val" else per_file
     meta = dict(wnids=np.array(wnids), preprocess=np.array(CROPBOX))
     decoded = _decode([p for p, _ in items], workers)

@@ -6,6 +6,8 @@
 import importlib
 import pickle
 
+from tract_repro.common.errors import ConfigError
+
 #: (module, name) pairs a CIFAR-10 batch needs; numpy 1 writes ``numpy.core``, numpy 2 ``numpy._core``.
 ALLOWED = frozenset({
     ("numpy.core.multiarray", "_reconstruct"),
@@ -16,7 +18,7 @@ ALLOWED = frozenset({
 })
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(ConfigError):
     """A pickle names a global outside the allow-list."""
 
 

@@ -2,14 +2,15 @@
 
 The EDM process is VE: x_σ = x + σ·ε, i.e. α = 1 and λ = −2·ln σ, so EDM's σ grid is just
 another schedule in the project's λ convention (index 0 is the clean end, σ₀ = 0 ⇔ λ₀ = +inf).
-The preconditioning coefficients are functions of σ; the loss weighting is a function of λ
-applied to the x-space (D-space) error like every other weighting in
-:mod:`tract_repro.diffusion.weighting`.
+The preconditioning coefficients are functions of σ; EDM's loss weighting is a function of λ
+applied to the x-space (D-space) error like every other weighting, in
+:mod:`tract_repro.diffusion.weighting` (``'edm'``).
 """
 import gin
 import torch
 
-from tract_repro.data.batch_random import as_batch_random
+from tract_repro.common.batch_random import as_batch_random
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion.schedules import ve_alpha_sigma
 
 SIGMA_DATA = 0.5
@@ -27,9 +28,9 @@ class EDMSchedule:
 
     def __init__(self, sigma_min=0.002, sigma_max=80.0, rho=7.0):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"EDMSchedule needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+            raise ConfigError(f"EDMSchedule needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         if not rho > 0:
-            raise ValueError(f"EDMSchedule needs rho > 0, got {rho}")
+            raise ConfigError(f"EDMSchedule needs rho > 0, got {rho}")
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
 
     def sigma(self, u):
@@ -47,7 +48,7 @@ class EDMSchedule:
         For T = 1 the single noisy point is σ_1 = σ_max (a one-step grid starts from pure noise).
         """
         if int(T) != T or T < 1:
-            raise ValueError(f"the EDM grid needs a positive integer T, got {T!r}")
+            raise ConfigError(f"the EDM grid needs a positive integer T, got {T!r}")
         T = int(T)
         u = torch.ones(1, dtype=torch.float64) if T == 1 else torch.arange(T, dtype=torch.float64) / (T - 1)
         return torch.cat([torch.zeros(1, dtype=torch.float64), self.sigma(u)])
@@ -91,14 +92,6 @@ def c_noise(sigma):
     return torch.log(torch.as_tensor(sigma)) / 4.0
 
 
-def edm_weight(logsnr, sigma_data=SIGMA_DATA):
-    """w = (σ² + σ_d²)/(σ·σ_d)² = e^λ + 1/σ_d² on the D-space error (EDM's λ(σ) = 1/c_out²; method-spec §6)."""
-    return torch.exp(logsnr) + 1.0 / sigma_data ** 2
-
-
-WEIGHTINGS = {"edm": edm_weight}
-
-
 def lognormal_logsnr(n, generator, p_mean=-1.2, p_std=1.2):
     """EDM's training noise: ln σ ~ N(P_mean, P_std²), returned as λ = −2·ln σ (float64, method-spec §6).
 
@@ -108,10 +101,5 @@ def lognormal_logsnr(n, generator, p_mean=-1.2, p_std=1.2):
     return -2.0 * (p_mean + p_std * z)
 
 
-def heun_nfe(steps):
-    """EDM's deterministic sampler costs 2N − 1 evaluations for N steps (Euler on the last, to σ = 0)."""
-    return 2 * int(steps) - 1
-
-
 __all__ = ["EDMSchedule", "SIGMA_DATA", "sigma_from_logsnr", "logsnr_from_sigma", "c_skip", "c_out", "c_in",
-           "c_noise", "edm_weight", "WEIGHTINGS", "lognormal_logsnr", "heun_nfe"]
+           "c_noise", "lognormal_logsnr"]

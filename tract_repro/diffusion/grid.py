@@ -1,13 +1,15 @@
 """The integer time grid i = 0..T of a schedule, with λ, α, σ looked up in float64."""
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 
 class TimeGrid:
     """λ_i, α_i, σ_i for i = 0..T (index 0 is the clean end), plus the schedule's continuous λ(u)."""
 
     def __init__(self, schedule, T):
         if int(T) != T or T < 1:
-            raise ValueError(f"the time grid needs a positive integer T, got {T!r}")
+            raise ConfigError(f"the time grid needs a positive integer T, got {T!r}")
         self.schedule, self.T = schedule, int(T)
         self.logsnr = schedule.grid(self.T).to(torch.float64)
         self.alpha, self.sigma = schedule.alpha_sigma(self.logsnr)

@@ -2,6 +2,7 @@
 
 Each function maps (x_t, out, α, σ) to x̂; α and σ broadcast against x_t.
 """
+from tract_repro.common.errors import ConfigError
 
 
 def x_from_x(x_t, out, alpha, sigma):
@@ -40,4 +41,4 @@ def get(name):
     try:
         return PARAMETERISATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown parameterisation {name!r}: choose one of {sorted(PARAMETERISATIONS)}") from None
+        raise ConfigError(f"unknown parameterisation {name!r}: choose one of {sorted(PARAMETERISATIONS)}") from None

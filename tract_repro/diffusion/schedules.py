@@ -9,6 +9,8 @@ import math
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 
 def vp_alpha_sigma(logsnr):
     """VP: α² = sigmoid(λ), σ² = sigmoid(−λ) (method-spec §1)."""
@@ -31,7 +33,7 @@ class CosineSchedule:
 
     def __init__(self, logsnr_min=-20.0, logsnr_max=20.0):
         if not logsnr_min < logsnr_max:
-            raise ValueError(f"CosineSchedule needs logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
+            raise ConfigError(f"CosineSchedule needs logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
         self.b = math.atan(math.exp(-0.5 * logsnr_max))
         self.a = math.atan(math.exp(-0.5 * logsnr_min)) - self.b
 

@@ -1,6 +1,8 @@
 """Loss weightings w(λ) applied to the x-space error ‖x̂ − x‖² (method-spec §2)."""
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 
 def snr(logsnr):
     """w = SNR = α²/σ² = e^λ (the ε-MSE)."""
@@ -30,4 +32,4 @@ def get(name):
     try:
         return WEIGHTINGS[name]
     except KeyError:
-        raise ValueError(f"unknown loss weighting {name!r}: choose one of {sorted(WEIGHTINGS)}") from None
+        raise ConfigError(f"unknown loss weighting {name!r}: choose one of {sorted(WEIGHTINGS)}") from None

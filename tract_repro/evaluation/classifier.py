@@ -2,19 +2,20 @@
 
     python -m tract_repro.evaluation.classifier --workdir runs/digits_classifier
 """
-from tract_repro import warm
+from tract_repro.common.errors import ConfigError
+from tract_repro.launching import warm
 
 warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in its warm server, not here
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import gin
 import torch
 from torch import nn
 
+from tract_repro.common.cli import command
+from tract_repro.common.files import write_json
 from tract_repro.data.digits import digits
 from tract_repro.training.checkpoint import save_atomic
 
@@ -69,12 +70,12 @@ def train_classifier(workdir, epochs=40, batch_size=64, lr=2e-3, seed=0, test_fr
     with torch.no_grad():
         accuracy = (model(data.images[test_idx]).argmax(1) == data.labels[test_idx]).float().mean().item()
     if accuracy < min_accuracy:
-        raise ValueError(f"the digits classifier reached only {accuracy:.3f} held-out accuracy (< {min_accuracy}): "
+        raise ConfigError(f"the digits classifier reached only {accuracy:.3f} held-out accuracy (< {min_accuracy}): "
                          f"train longer (train_classifier.epochs) before using it for digits-FD")
     workdir = Path(workdir)
     save_atomic(model.state_dict(), workdir / "classifier.pt")
     info = dict(accuracy=accuracy, test_images=len(test_idx), epochs=epochs, seed=seed, feature_dim=model.feature_dim)
-    (workdir / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(workdir / "classifier.json", info)
     return model, info
 
 
@@ -82,13 +83,14 @@ def load_classifier(workdir):
     """The trained classifier of a classifier run directory, with a one-line error if it is missing."""
     weights = Path(workdir) / "classifier.pt"
     if not weights.is_file():
-        raise ValueError(f"digits classifier {weights} not found: train it first with "
+        raise ConfigError(f"digits classifier {weights} not found: train it first with "
                          f"`python -m tract_repro.evaluation.classifier --workdir {workdir}`")
     model = DigitsClassifier()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/digits_classifier")
@@ -96,17 +98,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from tract_repro import config
 
-    try:
-        config.parse(bindings=args.gin)
-        _, info = train_classifier(args.workdir)
-    except ValueError as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    config.parse(bindings=args.gin)
+    _, info = train_classifier(args.workdir)
     print(f"digits classifier: held-out accuracy {info['accuracy']:.4f} on {info['test_images']} images → {args.workdir}")
     return 0
 
 
 if __name__ == "__main__":
-    from tract_repro.process import exit_now
+    from tract_repro.launching.process import exit_now
 
     exit_now(main())

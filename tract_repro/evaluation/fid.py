@@ -19,13 +19,11 @@ they were computed from) and every result records that file's sha256 and the cle
 
 ``--executor local|slurm`` runs the work as a job and waits for it: launch's local executor, or a
 SLURM job of one task on one GPU with the ``slurm.*`` options of ``--cluster FILE.gin``
-(:mod:`tract_repro.slurm`).  Errors print one line and exit with status 2 (1 for a failed job).
+(:mod:`tract_repro.launching.slurm`).  Errors print one line and exit with status 2 (1 for a failed job).
 """
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tract_repro.common.cli import command
+from tract_repro.common.errors import ConfigError
+from tract_repro.common.files import sha256, write_atomic, write_json
 from tract_repro.evaluation import frechet, sources
-from tract_repro.file_hash import sha256
+from tract_repro.evaluation.inception import inception_extractor
+from tract_repro.sampling import registry
 
 FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
@@ -43,21 +45,21 @@ STD_DDOF = 1
 JOBS = Path("runs/jobs")  # submitit/SLURM logs of submitted evaluations (runs/ is not version-controlled)
 
 
-class MissingStatistics(ValueError):
+class MissingStatistics(ConfigError):
     """Reference statistics are not on disk."""
 
 
 def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
     """One ``range`` of ``samples`` seeds per first seed; they must not overlap."""
     if samples < 2:
-        raise ValueError(f"FID needs at least 2 samples per seed range, got {samples}")
+        raise ConfigError(f"FID needs at least 2 samples per seed range, got {samples}")
     ranges = [range(int(s), int(s) + int(samples)) for s in first_seeds]
     if not ranges or any(r.start < 0 for r in ranges):
-        raise ValueError(f"seed ranges need non-negative first seeds, got {list(first_seeds)}")
+        raise ConfigError(f"seed ranges need non-negative first seeds, got {list(first_seeds)}")
     ordered = sorted(ranges, key=lambda r: r.start)
     for a, b in zip(ordered, ordered[1:]):
         if b.start < a.stop:
-            raise ValueError(f"seed ranges {a.start}..{a.stop - 1} and {b.start}..{b.stop - 1} overlap: "
+            raise ConfigError(f"seed ranges {a.start}..{a.stop - 1} and {b.start}..{b.stop - 1} overlap: "
                              f"first seeds must be at least {samples} apart")
     return ranges
 
@@ -79,7 +81,7 @@ class ImageFeatures:
         from cleanfid.resize import build_resizer
 
         if mode not in MODES:
-            raise ValueError(f"clean-fid mode {mode!r}: choose one of {', '.join(MODES)}")
+            raise ConfigError(f"clean-fid mode {mode!r}: choose one of {', '.join(MODES)}")
         self.extractor, self.mode, self.device = extractor, mode, torch.device(device)
         self.inside = resize is None and mode == "legacy_tensorflow"  # the network resizes inside
         self.resize = resize if resize is not None else build_resizer(mode)
@@ -90,7 +92,7 @@ class ImageFeatures:
         from cleanfid.fid import get_batch_features
 
         if images.dtype != torch.uint8:
-            raise ValueError(f"ImageFeatures takes uint8 images, got {images.dtype}: quantise first")
+            raise ConfigError(f"ImageFeatures takes uint8 images, got {images.dtype}: quantise first")
         if self.inside:
             batch = images.float()
         else:
@@ -104,14 +106,8 @@ class ImageFeatures:
 
 def save_reference(path, mu, sigma, **meta):
     """Reference statistics as an .npz (mu, sigma, and strings/ints saying what they come from), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                 **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                                                 **{k: np.asarray(v) for k, v in meta.items()}))
 
 
 def load_reference(path):
@@ -166,23 +162,22 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     ``extractor_factory(mode=, path=, device=)`` builds the feature network (default: clean-fid's Inception
     from local weights); it is called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.
     """
-    from tract_repro.evaluation.generate import generate_batches, network_calls
-    from tract_repro.evaluation.inception import inception_extractor
+    from tract_repro.evaluation.generate import generate_batches
     from tract_repro.evaluation.runs import load_run
     from tract_repro.sampling.images import save_grid
 
     ranges = seed_ranges(first_seeds, samples)
     if not steps or any(k < 1 for k in steps):
-        raise ValueError(f"FID needs step counts ≥ 1, got {list(steps)}")
+        raise ConfigError(f"FID needs step counts ≥ 1, got {list(steps)}")
     ref_stats, ref = load_reference(reference)
     mode = mode or ref["mode"]
     if ref["mode"] != mode:
-        raise ValueError(f"reference statistics {reference} are clean-fid mode {ref['mode']!r}, not {mode!r}: "
+        raise ConfigError(f"reference statistics {reference} are clean-fid mode {ref['mode']!r}, not {mode!r}: "
                          f"compute a reference in mode {mode!r}")
     run = load_run(run_dir, with_data=False)
     shape = image_shape(run.denoiser)
     if "shape" in ref and tuple(ref["shape"]) != shape:
-        raise ValueError(f"reference statistics {reference} are of {ref['dataset']} images {ref['shape']}, but "
+        raise ConfigError(f"reference statistics {reference} are of {ref['dataset']} images {ref['shape']}, but "
                          f"{run.path} makes {shape}: use the reference of its dataset")
     device = torch.device(device)
     denoiser = run.denoiser.to(device)
@@ -203,22 +198,21 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                     save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{k}steps.png"), scale=2)
                 feats.append(features(quantise(x)))
             fids.append(frechet.frechet_distance(frechet.statistics(np.concatenate(feats)), ref_stats))
-        rows.append(dict(steps=k, nfe=network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
+        rows.append(dict(steps=k, nfe=registry.network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
                          seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
                          reference_sha256=ref["sha256"], fid=fids, fid_mean=float(np.mean(fids)),
                          fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None))
     weights_file = sources.inception_file(mode, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
                    weights_sha256=sha256(run.weights), dataset=ref.get("dataset"),
-                   sampler="ddim (clipped x̂)" if sampler == "ddim" else "heun (EDM, deterministic)", ema="inference",
+                   sampler=registry.get(sampler).description, ema="inference",
                    protocol=dict(samples_per_range=samples, seed_ranges=[[s.start, s.stop - 1] for s in ranges],
                                  mode=mode, std_ddof=STD_DDOF, quantised="uint8, round(127.5·(x + 1))"),
                    reference={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ref.items()},
                    inception=dict(path=str(weights_file), sha256=sha256(weights_file))
                    if weights_file.is_file() else None,
                    device=str(device), results=rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_json(out, metrics, ensure_ascii=False)
     return metrics
 
 
@@ -229,9 +223,7 @@ def _device(name):
 
 
 def run(args):
-    """Do what the parsed command line asks, in this process; raise ValueError in one line on bad input."""
-    from tract_repro.evaluation.inception import inception_extractor
-
+    """Do what the parsed command line asks, in this process; raise ConfigError in one line on bad input."""
     device = _device(args.device)
     if args.command == "reference":
         if args.dataset == "cifar10" and args.source == "cleanfid":
@@ -239,16 +231,14 @@ def run(args):
         else:
             missing = sources.missing_inception(args.mode, args.inception)
             if missing:
-                raise ValueError(missing)
+                raise ConfigError(missing)
             from tract_repro.data.cifar10 import cifar10
             from tract_repro.data.imagenet64 import imagenet64
 
             cached = Path(args.cache) / f"fid_ref_{_listing_key(args.dataset, args.root, args.mode)}.npz" \
                 if args.cache else None
             if cached is not None and cached.is_file():  # the same files and mode: the same statistics
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cached, args.out)
-                path = Path(args.out)
+                path = write_atomic(args.out, lambda f: f.write(Path(cached).read_bytes()))
             else:
                 loader = cifar10 if args.dataset == "cifar10" else imagenet64
                 data = loader(root=args.root, split="train", hflip=False)
@@ -256,14 +246,13 @@ def run(args):
                                          args.mode, device)  # built once for the whole training set
                 path = dataset_reference(args.out, data.images, features, data.name, args.batch)
                 if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, cached)
+                    write_atomic(cached, lambda f: f.write(Path(path).read_bytes()))
         _, meta = load_reference(path)
         print(f"{path}: {meta['dataset']} ({meta['images']} images), clean-fid mode {meta['mode']}, sha256 {meta['sha256'][:16]}…")
         return 0
     missing = sources.missing_inception(args.mode or load_reference(args.reference)[1]["mode"], args.inception)
     if missing:
-        raise ValueError(missing)
+        raise ConfigError(missing)
     metrics = evaluate_fid(args.run, args.steps, args.reference, args.seed_ranges, args.samples, args.mode,
                            args.batch, device, args.sampler, args.inception, out=args.out)
     for row in metrics["results"]:
@@ -292,18 +281,16 @@ def _submit(argv, kind, cluster, gin_bindings, folder):
     """
     import dataclasses
 
-    from tract_repro import config, launch
-    from tract_repro.local import local_executor
+    from tract_repro import config
     from tract_repro.evaluation.fid import _job as job_body  # by its module name, also when run as __main__
+    from tract_repro.launching import local, slurm
 
     config.parse([cluster] if cluster else [], gin_bindings)
     if kind == "local":
-        job = local_executor(folder).submit(job_body, argv)
+        job = local.local_executor(folder).submit(job_body, argv)
         print(f"submitted job {job.job_id}; logs in {folder}", flush=True)
-        return launch._wait(job)
-    from tract_repro import slurm
-
-    options = slurm.slurm()
+        return local.wait(job)
+    options = slurm.SlurmOptions()
     options = dataclasses.replace(options, nodes=1, tasks_per_node=1, gpus_per_node=min(options.gpus_per_node, 1))
     slurm.check_available()
     job = slurm.submit_run(slurm.SlurmRun(job_body, argv), folder, options, default_name="tract-fid")
@@ -321,7 +308,7 @@ def _parser():
             p.add_argument("--steps", type=int, nargs="+", required=True, help="sampler step counts K")
             p.add_argument("--reference", required=True, help="reference statistics .npz (the `reference` command)")
             p.add_argument("--out", help="metrics JSON (default RUN/eval/fid.json)")
-            p.add_argument("--sampler", choices=["ddim", "heun"], default="ddim")
+            p.add_argument("--sampler", choices=list(registry.SAMPLERS), default="ddim")
             p.add_argument("--samples", type=int, default=SAMPLES, help="samples per seed range")
             p.add_argument("--seed-ranges", type=int, nargs="+", default=list(FIRST_SEEDS), help="first seed of each range")
             p.add_argument("--mode", choices=MODES, help="clean-fid mode (default: the reference's)")
@@ -361,30 +348,19 @@ def _inline(argv):
     return out + ["--executor", "inline"]
 
 
+@command
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "reference" and (args.dataset == "imagenet64" or args.source == "loader") and not args.root:
-            raise ValueError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")
-        if args.executor == "inline":
-            return run(args)
-        folder = job_folder(args.out)
-        _submit(_inline(argv), args.executor, args.cluster, args.gin, folder)
-        return 0
-    except (ValueError, OSError) as exc:  # bad input, missing files: one line
-        if os.environ.get("TRACT_TRACEBACK"):
-            raise
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # a failed job
-        if os.environ.get("TRACT_TRACEBACK"):
-            raise
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    if args.command == "reference" and (args.dataset == "imagenet64" or args.source == "loader") and not args.root:
+        raise ConfigError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")
+    if args.executor == "inline":
+        return run(args)
+    _submit(_inline(argv), args.executor, args.cluster, args.gin, job_folder(args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    from tract_repro.process import exit_now
+    from tract_repro.launching.process import exit_now
 
     exit_now(main())

@@ -1,15 +1,16 @@
 """Samples from a run's weights with one seed per sample (as EDM), so results don't depend on batching."""
 import functools
-import json
-import os
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tract_repro.methods.heun import heun_sampler
-from tract_repro.sampling.samplers import noise_from_seeds, sample_grid_steps
-from tract_repro.training.checkpoint import load, save_atomic, sha256
+from tract_repro.sampling import registry
+from tract_repro.sampling.samplers import noise_from_seeds
+from tract_repro.common.files import sha256, write_json
+from tract_repro.training.checkpoint import load, save_atomic
 
 
 def labels_from_seeds(seeds, num_classes):
@@ -34,16 +35,7 @@ def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_s
         if device is not None:
             noise = noise.to(device)
             labels = None if labels is None else labels.to(device)
-        if sampler == "heun":
-            logsnrs = grid.schedule.grid(steps).flip(0)
-            logsnrs = logsnrs if device is None else logsnrs.to(device)
-            _, sigma_max = grid.alpha_sigma(logsnrs[:1])
-            x = heun_sampler(denoiser, sigma_max * noise, logsnrs, grid.alpha_sigma, labels)
-        elif sampler == "ddim":
-            x = sample_grid_steps(denoiser, grid, steps, noise, labels)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}: choose 'ddim' or 'heun'")
-        x = x.clamp(-1, 1)
+        x = registry.sample(sampler, denoiser, grid, steps, noise, labels).clamp(-1, 1)
         yield x if device is None else x.cpu()
 
 
@@ -69,49 +61,29 @@ def _shares(seeds, workers):
     return [seeds[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+_worker_sample = None  # in a sampling worker: the partial of generate() it runs on its shares of seeds
+
+
+def _start_worker(sample):
+    global _worker_sample
+    torch.set_num_threads(1)
+    _worker_sample = sample
+
+
+def _sample_share(seeds):
+    return _worker_sample(seeds=seeds).numpy()
+
+
 def _forked(sample, shares):
-    """Run ``sample(seeds=share)`` for each share in a forked one-thread process; concatenate in order."""
-    import multiprocessing
-    import numpy as np
+    """Run ``sample(seeds=share)`` for each share in a forked one-thread process; concatenate in order.
 
+    The workers inherit ``sample`` (the denoiser included) through fork, not through a pickle; a
+    worker's exception is raised here, as the worker raised it.
+    """
     context = multiprocessing.get_context("fork")
-
-    def work(share, conn):
-        torch.set_num_threads(1)
-        try:
-            x = sample(seeds=share)
-            conn.send(("ok", x.numpy()))
-        except BaseException as exc:  # noqa: B036 -- reported to the parent, which raises it
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        finally:
-            conn.close()
-            os._exit(0)
-
-    jobs = []
-    for share in shares:
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=work, args=(share, send), daemon=True)
-        process.start()
-        send.close()
-        jobs.append((process, receive))
-    parts = []
-    for process, receive in jobs:
-        try:
-            status, value = receive.recv()
-        except EOFError:
-            status, value = "error", f"a sampling worker died (exit {process.join() or process.exitcode})"
-        process.join()
-        if status != "ok":
-            for other, _ in jobs:
-                other.kill()
-            raise RuntimeError(f"sampling worker failed: {value}")
-        parts.append(torch.from_numpy(np.asarray(value)))
-    return torch.cat(parts)
-
-
-def network_calls(sampler, steps):
-    """NFE of a K-step sampler: K for DDIM, 2K − 1 for Heun (Euler on the last step)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+    with ProcessPoolExecutor(len(shares), mp_context=context, initializer=_start_worker, initargs=(sample,)) as pool:
+        parts = list(pool.map(_sample_share, shares))
+    return torch.cat([torch.from_numpy(part) for part in parts])
 
 
 def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_dir, num_classes=1, batch_size=500,
@@ -125,8 +97,7 @@ def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_di
     samples = generate(teacher, grid, steps, seeds, shape, num_classes, batch_size, desc=f"teacher reference {steps} steps",
                        workers=workers)
     save_atomic({"samples": samples}, path)
-    path.with_suffix(".json").write_text(json.dumps(dict(weights=str(weights_file), steps=steps, seeds=[seeds[0], seeds[-1]],
-                                                          n=len(seeds)), indent=2) + "\n")
+    write_json(path.with_suffix(".json"), dict(weights=str(weights_file), steps=steps, seeds=[seeds[0], seeds[-1]], n=len(seeds)))
     return samples
 
 

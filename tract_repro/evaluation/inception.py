@@ -10,12 +10,13 @@ from pathlib import Path
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.evaluation.sources import (  # noqa: F401  (re-exported names)
     PYTORCH_FID_NAME, PYTORCH_FID_URL, TORCHSCRIPT_NAME, TORCHSCRIPT_URL, default_torchscript_dir,
 )
 
 
-class MissingWeights(ValueError):
+class MissingWeights(ConfigError):
     """Inception weights are not on disk."""
 
 
@@ -40,7 +41,7 @@ def inception_extractor(mode="clean", path=None, device="cpu"):
             raise MissingWeights(f"pytorch-fid Inception weights {weights} not found (offline): fetch {PYTORCH_FID_URL} "
                                  f"and put it at {hub}, or set inception_extractor.path")
         return _pytorch_fid_extractor(weights, device)
-    raise ValueError(f"inception_extractor.mode = {mode!r}: choose 'clean', 'legacy_tensorflow' or 'legacy_pytorch'")
+    raise ConfigError(f"inception_extractor.mode = {mode!r}: choose 'clean', 'legacy_tensorflow' or 'legacy_pytorch'")
 
 
 def _pytorch_fid_extractor(weights, device):

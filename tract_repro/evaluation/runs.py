@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from tract_repro import config
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.networks.denoiser import build_denoiser
@@ -29,7 +30,7 @@ def load_run(path, with_data=True):
     path = Path(path)
     weights, saved = path / "ema.pt", path / "config.gin"
     if not (weights.is_file() and saved.is_file()):
-        raise ValueError(f"{path} is not a finished run (no ema.pt or config.gin): run it with "
+        raise ConfigError(f"{path} is not a finished run (no ema.pt or config.gin): run it with "
                          f"`python -m tract_repro.launch gin/{path.name}.gin --workdir {path}` first")
     config.parse(text=saved.read_text())
     schedule = config.build("train.schedule", CosineSchedule)

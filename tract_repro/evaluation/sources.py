@@ -9,6 +9,9 @@ import os
 import platform
 from pathlib import Path
 
+from tract_repro.common.errors import ConfigError
+
+
 TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
 PYTORCH_FID_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -48,7 +51,7 @@ def cleanfid_stats_folder():
     """clean-fid's stats folder (<site-packages>/cleanfid/stats), found without importing clean-fid."""
     spec = importlib.util.find_spec("cleanfid")
     if spec is None or not spec.origin:
-        raise ValueError("clean-fid is not installed: pip install clean-fid")
+        raise ConfigError("clean-fid is not installed: pip install clean-fid")
     return Path(spec.origin).parent / "stats"
 
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tract_repro.data.batch_random import as_batch_random
+from tract_repro.common.batch_random import as_batch_random
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Networks:
 def add_noise(x, alpha, sigma, generator):
     """x_t = α·x + σ·ε with ε ~ N(0, I) drawn on the CPU (float64) from ``generator``, then moved to x's device.
 
-    ``generator`` is the step's :class:`~tract_repro.data.batch_random.BatchRandom` (or a bare
+    ``generator`` is the step's :class:`~tract_repro.common.batch_random.BatchRandom` (or a bare
     ``torch.Generator``, which draws for x alone).
     """
     eps = as_batch_random(generator, x.shape[0]).randn(x.shape[1:], dtype=torch.float64).to(x.device)
@@ -63,7 +63,7 @@ class Method(abc.ABC):
     def __call__(self, x, labels, phase, nets, grid, generator):
         """The Target for a batch x (float64) in ``phase``.
 
-        ``generator`` is a :class:`~tract_repro.data.batch_random.BatchRandom` for the samples of x
+        ``generator`` is a :class:`~tract_repro.common.batch_random.BatchRandom` for the samples of x
         (or a bare ``torch.Generator``): draw every random tensor from it, one row per sample, and
         draw the same sequence whatever the data, so that x may be any slice of a larger batch.
         """

@@ -2,11 +2,12 @@
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
 from tract_repro.methods.base import Method, Target, noise_at, randint
 from tract_repro.methods.phases import check_schedule
-from tract_repro.methods.teacher_steps import ddim_teacher_step
+from tract_repro.sampling.steps import ddim_teacher_step
 
 
 def btd_indices(S, p, T, n, generator):
@@ -21,10 +22,10 @@ def halving_schedule(start, final):
     S = [int(start)]
     while S[-1] > final:
         if S[-1] % 2:
-            raise ValueError(f"BTD halving from {start} reaches the odd count {S[-1]} before {final}: start from a power of two")
+            raise ConfigError(f"BTD halving from {start} reaches the odd count {S[-1]} before {final}: start from a power of two")
         S.append(S[-1] // 2)
     if S[-1] != final:
-        raise ValueError(f"BTD cannot halve {start} down to {final}")
+        raise ConfigError(f"BTD cannot halve {start} down to {final}")
     return tuple(S)
 
 

@@ -2,7 +2,8 @@
 import gin
 import torch
 
-from tract_repro.data.batch_random import as_batch_random
+from tract_repro.common.batch_random import as_batch_random
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.edm import lognormal_logsnr
 from tract_repro.methods.base import Method, Target, add_noise
@@ -16,7 +17,7 @@ class TeacherTraining(Method):
 
     def __init__(self, weighting="snr+1", continuous=True, sample_steps=64, time_distribution="uniform"):
         if time_distribution not in ("uniform", "lognormal"):
-            raise ValueError(f"TeacherTraining.time_distribution = {time_distribution!r}: choose 'uniform' or 'lognormal' (EDM)")
+            raise ConfigError(f"TeacherTraining.time_distribution = {time_distribution!r}: choose 'uniform' or 'lognormal' (EDM)")
         self.weight_fn = weightings.get(weighting)
         self.weighting = weighting
         self.continuous = continuous
@@ -26,7 +27,7 @@ class TeacherTraining(Method):
     def steps(self, T):
         """One phase; its 'student' is sampled with ``sample_steps`` DDIM steps in grids."""
         if T % self.sample_steps:
-            raise ValueError(f"TeacherTraining.sample_steps = {self.sample_steps} must divide T = {T}")
+            raise ConfigError(f"TeacherTraining.sample_steps = {self.sample_steps} must divide T = {T}")
         return (T, self.sample_steps) if self.sample_steps < T else (T, T)
 
     def __call__(self, x, labels, phase, nets, grid, generator):

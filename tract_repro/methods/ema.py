@@ -3,13 +3,15 @@ import copy
 
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 
 def momentum_from_residual(residual, steps):
     """μ = r^(1/n): after n updates the starting weights keep a residual weight r."""
     if not 0.0 < residual < 1.0:
-        raise ValueError(f"EMA residual must be in (0, 1), got {residual}")
+        raise ConfigError(f"EMA residual must be in (0, 1), got {residual}")
     if steps < 1:
-        raise ValueError(f"EMA residual needs at least one step per phase, got {steps}")
+        raise ConfigError(f"EMA residual needs at least one step per phase, got {steps}")
     return residual ** (1.0 / steps)
 
 
@@ -28,7 +30,7 @@ class EMA:
     @momentum.setter
     def momentum(self, value):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"EMA momentum must be in [0, 1), got {value}")
+            raise ConfigError(f"EMA momentum must be in [0, 1), got {value}")
         self._momentum = float(value)
 
     def decay(self):

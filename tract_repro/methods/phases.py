@@ -1,7 +1,8 @@
 """Step schedules S = (S₀ > S₁ > … > S_P) and their phases in samples (method-spec §4-5)."""
 from dataclasses import dataclass
 
-from tract_repro.training.lengths import parse_samples
+from tract_repro.common.errors import ConfigError
+from tract_repro.common.lengths import parse_samples
 
 
 def check_schedule(steps, T):
@@ -9,19 +10,19 @@ def check_schedule(steps, T):
     try:
         S = tuple(int(s) for s in steps)
     except (TypeError, ValueError):
-        raise ValueError(f"step schedule {steps!r} must be a sequence of integers like (1024, 32, 1)") from None
+        raise ConfigError(f"step schedule {steps!r} must be a sequence of integers like (1024, 32, 1)") from None
     if len(S) < 2:
-        raise ValueError(f"step schedule {S} needs at least two entries, e.g. (1024, 32, 1)")
+        raise ConfigError(f"step schedule {S} needs at least two entries, e.g. (1024, 32, 1)")
     if any(s < 1 for s in S):
-        raise ValueError(f"step schedule {S} must hold positive step counts")
+        raise ConfigError(f"step schedule {S} must hold positive step counts")
     if any(a <= b for a, b in zip(S, S[1:])):
-        raise ValueError(f"step schedule {S} must be strictly decreasing, e.g. (1024, 32, 1)")
+        raise ConfigError(f"step schedule {S} must be strictly decreasing, e.g. (1024, 32, 1)")
     for s in S:
         if T % s:
-            raise ValueError(f"step schedule {S}: {s} does not divide T = {T}; use step counts that divide T")
+            raise ConfigError(f"step schedule {S}: {s} does not divide T = {T}; use step counts that divide T")
     for a, b in zip(S, S[1:]):
         if a % b:
-            raise ValueError(f"step schedule {S}: {b} does not divide {a}; each phase must group whole teacher steps")
+            raise ConfigError(f"step schedule {S}: {b} does not divide {a}; each phase must group whole teacher steps")
     return S
 
 
@@ -44,18 +45,18 @@ def plan_phases(steps, total=None, per_phase=None):
     """Phases of a schedule: ``total`` split evenly, or lengths given ``per_phase`` (paper Tables 5, 6)."""
     P = len(steps) - 1
     if (total is None) == (per_phase is None):
-        raise ValueError("give exactly one of train.total (split evenly over phases) or train.phase_lengths")
+        raise ConfigError("give exactly one of train.total (split evenly over phases) or train.phase_lengths")
     if per_phase is not None:
         if isinstance(per_phase, (int, str)):
             per_phase = [per_phase] * P
         lengths = [parse_samples(n) for n in per_phase]
         if len(lengths) != P:
-            raise ValueError(f"train.phase_lengths has {len(lengths)} entries but the schedule {tuple(steps)} has {P} phases")
+            raise ConfigError(f"train.phase_lengths has {len(lengths)} entries but the schedule {tuple(steps)} has {P} phases")
     else:
         total = parse_samples(total)
         lengths = [(p + 1) * total // P - p * total // P for p in range(P)]
     if any(n <= 0 for n in lengths):
-        raise ValueError(f"every phase needs a positive length, got {lengths}")
+        raise ConfigError(f"every phase needs a positive length, got {lengths}")
     phases, start = [], 0
     for p, n in enumerate(lengths):
         phases.append(Phase(p, start, start + n, steps[p], steps[p + 1]))

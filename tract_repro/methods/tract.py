@@ -6,7 +6,7 @@ from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
 from tract_repro.methods.base import Method, Target, noise_at, randint
 from tract_repro.methods.phases import check_schedule
-from tract_repro.methods.teacher_steps import ddim_teacher_step
+from tract_repro.sampling.steps import ddim_teacher_step
 
 
 def tract_indices(S, p, T, n, generator):

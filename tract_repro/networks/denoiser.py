@@ -6,6 +6,7 @@ EDM VE denoiser will apply EDM's preconditioning behind the same call (method-sp
 """
 from torch import nn
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import parameterisations
 
 
@@ -21,7 +22,7 @@ class VPDenoiser(nn.Module):
         expected = parameterisations.OUTPUTS[parameterisation]
         outputs = getattr(net, "num_outputs", expected)
         if outputs != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"parameterisation {parameterisation!r} needs a network with num_outputs={expected}, "
                 f"got {outputs}: set UNet.num_outputs = {expected}")
 
@@ -41,10 +42,10 @@ def build_denoiser(net, schedule, parameterisation):
     process = getattr(schedule, "process", "vp")
     if parameterisation == "edm":
         if process != "ve":
-            raise ValueError(f"parameterisation 'edm' needs a VE schedule (train.schedule = @EDMSchedule), got {type(schedule).__name__}")
+            raise ConfigError(f"parameterisation 'edm' needs a VE schedule (train.schedule = @EDMSchedule), got {type(schedule).__name__}")
         from tract_repro.networks.edm_denoiser import EDMDenoiser
 
         return EDMDenoiser(net)
     if process != "vp":
-        raise ValueError(f"a {type(schedule).__name__} (VE) schedule needs train.parameterisation = 'edm', got {parameterisation!r}")
+        raise ConfigError(f"a {type(schedule).__name__} (VE) schedule needs train.parameterisation = 'edm', got {parameterisation!r}")
     return VPDenoiser(net, schedule, parameterisation)

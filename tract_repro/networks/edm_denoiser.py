@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import edm
 
 
@@ -30,7 +31,7 @@ class EDMDenoiser(nn.Module):
     def __init__(self, net, sigma_data=edm.SIGMA_DATA):
         super().__init__()
         if not hasattr(net, "model"):
-            raise ValueError(f"EDMDenoiser needs an EDMPrecond-like net with a `model` submodule, got {type(net).__name__}")
+            raise ConfigError(f"EDMDenoiser needs an EDMPrecond-like net with a `model` submodule, got {type(net).__name__}")
         self.net = net
         self.sigma_data = float(sigma_data)
 

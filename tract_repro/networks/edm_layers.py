@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tract_repro.common.errors import ConfigError
+
+
 __all__ = [
     "weight_init", "fir_filter", "Linear", "Conv2d", "GroupNorm", "FourierEmbedding",
     "PositionalEmbedding", "attention_weights", "UNetBlock",
@@ -39,7 +42,7 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> t
         return math.sqrt(3.0 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == "kaiming_normal":
         return math.sqrt(1.0 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"unknown init mode {mode!r}")
+    raise ConfigError(f"unknown init mode {mode!r}")
 
 
 def fir_filter(taps: Sequence[float]) -> torch.Tensor:
@@ -83,9 +86,9 @@ class Conv2d(nn.Module):
                  fused_resample: bool = False, init_mode: str = "kaiming_normal",
                  init_weight: float = 1.0, init_bias: float = 0.0):
         if up and down:
-            raise ValueError("Conv2d: up and down are exclusive")
+            raise ConfigError("Conv2d: up and down are exclusive")
         if fused_resample and up:
-            raise ValueError("Conv2d: fused up-sampling is not supported (no released EDM teacher uses it); set fused_resample=False")
+            raise ConfigError("Conv2d: fused up-sampling is not supported (no released EDM teacher uses it); set fused_resample=False")
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tract_repro.training.checkpoint import sha256
+from tract_repro.common.errors import ConfigError
+from tract_repro.common.files import sha256
 
 URL_PREFIX = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 
@@ -51,7 +52,7 @@ STORAGE_DTYPES = {
 }
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(ConfigError):
     """A pickle asked for something an NVIDIA EDM snapshot never needs; nothing was run."""
 
 
@@ -196,7 +197,7 @@ def parse_legacy_storage(blob, path="<bytes>"):
 def _reconstruct_persistent_obj(meta):
     """An inert :class:`PersistentRecord` of a persistence meta dict; ``module_src`` is hashed, never run."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
-        raise ValueError(f"unexpected torch_utils.persistence record: {str(meta)[:80]!r}")
+        raise ConfigError(f"unexpected torch_utils.persistence record: {str(meta)[:80]!r}")
     src = meta.get("module_src")
     digest, length = None, 0
     if isinstance(src, str):
@@ -208,18 +209,18 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
                        metadata=None):
     """as_strided(storage, size, stride, offset).clone(); the 6- and 7-argument forms."""
     if not isinstance(storage, torch.Tensor) or storage.ndim != 1:
-        raise ValueError("a pickled tensor does not reference a storage")
+        raise ConfigError("a pickled tensor does not reference a storage")
     if metadata:
-        raise ValueError(f"unsupported tensor metadata in an EDM pickle: {metadata!r:.80}")
+        raise ConfigError(f"unsupported tensor metadata in an EDM pickle: {metadata!r:.80}")
     size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(storage_offset)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
-        raise ValueError(f"bad tensor geometry in an EDM pickle: size {size}, stride {stride}, offset {offset}")
+        raise ConfigError(f"bad tensor geometry in an EDM pickle: size {size}, stride {stride}, offset {offset}")
     if all(size):
         last = offset + sum((n - 1) * st for n, st in zip(size, stride))
         if last >= storage.numel():
-            raise ValueError(f"tensor of size {size} overruns its storage of {storage.numel()} elements")
+            raise ConfigError(f"tensor of size {size} overruns its storage of {storage.numel()} elements")
     elif offset > storage.numel():
-        raise ValueError("tensor offset beyond its storage")
+        raise ConfigError("tensor offset beyond its storage")
     if not all(size):
         return torch.empty(size, dtype=storage.dtype)
     return torch.as_strided(storage, size, stride, offset).clone()
@@ -238,19 +239,19 @@ def _rebuild_parameter_with_state(data, requires_grad=False, backward_hooks=None
 def _numpy_scalar(dtype, data=None):
     """A numpy scalar (dtype, raw bytes) → a Python float/int/bool/complex via frombuffer."""
     if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind not in "biufc":
-        raise ValueError(f"unsupported numpy scalar dtype in an EDM pickle: {dtype!r:.40}")
+        raise ConfigError(f"unsupported numpy scalar dtype in an EDM pickle: {dtype!r:.40}")
     if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
-        raise ValueError("malformed numpy scalar in an EDM pickle")
+        raise ConfigError("malformed numpy scalar in an EDM pickle")
     return np.frombuffer(bytes(data), dtype=dtype)[0].item()
 
 
 def _numpy_dtype(spec, align=False, copy=False):
     """numpy.dtype for plain numeric type codes only (BUILD then runs dtype's own setstate)."""
     if not isinstance(spec, str) or len(spec) > 8:
-        raise ValueError(f"unsupported numpy dtype in an EDM pickle: {spec!r:.40}")
+        raise ConfigError(f"unsupported numpy dtype in an EDM pickle: {spec!r:.40}")
     dt = np.dtype(spec)
     if dt.hasobject or dt.kind not in "biufc":
-        raise ValueError(f"unsupported numpy dtype in an EDM pickle: {spec!r}")
+        raise ConfigError(f"unsupported numpy dtype in an EDM pickle: {spec!r}")
     return dt
 
 
@@ -309,7 +310,7 @@ def _module_state(node, where):
     state = node.state
     if not isinstance(state, dict) or not all(k in state for k in ("_parameters", "_buffers", "_modules")):
         name = node.class_name if isinstance(node, PersistentRecord) else "ModuleDict"
-        raise ValueError(f"{where or 'the ema network'} ({name}) is not a torch Module record")
+        raise ConfigError(f"{where or 'the ema network'} ({name}) is not a torch Module record")
     return state
 
 
@@ -326,7 +327,7 @@ def state_dict_of(record, prefix=""):
 
 def _collect(node, prefix, out, ancestors):
     if id(node) in ancestors:
-        raise ValueError(f"module {prefix.rstrip('.')} contains itself")
+        raise ConfigError(f"module {prefix.rstrip('.')} contains itself")
     state = _module_state(node, prefix.rstrip("."))
     skip = state.get("_non_persistent_buffers_set") or set()
     for kind, items in (("parameter", state["_parameters"]), ("buffer", state["_buffers"])):
@@ -334,13 +335,13 @@ def _collect(node, prefix, out, ancestors):
             if value is None or (kind == "buffer" and name in skip):
                 continue
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{kind} {prefix}{name} is a {type(value).__name__}, not a tensor")
+                raise ConfigError(f"{kind} {prefix}{name} is a {type(value).__name__}, not a tensor")
             out[prefix + name] = value
     for name, child in state["_modules"].items():
         if child is None:
             continue
         if not isinstance(child, (PersistentRecord, InertModuleDict)):
-            raise ValueError(f"submodule {prefix}{name} is a {type(child).__name__}, not a module record")
+            raise ConfigError(f"submodule {prefix}{name} is a {type(child).__name__}, not a module record")
         _collect(child, f"{prefix}{name}.", out, ancestors | {id(node)})
 
 
@@ -376,17 +377,17 @@ def load_edm_pickle(path, key="ema"):
                 KeyError, RecursionError) as e:
             msg = " ".join(str(e).split())
             if path in msg:
-                raise ValueError(msg) from None
-            raise ValueError(f"{path} is not a readable EDM pickle: {type(e).__name__}: {msg}") from None
+                raise ConfigError(msg) from None
+            raise ConfigError(f"{path} is not a readable EDM pickle: {type(e).__name__}: {msg}") from None
     if not isinstance(data, dict) or key not in data:
-        raise ValueError(f"{path} holds no {key!r} network: expected NVIDIA's snapshot dict(ema=..., ...)")
+        raise ConfigError(f"{path} holds no {key!r} network: expected NVIDIA's snapshot dict(ema=..., ...)")
     record = data[key]
     if not isinstance(record, PersistentRecord):
-        raise ValueError(f"{path}: {key!r} is a {type(record).__name__}, not a torch_utils.persistence record")
+        raise ConfigError(f"{path}: {key!r} is a {type(record).__name__}, not a torch_utils.persistence record")
     try:
         state_dict = state_dict_of(record)
     except (ValueError, AttributeError, TypeError, RecursionError) as e:
-        raise ValueError(f"{path}: the {key!r} network is not a module tree: {e}") from None
+        raise ConfigError(f"{path}: the {key!r} network is not a module tree: {e}") from None
     kwargs = record.state.get("_init_kwargs", {}) if isinstance(record.state, dict) else {}
     return EDMCheckpoint(state_dict=state_dict, init_kwargs=_plain(dict(kwargs or {})),
                          class_name=record.class_name, sha256=digest,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.networks.edm_layers import (
     Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
 )
@@ -95,11 +96,11 @@ class SongUNet(nn.Module):
         resample_filter: Sequence[int] = (1, 1),
     ):
         if embedding_type not in ("fourier", "positional"):
-            raise ValueError(f"embedding_type {embedding_type!r}")
+            raise ConfigError(f"embedding_type {embedding_type!r}")
         if encoder_type not in ("standard", "residual"):
-            raise ValueError(f"SongUNet encoder_type {encoder_type!r} is not supported: use 'standard' or 'residual' (the released checkpoints')")
+            raise ConfigError(f"SongUNet encoder_type {encoder_type!r} is not supported: use 'standard' or 'residual' (the released checkpoints')")
         if decoder_type != "standard":
-            raise ValueError(f"SongUNet decoder_type {decoder_type!r} is not supported: use 'standard' (the released checkpoints')")
+            raise ConfigError(f"SongUNet decoder_type {decoder_type!r} is not supported: use 'standard' (the released checkpoints')")
         super().__init__()
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -167,7 +168,7 @@ class SongUNet(nn.Module):
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)   # [cos|sin] → [sin|cos]
         if self.map_label is not None:
             if class_labels is None:
-                raise ValueError(f"SongUNet has label_dim={self.label_dim}: class_labels are required")
+                raise ConfigError(f"SongUNet has label_dim={self.label_dim}: class_labels are required")
             labels = _drop_labels(class_labels.to(emb.dtype), self.label_dropout, self.training)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
@@ -289,7 +290,7 @@ class DhariwalUNet(nn.Module):
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))                 # no silu yet
         if self.map_label is not None:
             if class_labels is None:
-                raise ValueError(f"DhariwalUNet has label_dim={self.label_dim}: class_labels are required")
+                raise ConfigError(f"DhariwalUNet has label_dim={self.label_dim}: class_labels are required")
             labels = _drop_labels(class_labels.to(emb.dtype), self.label_dropout, self.training)
             emb = emb + self.map_label(labels)                               # one-hot, not rescaled
         return F.silu(emb)
@@ -341,7 +342,7 @@ class EDMNet(nn.Module):
             return torch.zeros(1, self.label_dim, device=like.device, dtype=torch.float32)
         if not class_labels.is_floating_point():
             if class_labels.dim() != 1:
-                raise ValueError("integer class_labels must be class indices of shape (B,)")
+                raise ConfigError("integer class_labels must be class indices of shape (B,)")
             class_labels = F.one_hot(class_labels.long(), self.label_dim)
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 

@@ -30,12 +30,15 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
+from tract_repro.common.errors import ConfigError
+
+
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR, _EXT_TUPLE = 1, 2, 3, 4
 _CHUNKED = "__msgpack_chunked_array__"
 _MAX_CHUNK_BYTES = 2 ** 30
 
 
-class FlaxFormatError(ValueError):
+class FlaxFormatError(ConfigError):
     """A file or tree that is not (supported) Flax msgpack."""
 
 

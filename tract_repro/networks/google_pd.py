@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.networks.flax_msgpack import FlaxFormatError, read_flax_msgpack, write_flax_msgpack
 
 __all__ = [
@@ -101,7 +102,7 @@ def find_teacher_params(tree: Mapping) -> Mapping:
             return node
         keys = [k for k in _PREFERRED_KEYS if k in node] + [k for k in node if k not in _PREFERRED_KEYS]
         queue.extend(node[k] for k in keys if isinstance(node[k], Mapping))
-    raise ValueError(f"no Flax parameter dict with a 'conv_in' module found (top-level keys: "
+    raise ConfigError(f"no Flax parameter dict with a 'conv_in' module found (top-level keys: "
                      f"{sorted(map(str, tree))[:8]}): {_HINT}")
 
 
@@ -159,16 +160,16 @@ def _level_walk(blocks: Sequence[nn.Module], resample: str, flax_prefix: str,
     for k, blk in enumerate(blocks):
         res = getattr(blk, "res", None)
         if res is None:
-            raise ValueError(f"{our_prefix}.{k} is not a Block: cannot map it onto a PD teacher")
+            raise ConfigError(f"{our_prefix}.{k} is not a Block: cannot map it onto a PD teacher")
         if n >= len(levels):
-            raise ValueError(f"{our_prefix}.{k}: more blocks than the UNet's levels allow")
+            raise ConfigError(f"{our_prefix}.{k}: more blocks than the UNet's levels allow")
         i = levels[n]
         if res.resample == resample:
             if j != per_level or n == len(levels) - 1:
-                raise ValueError(f"{our_prefix}.{k}: unexpected '{resample}' block (level {i} has "
+                raise ConfigError(f"{our_prefix}.{k}: unexpected '{resample}' block (level {i} has "
                                  f"{j} blocks, expected {per_level})")
             if blk.attn is not None:
-                raise ValueError(f"{our_prefix}.{k}: resampling block with attention has no PD counterpart")
+                raise ConfigError(f"{our_prefix}.{k}: resampling block with attention has no PD counterpart")
             name = "downsample" if resample == "down" else "upsample"
             out.append((f"{our_prefix}.{k}.res", f"{flax_prefix}_{i}.{name}", "resblock"))
             n, j = n + 1, 0
@@ -178,9 +179,9 @@ def _level_walk(blocks: Sequence[nn.Module], resample: str, flax_prefix: str,
                 out.append((f"{our_prefix}.{k}.attn", f"{flax_prefix}_{i}.attn_{j}", "attention"))
             j += 1
         else:
-            raise ValueError(f"{our_prefix}.{k}: resample={res.resample!r} in the {our_prefix} path")
+            raise ConfigError(f"{our_prefix}.{k}: resample={res.resample!r} in the {our_prefix} path")
     if n != len(levels) - 1 or j != per_level:
-        raise ValueError(f"{our_prefix}: {n + 1} levels with {j} blocks in the last one; expected "
+        raise ConfigError(f"{our_prefix}: {n + 1} levels with {j} blocks in the last one; expected "
                          f"{len(levels)} levels of {per_level} blocks")
     return out
 
@@ -194,7 +195,7 @@ def flax_module_map(unet: nn.Module) -> list:
     n_levels = n_down + 1
     n_plain = sum(1 for b in unet.down if b.res.resample is None)
     if n_plain % n_levels:
-        raise ValueError(f"down path: {n_plain} residual blocks do not split into {n_levels} levels")
+        raise ConfigError(f"down path: {n_plain} residual blocks do not split into {n_levels} levels")
     n_res = n_plain // n_levels
 
     out = [("time.0", "dense0", "dense"), ("time.2", "dense1", "dense")]
@@ -203,7 +204,7 @@ def flax_module_map(unet: nn.Module) -> list:
     out.append(("conv_in", "conv_in", "conv"))
     out += _level_walk(unet.down, "down", "down", list(range(n_levels)), n_res, "down")
     if len(unet.mid) != 2 or unet.mid[0].attn is None or unet.mid[1].attn is not None:
-        raise ValueError("mid: expected [ResBlock + attention, ResBlock] as in the PD UNet")
+        raise ConfigError("mid: expected [ResBlock + attention, ResBlock] as in the PD UNet")
     out += [("mid.0.res", "mid.block_1", "resblock"), ("mid.0.attn", "mid.attn_1", "attention"),
             ("mid.1.res", "mid.block_2", "resblock")]
     out += _level_walk(unet.up, "up", "up", list(reversed(range(n_levels))), n_res + 1, "up")
@@ -233,7 +234,7 @@ def _flax_shapes(transform: str, shape: tuple, heads: int | None) -> tuple:
     if transform == "proj_kernel":
         c = shape[0]
         return ((heads, shape[1] // heads, c),)
-    raise ValueError(f"unknown transform {transform!r}")
+    raise ConfigError(f"unknown transform {transform!r}")
 
 
 def _accepted_shapes(transform: str, canonical: tuple) -> tuple:
@@ -270,7 +271,7 @@ def _to_torch_layout(transform: str, arrays: Sequence[np.ndarray], canonical: tu
     if transform == "proj_kernel":
         h, d, c = arrays[0].shape
         return arrays[0].reshape(h * d, c).T[:, :, None, None]
-    raise ValueError(f"unknown transform {transform!r}")
+    raise ConfigError(f"unknown transform {transform!r}")
 
 
 def google_pd_mapping(unet: nn.Module) -> list:
@@ -283,7 +284,7 @@ def google_pd_mapping(unet: nn.Module) -> list:
 
     def add(name: str, flax_paths: tuple, transform: str, heads: int | None = None):
         if name not in state:
-            raise ValueError(f"internal mapping error: {name} is not a parameter of this UNet")
+            raise ConfigError(f"internal mapping error: {name} is not a parameter of this UNet")
         shape = tuple(state[name].shape)
         out.append(ParamMapping(name, shape, flax_paths, _flax_shapes(transform, shape, heads),
                                 transform, heads))
@@ -312,15 +313,15 @@ def google_pd_mapping(unet: nn.Module) -> list:
             add(f"{ours}.proj.weight", ((theirs, "proj_out", "kernel"),), "proj_kernel", heads)
             add(f"{ours}.proj.bias", ((theirs, "proj_out", "bias"),), "copy")
         else:
-            raise ValueError(f"unknown module kind {kind!r}")
+            raise ConfigError(f"unknown module kind {kind!r}")
 
     counts = Counter(m.name for m in out)
     dup = sorted(n for n, c in counts.items() if c > 1)
     if dup:
-        raise ValueError(f"internal mapping error: {len(dup)} parameters mapped twice: {dup[:5]}")
+        raise ConfigError(f"internal mapping error: {len(dup)} parameters mapped twice: {dup[:5]}")
     unmapped = [n for n in state if n not in counts]
     if unmapped:
-        raise ValueError(f"{len(unmapped)} UNet parameters have no PD-teacher counterpart (first: "
+        raise ConfigError(f"{len(unmapped)} UNet parameters have no PD-teacher counterpart (first: "
                          f"{', '.join(unmapped[:5])}): the PD teachers have no extra conditions")
     return out
 
@@ -342,12 +343,12 @@ def load_google_pd(path: str | os.PathLike | Mapping, unet: nn.Module) -> dict:
     needed = [p for m in mapping for p in m.flax_paths]
     missing = [p for p in needed if p not in leaves]
     if missing:
-        raise ValueError(f"{len(missing)} Flax entries missing from the checkpoint (first: "
+        raise ConfigError(f"{len(missing)} Flax entries missing from the checkpoint (first: "
                          f"{', '.join(map(_fmt, missing[:5]))}): {_HINT}")
     used = set(needed)
     extra = [p for p in leaves if p not in used]
     if extra:
-        raise ValueError(f"{len(extra)} Flax entries of the checkpoint are not used by this UNet (first: "
+        raise ConfigError(f"{len(extra)} Flax entries of the checkpoint are not used by this UNet (first: "
                          f"{', '.join(map(_fmt, extra[:5]))}): {_HINT}")
 
     state = unet.state_dict()
@@ -357,13 +358,13 @@ def load_google_pd(path: str | os.PathLike | Mapping, unet: nn.Module) -> dict:
         for p, canonical in zip(m.flax_paths, m.flax_shapes):
             a = leaves[p]
             if not isinstance(a, np.ndarray):
-                raise ValueError(f"Flax entry {_fmt(p)} (for {m.name}) is a {type(a).__name__}, not an "
+                raise ConfigError(f"Flax entry {_fmt(p)} (for {m.name}) is a {type(a).__name__}, not an "
                                  f"array: {_HINT}")
             if tuple(a.shape) not in _accepted_shapes(m.transform, canonical):
-                raise ValueError(f"shape mismatch for {m.name}: Flax {_fmt(p)} has shape {tuple(a.shape)}, "
+                raise ConfigError(f"shape mismatch for {m.name}: Flax {_fmt(p)} has shape {tuple(a.shape)}, "
                                  f"this UNet needs {canonical} (PyTorch {m.shape}): {_HINT}")
             if a.dtype.kind not in "f":
-                raise ValueError(f"Flax entry {_fmt(p)} (for {m.name}) has dtype {a.dtype}, not floating: "
+                raise ConfigError(f"Flax entry {_fmt(p)} (for {m.name}) has dtype {a.dtype}, not floating: "
                                  f"{_HINT}")
             arrays.append(a)
         value = _to_torch_layout(m.transform, arrays, m.flax_shapes)

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tract_repro.common.errors import ConfigError
+
+
 ZERO_INIT_SCALE = 1e-10
 
 
@@ -64,7 +67,7 @@ class ResBlock(nn.Module):
                  dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
         if resample not in (None, "down", "up"):
-            raise ValueError(f"resample must be None, 'down' or 'up', got {resample!r}")
+            raise ConfigError(f"resample must be None, 'down' or 'up', got {resample!r}")
         self.resample = resample
         self.norm1 = group_norm(cin, norm_groups)
         self.conv1 = conv(cin, cout, 3)
@@ -101,7 +104,7 @@ class SelfAttention(nn.Module):
     def __init__(self, ch: int, heads: int = 1, norm_groups: int = 32):
         super().__init__()
         if ch % heads:
-            raise ValueError(f"{ch} channels not divisible into {heads} heads")
+            raise ConfigError(f"{ch} channels not divisible into {heads} heads")
         self.heads = heads
         self.norm = group_norm(ch, norm_groups)
         self.qkv = conv(ch, 3 * ch, 1)

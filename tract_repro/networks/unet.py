@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.networks.layers import (
     ZERO_INIT_SCALE, Block, ResBlock, SelfAttention, conv, group_norm, linear,
     timestep_embedding,
@@ -64,7 +65,7 @@ class UNet(nn.Module):
     ):
         super().__init__()
         if logsnr_input != "inv_cos":
-            raise ValueError(f"logsnr_input={logsnr_input!r} not supported (only 'inv_cos')")
+            raise ConfigError(f"logsnr_input={logsnr_input!r} not supported (only 'inv_cos')")
         self.in_channels = in_channels
         self.resolution = resolution
         self.channels = C = channels
@@ -129,17 +130,17 @@ class UNet(nn.Module):
         emb = self.time(timestep_embedding(u, self.channels, max_time=1.0))
         if self.class_emb is not None:
             if labels is None:
-                raise ValueError(f"UNet has num_classes={self.num_classes}: labels are required")
+                raise ConfigError(f"UNet has num_classes={self.num_classes}: labels are required")
             emb = emb + self.class_emb(F.one_hot(labels.long(), self.num_classes).to(emb.dtype))
         elif labels is not None:
-            raise ValueError("labels given to an unconditional UNet (num_classes=1)")
+            raise ConfigError("labels given to an unconditional UNet (num_classes=1)")
         cond = cond or {}
         unknown = set(cond) - set(self.extra_conditions)
         if unknown:
-            raise ValueError(f"unknown extra conditions {sorted(unknown)}; declared {self.extra_conditions}")
+            raise ConfigError(f"unknown extra conditions {sorted(unknown)}; declared {self.extra_conditions}")
         for name in self.extra_conditions:
             if name not in cond:
-                raise ValueError(f"extra condition {name!r} missing from cond")
+                raise ConfigError(f"extra condition {name!r} missing from cond")
             emb = emb + self.cond_emb[name](timestep_embedding(cond[name], self.channels))
         return emb
 

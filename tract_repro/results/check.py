@@ -12,14 +12,14 @@ reference-statistics and training stages of dvc.yaml depend on.  It imports no t
 missing input is reported within a second.
 """
 import argparse
-import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from tract_repro.evaluation import sources
-from tract_repro.file_hash import sha256
+from tract_repro.common.cli import command
+from tract_repro.common.errors import ConfigError, one_line
+from tract_repro.common.files import sha256, write_json
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGENET64_URL = "https://image-net.org/download-images"
@@ -59,7 +59,7 @@ def data_files(dataset, root):
 def check(setup, data, teacher, inception, mode="clean", executor="inline", cluster=None):
     """(problems, data identity, teacher identity) of a setup; problems is a list of one-line instructions."""
     if setup not in SETUPS:
-        raise ValueError(f"unknown setup {setup!r}: choose {', '.join(SETUPS)}")
+        raise ConfigError(f"unknown setup {setup!r}: choose {', '.join(SETUPS)}")
     dataset, what, fetch = SETUPS[setup]
     files, problem = data_files(dataset, data)
     problems = [problem] if problem else []
@@ -81,6 +81,7 @@ def check(setup, data, teacher, inception, mode="clean", executor="inline", clus
         dict(setup=setup, path=str(teacher), size=Path(teacher).stat().st_size, sha256=sha256(teacher))
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.results.check", description=__doc__.splitlines()[0])
     parser.add_argument("setup", choices=sorted(SETUPS))
@@ -95,21 +96,18 @@ def main(argv=None):
     try:
         problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.mode, args.executor,
                                         args.cluster)
-    except (ValueError, OSError) as exc:
-        problems = [str(exc).strip().splitlines()[0]]
+    except (ConfigError, OSError) as exc:  # an unreadable input is one more missing input
+        problems = [one_line(exc)]
     if problems:
-        print(f"error: missing paper-scale inputs ({args.setup}): " + "; ".join(problems), file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "teacher.json").write_text(json.dumps(teacher, indent=2) + "\n")
+        raise ConfigError(f"missing paper-scale inputs ({args.setup}): " + "; ".join(problems))
+    write_json(Path(args.out) / "data.json", data)
+    write_json(Path(args.out) / "teacher.json", teacher)
     print(f"{args.setup}: {data['dataset']} in {args.data} ({len(data['files'])} files), teacher {args.teacher} "
           f"(sha256 {teacher['sha256'][:16]}…), Inception and reference sources present")
     return 0
 
 
 if __name__ == "__main__":
-    from tract_repro.process import exit_now
+    from tract_repro.launching.process import exit_now
 
     exit_now(main())

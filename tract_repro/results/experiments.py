@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from tract_repro.common.errors import ConfigError
+
 # The engine (gin configurables, torch) is imported inside the functions that parse run configs, so
 # that reading experiments and evaluations (tables.py, a stage of every table) starts without torch.
 
@@ -54,7 +56,7 @@ def read_evaluations(scale, root="."):
     """{table: {row: evaluation}} at ``scale`` ('digits' or 'paper'), as the pipeline generator expanded them."""
     path = Path(root) / EVALUATIONS
     if not path.is_file():
-        raise ValueError(f"{path} is missing: write it with `python -m tract_repro.results.pipeline`")
+        raise ConfigError(f"{path} is missing: write it with `python -m tract_repro.results.pipeline`")
     return json.loads(path.read_text()).get(scale, {})
 
 
@@ -63,7 +65,7 @@ def resolve(value, params):
     if isinstance(value, str) and value.startswith("$"):
         key = value[1:]
         if key not in params:
-            raise ValueError(f"experiments refer to ${key}, which params.yaml's digits section does not define")
+            raise ConfigError(f"experiments refer to ${key}, which params.yaml's digits section does not define")
         return repr(str(params[key]))
     return str(value)
 
@@ -118,7 +120,7 @@ def describe_run(gin_file, bindings):
     phases = plan_phases(steps, config.query("train.total"), config.query("train.phase_lengths"))
     batch = config.query("train.batch_size")
     if any(p.length < batch for p in phases):
-        raise ValueError(f"{gin_file} with {bindings}: phases of {[p.length for p in phases]} samples are shorter "
+        raise ConfigError(f"{gin_file} with {bindings}: phases of {[p.length for p in phases]} samples are shorter "
                          f"than one batch ({batch}); raise the budget in params.yaml")
     effective = [line for line in text.splitlines() if line.strip() and not line.startswith("#")
                  and binding_name(line) not in LENGTH_MACROS]
@@ -226,7 +228,7 @@ def paper_bindings(spec):
     bindings = []
     for k, v in sorted((spec.get("bindings") or {}).items()):
         if isinstance(v, str) and v.startswith("$"):
-            raise ValueError(f"paper-scale binding {k} = {v}: params symbols are for digits scale; write the value")
+            raise ConfigError(f"paper-scale binding {k} = {v}: params symbols are for digits scale; write the value")
         bindings.append(f"{k} = {v}")
     return bindings
 

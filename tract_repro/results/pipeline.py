@@ -31,6 +31,8 @@ from tract_repro.results.experiments import (
     DIGITS_RUNS, EVALUATIONS, PAPER_RUNS, eval_file, expand, expand_paper, load_run_templates, load_tables, paper_eval_file,
     write_evaluations,
 )
+from tract_repro.common.cli import command
+from tract_repro.common.errors import ConfigError, one_line
 
 CLASSIFIER_DIR = f"{DIGITS_RUNS}/classifier"
 CACHE_DIR = f"{DIGITS_RUNS}/cache"
@@ -256,7 +258,7 @@ def build_paper(tables, paper, digits_tables=()):
     """The paper-scale stages; ``digits_tables`` own results/<table>.md (the paper stage then updates it in place)."""
     for key in ("executor", "cluster", "inception", "data", "teachers", "fid"):
         if key not in paper:
-            raise ValueError(f"params.yaml's paper section has no {key!r}")
+            raise ConfigError(f"params.yaml's paper section has no {key!r}")
     phases, teachers, evaluations = expand_paper(tables)
     setups = sorted({e["setup"] for e in evaluations})
     stages = {}
@@ -375,14 +377,27 @@ def write(files, root="."):
                 rt.dump({"schema": "2.0", "stages": kept}, out)
 
 
-def main(argv=None):
+def load_params(path="params.yaml"):
+    """The DVC params file, with a one-line error naming what is wrong with it."""
     try:
-        all_params = yaml.safe_load(Path("params.yaml").read_text())
-        tables = load_tables()
+        params = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}: run from the repository root") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML ({one_line(exc)}): fix it") from None
+    if not isinstance(params, dict) or not isinstance(params.get("digits"), dict):
+        raise ConfigError(f"{path} has no 'digits:' section of settings: restore it (git checkout {path})")
+    return params
+
+
+@command
+def main(argv=None):
+    all_params = load_params()
+    tables = load_tables()
+    try:
         pipeline = build(tables, load_run_templates(), all_params["digits"], all_params.get("paper"))
-    except (ValueError, KeyError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    except KeyError as exc:
+        raise ConfigError(f"params.yaml lacks the setting {exc}: add it (see git show HEAD:params.yaml)") from None
     files = split(pipeline, tables)
     write(files)
     write_evaluations(pipeline["evaluations"])

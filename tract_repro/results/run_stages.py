@@ -17,8 +17,10 @@ from pathlib import Path
 
 import yaml
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.results.experiments import expand, load_run_templates, load_tables
-from tract_repro.results.pipeline import load_stages, upstream_stages
+from tract_repro.common.cli import command
+from tract_repro.results.pipeline import load_params, load_stages, upstream_stages
 
 
 def table_stages(table, root=".", params_file="params.yaml"):
@@ -26,12 +28,12 @@ def table_stages(table, root=".", params_file="params.yaml"):
     params = yaml.safe_load(Path(params_file).read_text())["digits"]
     tables = load_tables()
     if table not in tables:
-        raise ValueError(f"no experiments/{table}.yaml: choose from {', '.join(tables)}")
+        raise ConfigError(f"no experiments/{table}.yaml: choose from {', '.join(tables)}")
     phases, _ = expand({table: tables[table]}, load_run_templates(), params)
     stages = load_stages(root)
     missing = [k for k in phases if f"digits_run_{k}" not in stages]
     if missing:
-        raise ValueError(f"dvc.yaml has no stage for {missing[0]}: regenerate it with `python -m tract_repro.results.pipeline`")
+        raise ConfigError(f"dvc.yaml has no stage for {missing[0]}: regenerate it with `python -m tract_repro.results.pipeline`")
     return {f"digits_run_{k}": stages[f"digits_run_{k}"] for k in phases}
 
 
@@ -72,22 +74,21 @@ def _run_all(cmds):
     return 0, time.perf_counter() - t0
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("table", help="an experiments/<table>.yaml name")
     parser.add_argument("--jobs", type=int, default=1, help="stages at a time")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a param")
     args = parser.parse_args(argv)
-    try:
-        params = yaml.safe_load(Path("params.yaml").read_text())
-        for item in args.set:
-            key, value = item.split("=", 1)
-            section, name = key.split(".", 1)
-            params[section][name] = value
-        stages = table_stages(args.table)
-    except (ValueError, KeyError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    params = load_params()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not value or section not in params or not name:
+            raise ConfigError(f"--set {item!r}: give SECTION.KEY=VALUE with a section of params.yaml, e.g. digits.budget=16K")
+        params[section][name] = value
+    stages = table_stages(args.table)
     t0 = time.perf_counter()
     done, failed = run(stages, params, args.jobs)
     print(f"{len(done)}/{len(stages)} stages done in {time.perf_counter() - t0:.0f} s"

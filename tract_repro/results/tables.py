@@ -8,7 +8,8 @@ Paper-scale mode writes results/paper/<table>.json (the "ours, paper scale" colu
 over the seed ranges, per row) and re-renders results/<table>.md with both columns; either mode
 picks up the other's latest numbers, so the two stages may run in any order.
 """
-from tract_repro import warm
+from tract_repro.common.errors import ConfigError
+from tract_repro.launching import warm
 
 warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in its warm server, not here
 
@@ -20,8 +21,10 @@ import matplotlib
 import pandas as pd
 from tabulate import tabulate
 
+from tract_repro.common.cli import command
+from tract_repro.common.files import write_json, write_text
 from tract_repro.results.experiments import PAPER_EVAL, eval_file, load_tables, load_yaml, paper_eval_file, read_evaluations
-from tract_repro.training.lengths import parse_samples
+from tract_repro.common.lengths import parse_samples
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -239,6 +242,7 @@ def read_paper_scale(name):
     return saved.get("rows"), saved.get("orderings")
 
 
+@command
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     paper_mode = "--paper-scale" in argv
@@ -248,14 +252,9 @@ def main(argv=None):
                      or (not paper_mode and t["digits"].get("metric"))]
     for name in names:
         if name not in tables:
-            print(f"error: no experiments/{name}.yaml; choose from {', '.join(tables)}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"no experiments/{name}.yaml; choose from {', '.join(tables)}")
         table = tables[name]
-        try:
-            scores = digits_scores(table)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        scores = digits_scores(table)
         summary = summarise(scores)
         if not scores.empty:
             summary.attrs.update(noise_floor=scores.noise_floor.mean(), samples=int(scores.samples.iloc[0]))
@@ -263,20 +262,17 @@ def main(argv=None):
         if paper_mode:
             paper_scale = paper_scores(table)
             paper_order = paper_orderings(table, paper_scale)
-            Path("results/paper").mkdir(parents=True, exist_ok=True)
-            Path(f"results/paper/{name}.json").write_text(json.dumps(dict(rows=paper_scale, orderings=paper_order),
-                                                                     indent=2, ensure_ascii=False) + "\n")
-            Path(f"results/{name}.md").write_text(render(table, summary, orderings, paper_scale, paper_order))
+            write_json(f"results/paper/{name}.json", dict(rows=paper_scale, orderings=paper_order), ensure_ascii=False)
+            write_text(f"results/{name}.md", render(table, summary, orderings, paper_scale, paper_order))
             print(f"results/{name}.md: {len(paper_scale)} rows measured at paper scale, "
                   f"{sum(o['holds'] is True for o in paper_order)}/{len(paper_order)} orderings hold")
             continue
         paper_scale, paper_order = read_paper_scale(name)
         Path("results/digits").mkdir(parents=True, exist_ok=True)
-        Path(f"results/{name}.md").write_text(render(table, summary, orderings, paper_scale, paper_order))
+        write_text(f"results/{name}.md", render(table, summary, orderings, paper_scale, paper_order))
         out = summary.reset_index()
         out.to_csv(f"results/digits/{name}.csv", index=False)
-        Path(f"results/digits/{name}.json").write_text(json.dumps(dict(
-            rows=json.loads(out.to_json(orient="records")), orderings=orderings), indent=2) + "\n")
+        write_json(f"results/digits/{name}.json", dict(rows=json.loads(out.to_json(orient="records")), orderings=orderings))
         if not summary.empty:
             plot(table, summary, f"results/digits/{name}.png", load_yaml("params.yaml")["digits"])
         curves = training_curves(table)
@@ -289,6 +285,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from tract_repro.process import exit_now
+    from tract_repro.launching.process import exit_now
 
     exit_now(main())

@@ -1,9 +1,9 @@
 """Image grids as PNG files."""
 import math
-from pathlib import Path
-
 import torch
 from PIL import Image
+
+from tract_repro.common.files import write_atomic
 
 
 def to_uint8(x):
@@ -25,7 +25,5 @@ def save_grid(x, path, ncol=None, scale=1, pad=1):
         r, q = divmod(k, ncol)
         canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img[k]
     array = canvas.permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
-    return path
+    image = Image.fromarray(array[:, :, 0] if c == 1 else array)
+    return write_atomic(path, lambda f: image.save(f, format="PNG"))

@@ -5,13 +5,14 @@
 """
 import torch
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion.ddim import ddim_step
 
 
 def grid_logsnrs(grid, steps):
     """λ at grid indices T, T − T/K, …, 0 for a K-step sampler (K must divide T)."""
     if steps < 1 or grid.T % steps:
-        raise ValueError(f"{steps} sampling steps do not divide T = {grid.T}: use a divisor of T")
+        raise ConfigError(f"{steps} sampling steps do not divide T = {grid.T}: use a divisor of T")
     return grid.logsnr[torch.arange(grid.T, -1, -(grid.T // steps))]
 
 
@@ -31,11 +32,3 @@ def ddim(denoiser, x, logsnrs, alpha_sigma, labels=None, clip=True):
         alpha_s, sigma_s = alpha_sigma(lam_s)
         x = ddim_step(x, denoiser(x, lam_t, labels), alpha_t, sigma_t, alpha_s, sigma_s, clip=clip)
     return x
-
-
-@torch.no_grad()
-def sample_grid_steps(denoiser, grid, steps, noise, labels=None, sampler=ddim):
-    """Run ``sampler`` for ``steps`` steps on the grid from standard noise z (x_T = σ_T·z)."""
-    logsnrs = grid_logsnrs(grid, steps)
-    _, sigma_T = grid.alpha_sigma(logsnrs[:1])
-    return sampler(denoiser, sigma_T * noise, logsnrs, grid.alpha_sigma, labels)

@@ -1,31 +1,17 @@
 """Atomic checkpoint files: write to a temporary file, fsync, then rename over the target."""
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from tract_repro.file_hash import file_digest
+from tract_repro.common.files import write_atomic
 
 PATTERN = re.compile(r"ckpt_(\d{12})\.pt$")
 
 
 def save_atomic(obj, path):
     """torch.save to ``path`` so that a crash leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return write_atomic(path, lambda f: torch.save(obj, f), durable=True)
 
 
 def load(path):
@@ -52,8 +38,3 @@ def prune(directory, keep):
         p.unlink()
     for p in Path(directory).glob(".ckpt_*.tmp*"):
         p.unlink(missing_ok=True)
-
-
-def sha256(path):
-    """sha256 of a file, for provenance (teachers) and cache keys (references)."""
-    return file_digest(path, "sha256")

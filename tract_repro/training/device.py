@@ -8,6 +8,8 @@ import contextlib
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -20,9 +22,9 @@ class Device:
             name = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(name)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"Device.name = {name!r} but CUDA is not available here: set Device.name = 'cpu' (or 'auto')")
+            raise ConfigError(f"Device.name = {name!r} but CUDA is not available here: set Device.name = 'cpu' (or 'auto')")
         if autocast not in (None, *AUTOCAST_DTYPES):
-            raise ValueError(f"Device.autocast = {autocast!r}: choose None, {' or '.join(map(repr, AUTOCAST_DTYPES))}")
+            raise ConfigError(f"Device.autocast = {autocast!r}: choose None, {' or '.join(map(repr, AUTOCAST_DTYPES))}")
         self.tf32, self.autocast_dtype, self.channels_last = bool(tf32), autocast, bool(channels_last)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32

@@ -9,7 +9,7 @@ each rank on ``cuda:LOCAL_RANK``; gloo on the CPU) and leaves it at the end.  Wi
 How a step is split.  ``train.batch_size`` is the *global* batch B, whatever the number of ranks
 W.  Rank r trains on the contiguous samples [r·B/W, (r+1)·B/W) of the global batch, cut into
 ``train.accumulate`` = k equal micro-batches (:func:`batch_slices`).  The random draws (data
-flips, t, ε) are made for the whole global batch and sliced (:mod:`tract_repro.data.batch_random`),
+flips, t, ε) are made for the whole global batch and sliced (:mod:`tract_repro.common.batch_random`),
 so every sample sees the same randomness for any W and k.  Each micro-batch back-propagates
 (its per-sample loss sum)/B, the ranks *sum* their gradients, and the result is the gradient of
 the single-process loss at batch B (to float rounding; the order of the additions differs).
@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tract_repro.common.errors import ConfigError
+
 #: flat all-reduce buckets hold at most this many gradient elements (bounds the extra memory)
 BUCKET_ELEMENTS = 1 << 24
 
@@ -51,10 +53,10 @@ def batch_slices(batch_size, world_size=1, rank=0, accumulate=1):
     """[(start, stop)] of rank ``rank``'s micro-batches within a global batch; one-line ValueError if it doesn't split evenly."""
     batch_size, world_size, accumulate = int(batch_size), int(world_size), int(accumulate)
     if accumulate < 1:
-        raise ValueError(f"train.accumulate = {accumulate}: use 1 (no accumulation) or more micro-batches per step")
+        raise ConfigError(f"train.accumulate = {accumulate}: use 1 (no accumulation) or more micro-batches per step")
     parts = world_size * accumulate
     if batch_size % parts:
-        raise ValueError(f"train.batch_size = {batch_size} does not split into {world_size} process(es) × "
+        raise ConfigError(f"train.batch_size = {batch_size} does not split into {world_size} process(es) × "
                          f"train.accumulate = {accumulate} equal micro-batches: make train.batch_size a multiple of {parts}")
     per_rank, per_micro = batch_size // world_size, batch_size // parts
     first = rank * per_rank
@@ -171,7 +173,7 @@ def _env_int(name, default=None):
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} = {value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name} = {value!r} is not an integer") from None
 
 
 def world_from_env():
@@ -181,11 +183,11 @@ def world_from_env():
         return 0, 1, 0
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise ValueError(f"WORLD_SIZE = {size} but {', '.join(missing)} not set: start the processes with torchrun "
+        raise ConfigError(f"WORLD_SIZE = {size} but {', '.join(missing)} not set: start the processes with torchrun "
                          f"or the SLURM executor, or unset WORLD_SIZE for one process")
     rank = _env_int("RANK")
     if not 0 <= rank < size:
-        raise ValueError(f"RANK = {rank} is outside 0..{size - 1} (WORLD_SIZE = {size})")
+        raise ConfigError(f"RANK = {rank} is outside 0..{size - 1} (WORLD_SIZE = {size})")
     return rank, size, _env_int("LOCAL_RANK", rank)
 
 
@@ -194,10 +196,10 @@ def _bind_gpu(dev, local_rank):
     count = torch.cuda.device_count()
     index = 0 if count == 1 else local_rank  # one visible GPU per task (e.g. SLURM --gpus-per-task=1) is this rank's
     if index >= count:
-        raise ValueError(f"LOCAL_RANK = {local_rank} but this node has {count} visible GPU(s): "
+        raise ConfigError(f"LOCAL_RANK = {local_rank} but this node has {count} visible GPU(s): "
                          f"start at most {count} processes per node")
     if dev.device.index is not None and dev.device.index != index:
-        raise ValueError(f"Device.name = '{dev.device}' pins one GPU, but rank {local_rank} of this node must use "
+        raise ConfigError(f"Device.name = '{dev.device}' pins one GPU, but rank {local_rank} of this node must use "
                          f"cuda:{index}: set Device.name = 'cuda' (or 'auto') for multi-process runs")
     dev.device = torch.device("cuda", index)
     torch.cuda.set_device(dev.device)
@@ -222,7 +224,7 @@ def process_group(dev):
         dist.init_process_group("nccl" if dev.is_cuda else "gloo", init_method="env://", rank=rank, world_size=size,
                                 **kwargs)
     elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
-        raise ValueError(f"the initialised process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+        raise ConfigError(f"the initialised process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
                          f"but RANK = {rank} and WORLD_SIZE = {size}")
     try:
         yield World(rank, size, local_rank)

@@ -4,6 +4,7 @@ import math
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.methods.ema import momentum_from_residual
 
 
@@ -25,7 +26,7 @@ def learning_rate(base_lr, samples, phase, warmup=0, decay="constant"):
     if decay == "linear":
         lr *= 1.0 - (samples - phase.start) / phase.length
     elif decay != "constant":
-        raise ValueError(f"learning_rate.decay = {decay!r}: choose 'constant' or 'linear'")
+        raise ConfigError(f"learning_rate.decay = {decay!r}: choose 'constant' or 'linear'")
     return lr
 
 
@@ -44,7 +45,7 @@ def inference_ema_label(momentum=None, residual=None):
         return f"momentum={float(momentum)!r}"
     if residual is not None:
         return f"residual={float(residual)!r}"
-    raise ValueError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
+    raise ConfigError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
 
 
 def inference_ema_setting(label):

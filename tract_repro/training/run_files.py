@@ -1,16 +1,56 @@
-"""The small text files of a run directory: run.json and metrics.jsonl."""
+"""The run-directory writer: everything a run leaves in its folder, written by rank 0 alone.
+
+``config.gin`` (written by the job before training), ``operative_config.gin`` (every value used),
+``run.json``, ``metrics.jsonl``, ``checkpoints/ckpt_<samples>.pt``, ``samples/*.png`` and, when
+finished, ``ema.pt`` (the inference EMA's denoiser weights).
+"""
 import json
-import os
 from pathlib import Path
 
+import gin
 
-def write_json(path, obj):
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+from tract_repro.common.files import write_json, write_text
+from tract_repro.sampling.images import save_grid
+from tract_repro.training import checkpoint as ckpt
+
+
+class RunDirectory:
+    """Writes a run's folder; on ranks other than 0 (``main = False``) every write is skipped."""
+
+    def __init__(self, path, main=True, keep_checkpoints=2):
+        self.path, self.main, self.keep = Path(path), main, keep_checkpoints
+        self.metrics = MetricsLog(self.path / "metrics.jsonl")
+
+    @property
+    def checkpoints(self):
+        return self.path / "checkpoints"
+
+    def checkpoint_path(self, samples):
+        return ckpt.checkpoint_path(self.checkpoints, samples)
+
+    def start(self, info):
+        """The operative config and run.json of a run that starts or resumes."""
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)  # the launcher makes it; train() called directly may not
+            write_text(self.path / "operative_config.gin", gin.operative_config_str())
+            write_json(self.path / "run.json", info)
+
+    def save_checkpoint(self, state):
+        """A checkpoint of ``state`` (a dict), the oldest ones pruned, and the operative config as it now stands."""
+        if self.main:
+            ckpt.save_atomic(state, self.checkpoint_path(state["samples"]))
+            ckpt.prune(self.checkpoints, self.keep)
+            write_text(self.path / "operative_config.gin", gin.operative_config_str())  # now with the loop's own calls
+
+    def save_grid(self, name, images, scale):
+        if self.main:
+            save_grid(images, self.path / "samples" / name, scale=scale)
+
+    def finish(self, weights, info):
+        """ema.pt (the evaluated weights, the next run's teacher) and the completed run.json."""
+        if self.main:
+            ckpt.save_atomic(weights, self.path / "ema.pt")
+            write_json(self.path / "run.json", info)
 
 
 class MetricsLog:
@@ -47,6 +87,4 @@ class MetricsLog:
 
 
 def write_json_lines(path, lines):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))

@@ -12,8 +12,10 @@ import math
 
 import torch
 
+from tract_repro.common.errors import JobFailed
 
-class LossDiverged(RuntimeError):
+
+class LossDiverged(JobFailed):
     """The loss became non-finite."""
 
 

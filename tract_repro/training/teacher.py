@@ -13,8 +13,10 @@ from pathlib import Path
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
 
-class TeacherError(ValueError):
+
+class TeacherError(ConfigError):
     """The teacher named in gin is missing, unfinished or incompatible."""
 
 
@@ -80,24 +82,18 @@ def load_into(denoiser, spec, expect=None):
     return weights
 
 
-@gin.configurable(denylist=["workdir"])
-def import_teacher(workdir, weights=gin.REQUIRED):
-    """Load ``weights`` into the network the parsed gin config describes; write ema.pt and run.json."""
-    from tract_repro import config
-    from tract_repro.diffusion.schedules import CosineSchedule
-    from tract_repro.networks.denoiser import build_denoiser
+@gin.configurable(denylist=["workdir", "denoiser", "process"])
+def import_teacher(workdir, denoiser, process, weights=gin.REQUIRED):
+    """Load ``weights`` into ``denoiser`` and write it as the finished run ``workdir`` (ema.pt, run.json);
+    returns the weights file read.  ``process``: the run's T, parameterisation and noise schedule, for run.json."""
+    from tract_repro.common.files import sha256, write_json
     from tract_repro.training import checkpoint as ckpt
-    from tract_repro.training.run_files import write_json
 
     workdir = Path(workdir)
-    schedule = config.build("train.schedule", CosineSchedule)
-    parameterisation = config.query("train.parameterisation", "v")
-    denoiser = build_denoiser(config.build("train.network"), schedule, parameterisation)
     source = load_into(denoiser, weights)
     ckpt.save_atomic(denoiser.state_dict(), workdir / "ema.pt")
-    info = dict(method="ImportedTeacher", source=str(source), source_sha256=ckpt.sha256(source),
-                T=config.query("train.T", 1024), parameterisation=parameterisation,
-                noise_schedule=type(schedule).__name__, parameters=sum(p.numel() for p in denoiser.parameters()),
-                status="complete")
+    info = dict(method="ImportedTeacher", source=str(source), source_sha256=sha256(source), T=process["T"],
+                parameterisation=process["parameterisation"], noise_schedule=process["noise_schedule"],
+                parameters=sum(p.numel() for p in denoiser.parameters()), status="complete")
     write_json(workdir / "run.json", info)
-    return workdir
+    return source

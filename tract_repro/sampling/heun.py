@@ -8,11 +8,13 @@ and sampler: σ = exp(−λ/2), α = 1.
 """
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 
 def _check_ve(grid):
     process = getattr(getattr(grid, "schedule", None), "process", None)
     if process != "ve":
-        raise ValueError(f"the Heun teacher step needs a VE grid (alpha = 1, e.g. EDMSchedule), got process {process!r}")
+        raise ConfigError(f"the Heun teacher step needs a VE grid (alpha = 1, e.g. EDMSchedule), got process {process!r}")
 
 
 def _euler_heun(denoiser, x, sigma_a, sigma_b, logsnr_a, logsnr_b, labels):
@@ -66,6 +68,6 @@ def heun_sampler(denoiser, x, logsnrs, alpha_sigma, labels=None):
         alpha_a, sigma_a = alpha_sigma(lam_a)
         alpha_b, sigma_b = alpha_sigma(lam_b)
         if not (torch.all(alpha_a == 1) and torch.all(alpha_b == 1)):
-            raise ValueError("heun_sampler needs a VE process (alpha = 1), e.g. an EDMSchedule grid")
+            raise ConfigError("heun_sampler needs a VE process (alpha = 1), e.g. an EDMSchedule grid")
         x, _ = _euler_heun(denoiser, x, sigma_a.reshape(view), sigma_b.reshape(view), lam_a, lam_b, labels)
     return x

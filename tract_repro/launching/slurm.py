@@ -1,7 +1,7 @@
 """Runs on SLURM through submitit: ``python -m tract_repro.launch FILE.gin --executor slurm [--wait]``.
 
 What the job asks SLURM for is bound in gin, with ``slurm.partition = 'gpu'``,
-``slurm.time_min = 720`` and so on (see :func:`slurm`). The job gets the config as text and
+``slurm.time_min = 720`` and so on (:class:`tract_repro.config.executors.SlurmOptions`). The job gets the config as text and
 re-parses it, as with the local executor. Its logs and submitit's pickles go to
 ``<workdir>/slurm/<job id>/``.
 
@@ -34,7 +34,6 @@ LOCAL_WORLD_SIZE in every task, through submitit's ``TorchDistributedEnvironment
 training starts.
 """
 import contextlib
-import dataclasses
 import io
 import os
 import shutil
@@ -43,90 +42,20 @@ import threading
 import time
 from pathlib import Path
 
-import gin
 import submitit
 from submitit.helpers import Checkpointable
 
+from tract_repro import config
+from tract_repro.common.errors import ConfigError, JobFailed
+from tract_repro.common.files import write_text
+from tract_repro.config.executors import SlurmOptions
+from tract_repro.launching.jobs import export_distributed_environment, train_job
+from tract_repro.launching.local import failure_line
 from tract_repro.training import preemption
 
 LOGS = "slurm"  # under the workdir
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
         "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}  # job states that may still produce a result
-
-
-class ConfigError(ValueError):
-    """A SLURM option is invalid, or SLURM refused the job (nothing was submitted)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SlurmOptions:
-    partition: str = None
-    account: str = None
-    qos: str = None
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: float = None
-    time_min: int = 24 * 60
-    signal_delay_s: int = 120
-    timeout_requeues: int = 3
-    job_name: str = None
-    setup: tuple = ()
-    extra_sbatch: dict = None
-
-    @property
-    def tasks(self):
-        return self.nodes * self.tasks_per_node
-
-    def sbatch_parameters(self, default_name):
-        """submitit SlurmExecutor parameters (they become the ``#SBATCH`` lines)."""
-        params = dict(job_name=self.job_name or default_name, time=int(self.time_min), nodes=self.nodes,
-                      ntasks_per_node=self.tasks_per_node, cpus_per_task=self.cpus_per_task,
-                      signal_delay_s=int(self.signal_delay_s))
-        optional = dict(partition=self.partition, account=self.account, qos=self.qos,
-                        gpus_per_node=self.gpus_per_node or None, setup=list(self.setup) or None,
-                        additional_parameters=dict(self.extra_sbatch) if self.extra_sbatch else None)
-        if self.mem_gb:
-            optional["mem"] = f"{int(self.mem_gb)}GB" if self.mem_gb == int(self.mem_gb) else f"{int(self.mem_gb * 1024)}MB"
-        params.update({k: v for k, v in optional.items() if v is not None})
-        return params
-
-
-@gin.configurable
-def slurm(partition=None, account=None, qos=None, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1,
-          mem_gb=None, time_min=24 * 60, signal_delay_s=120, timeout_requeues=3, job_name=None, setup=(),
-          extra_sbatch=None):
-    """What ``--executor slurm`` asks SLURM for.
-
-    ``time_min`` is the time limit in minutes. SLURM sends USR2 ``signal_delay_s`` seconds
-    before it. The run then checkpoints at a step boundary and requeues itself, at most
-    ``timeout_requeues`` times for time limits (preemptions don't count). ``mem_gb = None``
-    leaves memory to the partition's default. ``setup`` lists shell lines run before the job
-    (``module load ...``). ``extra_sbatch`` is a dict of any other sbatch options, e.g.
-    ``{'constraint': 'a100', 'exclusive': True}``.
-    """
-    def need(ok, name, value, what):
-        if not ok:
-            raise ConfigError(f"slurm.{name} = {value!r}: {what}")
-
-    for name, value in dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task).items():
-        need(isinstance(value, int) and value >= 1, name, value, "give a whole number, at least 1")
-    need(isinstance(gpus_per_node, int) and gpus_per_node >= 0, "gpus_per_node", gpus_per_node, "give a whole number, at least 0")
-    need(isinstance(time_min, (int, float)) and time_min >= 1, "time_min", time_min, "give the time limit in minutes, at least 1")
-    need(isinstance(signal_delay_s, int) and 0 < signal_delay_s < time_min * 60, "signal_delay_s", signal_delay_s,
-         f"give seconds before the time limit, between 1 and {int(time_min * 60) - 1}")
-    need(isinstance(timeout_requeues, int) and timeout_requeues >= 0, "timeout_requeues", timeout_requeues,
-         "give a whole number, at least 0")
-    need(mem_gb is None or (isinstance(mem_gb, (int, float)) and mem_gb > 0), "mem_gb", mem_gb, "give gigabytes, or None")
-    for name, value in dict(partition=partition, account=account, qos=qos, job_name=job_name).items():
-        need(value is None or (isinstance(value, str) and value.strip()), name, value, "give a non-empty string, or None")
-    need(isinstance(setup, (list, tuple)) and all(isinstance(line, str) for line in setup), "setup", setup,
-         "give a list of shell lines")
-    need(extra_sbatch is None or (isinstance(extra_sbatch, dict) and all(isinstance(k, str) for k in extra_sbatch)),
-         "extra_sbatch", extra_sbatch, "give a dict of sbatch options, e.g. {'constraint': 'a100'}")
-    return SlurmOptions(partition, account, qos, nodes, tasks_per_node, gpus_per_node, cpus_per_task, mem_gb,
-                        time_min, signal_delay_s, timeout_requeues, job_name, tuple(setup), extra_sbatch)
 
 
 def check_available():
@@ -135,19 +64,6 @@ def check_available():
         raise ConfigError("--executor slurm needs SLURM's sbatch and srun on PATH: run the launcher on a cluster's "
                           "login node, or start a single-node test cluster with `sudo .ci/slurm-up` and "
                           "`export SLURM_CONF=/tmp/tract-slurm/etc/slurm.conf`")
-
-
-def train_job(config_text, workdir):
-    """The job body: train (or do nothing if the run is already complete); returns the workdir."""
-    from tract_repro import launch
-    from tract_repro.training import checkpoint as ckpt
-
-    if launch.check_workdir(workdir, config_text) == "complete":
-        print(f"{workdir} is already complete", flush=True)
-        return str(workdir)
-    found = ckpt.list_checkpoints(Path(workdir) / "checkpoints")
-    print(f"training {workdir}: " + (f"resuming from {found[-1].name}" if found else "no checkpoint yet"), flush=True)
-    return launch.run_job(config_text, workdir)
 
 
 class SlurmRun(Checkpointable):
@@ -177,7 +93,7 @@ class SlurmRun(Checkpointable):
         if "error" in self._outcome:
             raise self._outcome["error"]
         if "stopped" in self._outcome:  # a stop request that didn't come through checkpoint()
-            raise RuntimeError(str(self._outcome["stopped"]))
+            raise JobFailed(str(self._outcome["stopped"]))
         return self._outcome["value"]
 
     def _work(self):
@@ -200,15 +116,6 @@ class SlurmRun(Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-def export_distributed_environment(pin_gpus=False):
-    """In a multi-task submitit job: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK (torch's env://)."""
-    if not os.environ.get("SUBMITIT_EXECUTOR"):
-        return None
-    if submitit.JobEnvironment().num_tasks <= 1:
-        return None
-    return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=pin_gpus, overwrite=True)
-
-
 def submit(config_text, workdir, options):
     """Submit the run as one SLURM job, logging to ``<workdir>/slurm``; returns the submitit job."""
     workdir = Path(workdir).resolve()
@@ -221,8 +128,8 @@ def submit(config_text, workdir, options):
         if not existed:  # leave nothing behind for a job that was never queued
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-    (workdir / LOGS / "latest_job").write_text(f"{job.job_id} {options.tasks}\n")  # see live_job()
-    (workdir / "config.gin").write_text(config_text)  # so that a different config for this workdir is refused
+    write_text(workdir / LOGS / "latest_job", f"{job.job_id} {options.tasks}\n")  # see live_job()
+    write_text(workdir / "config.gin", config_text)  # so that a different config for this workdir is refused
     return job
 
 
@@ -273,7 +180,7 @@ def live_job(workdir):
 
 
 def wait(job, grace_s=20, max_poll_s=30):
-    """Block until the job has a result, through any requeues; return it, or raise RuntimeError in one line.
+    """Block until the job has a result, through any requeues; return it, or raise JobFailed in one line.
 
     Results are files written by the job (checked every second); SLURM's state (squeue, or sacct
     once the job has left the queue) is read every few seconds, to report changes and to notice a
@@ -292,17 +199,51 @@ def wait(job, grace_s=20, max_poll_s=30):
             ended = state is not None and state[0] not in LIVE
             ended_since = (ended_since or now) if ended else None
             if ended and now - ended_since > grace_s:
-                raise RuntimeError(f"job {job.job_id} ended {state[0]} without a result: see {job.paths.stderr}")
+                raise JobFailed(f"job {job.job_id} ended {state[0]} without a result: see {job.paths.stderr}")
             next_check, interval = now + (1.0 if ended else interval), min(interval * 1.5, max_poll_s)
         time.sleep(1.0)
     return _results(job)
 
 
 def _results(job):
-    from tract_repro.launch import failure_line
-
     try:
         results = job.results()
     except submitit.core.utils.UncompletedJobError as exc:
-        raise RuntimeError(f"job {job.job_id} failed: {failure_line(exc)}") from None
+        raise JobFailed(f"job {job.job_id} failed: {failure_line(exc)}") from None
     return results[0]
+
+
+def submit_runs(runs, wait_for_them=False):
+    """Submit each (workdir, config text) as a SLURM job, unless SLURM is already queueing or running it;
+    with ``wait_for_them``, wait for them all, then raise :class:`JobFailed` if any failed."""
+
+    jobs = []
+    for run_dir, text in runs:
+        config.parse(text=text)
+        options = SlurmOptions()  # the gin-bound slurm.* options, checked
+        check_available()
+        job = live_job(run_dir)
+        if job is not None:
+            print(f"{run_dir} is already queued or running as SLURM job {job.job_id}: not submitted again", flush=True)
+        else:
+            job = submit(text, run_dir, options)
+            print(f"submitted SLURM job {job.job_id}; logs in {Path(run_dir) / LOGS / job.job_id}", flush=True)
+        jobs.append(job)
+    if wait_for_them:
+        wait_all(jobs)
+
+
+def wait_all(jobs):
+    """Wait for every job, printing each result; :class:`JobFailed` in one line if any failed."""
+    failed = []
+    try:
+        for job in jobs:
+            try:
+                print(f"done: {wait(job)}", flush=True)
+            except JobFailed as exc:
+                failed.append(str(exc))
+    except KeyboardInterrupt:
+        ids = " ".join(j.job_id for j in jobs)
+        raise JobFailed(f"interrupted; the SLURM jobs keep running (scancel {ids} stops them)") from None
+    if failed:
+        raise JobFailed(failed[0] if len(jobs) == 1 else f"{len(failed)} of {len(jobs)} jobs failed; first: {failed[0]}")

@@ -1,4 +1,10 @@
-"""Parsing gin files and bindings, with one-line errors that name the file and line."""
+"""Configuration: gin files and bindings parsed into the configurables of every layer below.
+
+:func:`parse` reads files and bindings (or a saved config text) with one-line errors that name
+the file and line; :func:`query` and :func:`build` read what was bound.  The catalogue of
+configurables is :mod:`tract_repro.config.catalogue`; what a job asks of its executor
+(``slurm.*``, ``local_executor.*``) is declared in :mod:`tract_repro.config.executors`.
+"""
 import importlib.util  # noqa: F401  (gin 0.5's include path uses importlib.util without importing it)
 import io
 import logging
@@ -8,29 +14,10 @@ from pathlib import Path
 
 import gin
 
-# Import every module that registers configurables, so any gin file can bind them.
-import tract_repro.data.cifar10  # noqa: F401
-import tract_repro.data.digits  # noqa: F401
-import tract_repro.data.imagenet64  # noqa: F401
-import tract_repro.methods  # noqa: F401
-import tract_repro.networks.unet  # noqa: F401
-import tract_repro.training.loop  # noqa: F401
-import tract_repro.diffusion.edm  # noqa: F401
-import tract_repro.evaluation.inception  # noqa: F401  (inception_extractor.path may be bound in gin)
-import tract_repro.networks.edm_unets  # noqa: F401
-import tract_repro.slurm  # noqa: F401  (slurm.partition etc. may appear in any config)
-import tract_repro.local  # noqa: F401  (and local_executor.*)
-from tract_repro.methods.heun import heun_sampler, heun_teacher_step
-from tract_repro.methods.teacher_steps import ddim_teacher_step
+from tract_repro.common.errors import ConfigError
+from tract_repro.config import catalogue  # noqa: F401  (registers every configurable, so any gin file can bind it)
 
-for _fn in (ddim_teacher_step, heun_teacher_step, heun_sampler):  # so gin files can say TRACT.teacher_step = @heun_teacher_step
-    gin.external_configurable(_fn)
-
-GIN_ROOT = Path(__file__).resolve().parent.parent / "gin"
-
-
-class ConfigError(ValueError):
-    """A gin file or binding is malformed or names something that doesn't exist."""
+GIN_ROOT = Path(__file__).resolve().parents[2] / "gin"
 
 
 class _QuietSearch(logging.Filter):

@@ -23,6 +23,8 @@ the rank and on the micro-batch split (see :mod:`tract_repro.training.distribute
 """
 import torch
 
+from tract_repro.common.errors import ConfigError
+
 
 class StepRandom:
     """The random tensors of one optimisation step, drawn once for the global batch and shared by its slices.
@@ -69,7 +71,7 @@ class BatchRandom:
 
     def __init__(self, step, start, stop):
         if not 0 <= start < stop <= step.batch_size:
-            raise ValueError(f"slice [{start}, {stop}) is not inside a batch of {step.batch_size}")
+            raise ConfigError(f"slice [{start}, {stop}) is not inside a batch of {step.batch_size}")
         self.step, self.start, self.stop = step, int(start), int(stop)
         self._calls = 0
 
@@ -104,7 +106,7 @@ def as_batch_random(source, n):
     """
     if isinstance(source, BatchRandom):
         if len(source) != n:
-            raise ValueError(f"a random source for {len(source)} samples was used for a batch of {n}")
+            raise ConfigError(f"a random source for {len(source)} samples was used for a batch of {n}")
         return source
     if source is not None and not isinstance(source, torch.Generator):
         raise TypeError(f"expected a BatchRandom or a torch.Generator, got {type(source).__name__}")
