@@ -154,6 +154,14 @@ def phase_key(run, effective, steps, lengths, k):
     return f"{run}_{'-'.join(map(str, steps[:k + 2]))}_n{lengths[k]}_{digest}"
 
 
+def sampler_of(spec):
+    """The sampler a row is evaluated with (``sampler:`` in its experiments file, DDIM by default), checked
+    against the registry so that a misspelt one fails when the pipeline is written, in one line."""
+    from tract_repro.sampling import registry
+
+    return registry.get(spec.get("sampler", "ddim")).name
+
+
 def expand(tables, templates, params):
     """(phases by key, evaluations) for every digits row.
 
@@ -168,7 +176,7 @@ def expand(tables, templates, params):
             if not spec or not seeds:
                 continue
             template = templates[spec["run"]]
-            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=spec.get("sampler", "ddim"))
+            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=sampler_of(spec))
             if template.get("teacher") is None:  # a teacher: trained once, evaluated once
                 evaluations.append(dict(common, target=spec["run"], teacher=spec["run"], seeds=[0]))
                 continue
@@ -250,7 +258,7 @@ def expand_paper(tables):
             gin_file, bindings = spec["gin"], paper_bindings(spec)
             config.parse([gin_file], bindings)
             setup, needs_teacher = setup_of_parsed(), config.build("train.method").needs_teacher
-            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=spec.get("sampler", "ddim"), setup=setup)
+            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=sampler_of(spec), setup=setup)
             run = Path(gin_file).stem
             if not needs_teacher:
                 teachers[run] = dict(gin=gin_file, bindings=bindings, setup=setup)
