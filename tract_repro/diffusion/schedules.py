@@ -2,7 +2,7 @@
 
 A schedule knows its *process* (VP or VE), which maps a log-SNR λ to (α, σ) with
 x_t = α·x + σ·ε.  Every sampler, method and loss talks in λ, so VP and VE teachers
-share one denoiser contract D(x_t, λ, labels) (method-spec §1, §6).
+share one denoiser contract D(x_t, λ, cond) (method-spec §1, §6).
 """
 import math
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tract_repro.networks.conditioning import Cond
 from tract_repro.sampling import registry
 from tract_repro.sampling.samplers import noise_from_seeds
 from tract_repro.common.files import sha256, write_json
@@ -30,12 +31,11 @@ def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_s
     seeds = list(seeds)
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"{sampler} {steps} steps", leave=False, disable=None):
         chunk = seeds[i:i + batch_size]
-        labels = labels_from_seeds(chunk, num_classes) if num_classes > 1 else None
+        cond = Cond(labels=labels_from_seeds(chunk, num_classes) if num_classes > 1 else None)
         noise = noise_from_seeds(chunk, shape)
         if device is not None:
-            noise = noise.to(device)
-            labels = None if labels is None else labels.to(device)
-        x = registry.sample(sampler, denoiser, grid, steps, noise, labels).clamp(-1, 1)
+            noise, cond = noise.to(device), cond.to(device)
+        x = registry.sample(sampler, denoiser, grid, steps, noise, cond).clamp(-1, 1)
         yield x if device is None else x.cpu()
 
 

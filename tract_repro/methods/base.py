@@ -9,13 +9,13 @@ from tract_repro.common.batch_random import as_batch_random
 
 @dataclass
 class Target:
-    """One regression problem: the student's x̂(x_t, λ) should match x̃ under weight w (all float64)."""
+    """One regression problem: the student's x̂(x_t, λ, cond) should match x̃ under weight w (all float64)."""
 
     x_t: torch.Tensor
     logsnr: torch.Tensor
     x_target: torch.Tensor
     weight: torch.Tensor
-    labels: torch.Tensor | None = None
+    cond: object = None  # a networks.conditioning.Cond (or class labels), passed to the student as given
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Method(abc.ABC):
         """The step schedule S = (S₀, …, S_P) on a grid of T steps."""
 
     @abc.abstractmethod
-    def __call__(self, x, labels, phase, nets, grid, generator):
+    def __call__(self, x, cond, phase, nets, grid, generator):
         """The Target for a batch x (float64) in ``phase``.
 
         ``generator`` is a :class:`~tract_repro.common.batch_random.BatchRandom` for the samples of x

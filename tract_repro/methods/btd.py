@@ -43,14 +43,14 @@ class BTD(Method):
         return check_schedule(halving_schedule(start, self.final_steps), T)
 
     @torch.no_grad()
-    def __call__(self, x, labels, phase, nets, grid, generator):
+    def __call__(self, x, cond, phase, nets, grid, generator):
         S = self.steps(grid.T)
         t, t_mid, s = (i.to(x.device) for i in btd_indices(S, phase.index, grid.T, x.shape[0], generator))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
-        x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, labels, clip=False)
-        x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, labels, clip=False)
+        x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, cond, clip=False)
+        x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, cond, clip=False)
         _, alpha_s, sigma_s = grid.at(s)
         x_target = invert_ddim(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
         final = (s == 0).view(-1, 1, 1, 1)
         x_target = torch.where(final, x_hat_mid, x_target)
-        return Target(x_t, logsnr_t, x_target, self.weight_fn(logsnr_t), labels)
+        return Target(x_t, logsnr_t, x_target, self.weight_fn(logsnr_t), cond)

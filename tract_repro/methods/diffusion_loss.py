@@ -30,7 +30,7 @@ class TeacherTraining(Method):
             raise ConfigError(f"TeacherTraining.sample_steps = {self.sample_steps} must divide T = {T}")
         return (T, self.sample_steps) if self.sample_steps < T else (T, T)
 
-    def __call__(self, x, labels, phase, nets, grid, generator):
+    def __call__(self, x, cond, phase, nets, grid, generator):
         n = x.shape[0]
         rng = as_batch_random(generator, n)
         if self.time_distribution == "lognormal":  # EDM: ln σ ~ N(−1.2, 1.2²)
@@ -43,4 +43,4 @@ class TeacherTraining(Method):
         logsnr = logsnr.to(x.device)
         alpha, sigma = grid.alpha_sigma(logsnr, x.ndim)
         x_t = add_noise(x, alpha, sigma, rng)
-        return Target(x_t, logsnr, x, self.weight_fn(logsnr), labels)
+        return Target(x_t, logsnr, x, self.weight_fn(logsnr), cond)

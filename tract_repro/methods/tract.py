@@ -6,6 +6,7 @@ from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
 from tract_repro.methods.base import Method, Target, noise_at, randint
 from tract_repro.methods.phases import check_schedule
+from tract_repro.networks.conditioning import as_cond
 from tract_repro.sampling.steps import ddim_teacher_step
 
 
@@ -33,17 +34,16 @@ class TRACT(Method):
         return check_schedule(self.schedule, T)
 
     @torch.no_grad()
-    def __call__(self, x, labels, phase, nets, grid, generator):
+    def __call__(self, x, cond, phase, nets, grid, generator):
         S = self.steps(grid.T)
         t, t1, ti = (i.to(x.device) for i in tract_indices(S, phase.index, grid.T, x.shape[0], generator))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
-        x_t1, _ = self.teacher_step(nets.teacher, x_t, t, t1, grid, labels, clip=self.clip)
+        x_t1, _ = self.teacher_step(nets.teacher, x_t, t, t1, grid, cond, clip=self.clip)
         x_ti = x_t1.clone()
         rest = t1 != ti  # the self-teacher is only needed where the group is not finished
         if rest.any():
-            sub_labels = None if labels is None else labels[rest]
             x_ti[rest], _ = ddim_teacher_step(nets.self_teacher, x_t1[rest], t1[rest], ti[rest], grid,
-                                              sub_labels, clip=self.clip)
+                                              as_cond(cond)[rest], clip=self.clip)
         _, alpha_i, sigma_i = grid.at(ti)
         x_target = invert_ddim(x_t, x_ti, alpha_t, sigma_t, alpha_i, sigma_i)
-        return Target(x_t, logsnr_t, x_target, self.weight_fn(logsnr_t), labels)
+        return Target(x_t, logsnr_t, x_target, self.weight_fn(logsnr_t), cond)

@@ -1,1 +1,1 @@
-"""Networks and the denoiser contract D(x_t, λ, labels) → x̂ that wraps them."""
+"""Networks and the denoiser contract D(x_t, λ, cond) → x̂ that wraps them."""

@@ -1,17 +1,20 @@
 """The denoiser contract shared by every method, sampler and evaluation.
 
-D(x_t, λ, labels) → x̂: float64 in and out, the network itself runs in float32.  A VP
+D(x_t, λ, cond) → x̂: float64 in and out, the network itself runs in float32.  A VP
 denoiser turns the network head into x̂ with a parameterisation (method-spec §2); an
-EDM VE denoiser will apply EDM's preconditioning behind the same call (method-spec §6).
+EDM VE denoiser applies EDM's preconditioning behind the same call (method-spec §6).  ``cond``
+is a :class:`~tract_repro.networks.conditioning.Cond` (class labels and named extra inputs), or a
+tensor of class labels, or None.
 """
 from torch import nn
 
 from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import parameterisations
+from tract_repro.networks.conditioning import as_cond
 
 
 class VPDenoiser(nn.Module):
-    """x̂ = param(x_t, F(x_t, λ, labels), α, σ) for a network F and a parameterisation."""
+    """x̂ = param(x_t, F(x_t, λ, cond), α, σ) for a network F and a parameterisation."""
 
     def __init__(self, net, schedule, parameterisation="v"):
         super().__init__()
@@ -30,10 +33,12 @@ class VPDenoiser(nn.Module):
     def conditional(self):
         return getattr(self.net, "num_classes", 1) > 1
 
-    def forward(self, x_t, logsnr, labels=None):
+    def forward(self, x_t, logsnr, cond=None):
+        cond = as_cond(cond)
         alpha, sigma = self.schedule.alpha_sigma(logsnr)
         alpha, sigma = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
-        out = self.net(x_t.float(), logsnr.float(), labels if self.conditional else None)
+        extra = {"cond": {k: v.float() for k, v in cond.extra.items()}} if cond.extra else {}
+        out = self.net(x_t.float(), logsnr.float(), cond.labels if self.conditional else None, **extra)
         return self._to_x(x_t, out.to(x_t.dtype), alpha, sigma)
 
 

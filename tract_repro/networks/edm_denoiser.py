@@ -1,4 +1,4 @@
-"""EDM's preconditioned denoiser behind the project's contract D(x_t, λ, labels) → x̂ (method-spec §6).
+"""EDM's preconditioned denoiser behind the project's contract D(x_t, λ, cond) → x̂ (method-spec §6).
 
 D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)) with σ = exp(−λ/2) (VE, α = 1).  The
 coefficients and D are float64; only the inner network F runs in float32.
@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import edm
+from tract_repro.networks.conditioning import as_cond
 
 
 def _num_classes(net):
@@ -59,7 +60,10 @@ class EDMDenoiser(nn.Module):
             return labels.reshape(-1, k).to(torch.float32)
         return F.one_hot(labels.long(), k).to(torch.float32)
 
-    def forward(self, x_t, logsnr, labels=None):
+    def forward(self, x_t, logsnr, cond=None):
+        cond = as_cond(cond)
+        if cond.extra:
+            raise ConfigError(f"EDM networks take no extra conditioning inputs, got {sorted(cond.extra)}")
         x_t = x_t.to(torch.float64)
         b = x_t.shape[0]
         logsnr = torch.as_tensor(logsnr, dtype=torch.float64, device=x_t.device).reshape(-1)
@@ -72,7 +76,7 @@ class EDMDenoiser(nn.Module):
         out = edm.c_out(s, self.sigma_data)
         x_in = (edm.c_in(s, self.sigma_data) * x_t).to(torch.float32)
         noise = edm.c_noise(sigma).to(torch.float32)
-        class_labels = self.class_labels(labels, b)
+        class_labels = self.class_labels(cond.labels, b)
         if class_labels is not None:
             class_labels = class_labels.to(x_t.device)
         f = self.net.model(x_in, noise, class_labels)

@@ -1,1 +1,1 @@
-"""Samplers with one signature, sample(D, x, λs, alpha_sigma, labels), their registry, teacher steps and image grids."""
+"""Samplers with one signature, sample(D, x, λs, alpha_sigma, cond), their registry, teacher steps and image grids."""

@@ -8,6 +8,8 @@ and sampler: σ = exp(−λ/2), α = 1.
 """
 import torch
 
+from tract_repro.networks.conditioning import as_cond
+
 from tract_repro.common.errors import ConfigError
 
 
@@ -17,12 +19,12 @@ def _check_ve(grid):
         raise ConfigError(f"the Heun teacher step needs a VE grid (alpha = 1, e.g. EDMSchedule), got process {process!r}")
 
 
-def _euler_heun(denoiser, x, sigma_a, sigma_b, logsnr_a, logsnr_b, labels):
+def _euler_heun(denoiser, x, sigma_a, sigma_b, logsnr_a, logsnr_b, cond):
     """One EDM step σ_a → σ_b per sample: Heun where σ_b > 0, Euler (= D(x, σ_a)) where σ_b = 0.
 
     σ_a, σ_b broadcast against x (B, 1, …); λ_a, λ_b have shape (B,).  Returns (x_b, D(x, σ_a)).
     """
-    d_a = denoiser(x, logsnr_a, labels)
+    d_a = denoiser(x, logsnr_a, cond)
     d0 = (x - d_a) / sigma_a
     x_euler = x + (sigma_b - sigma_a) * d0
     heun = sigma_b.reshape(-1) > 0
@@ -30,13 +32,13 @@ def _euler_heun(denoiser, x, sigma_a, sigma_b, logsnr_a, logsnr_b, labels):
     if heun.any():
         sel = slice(None) if heun.all() else heun
         xe, sb = x_euler[sel], sigma_b[sel]
-        d1 = (xe - denoiser(xe, logsnr_b[sel], None if labels is None else labels[sel])) / sb
+        d1 = (xe - denoiser(xe, logsnr_b[sel], as_cond(cond)[sel])) / sb
         x_b[sel] = x[sel] + (sb - sigma_a[sel]) * (0.5 * (d0[sel] + d1))
     return x_b, d_a
 
 
 @torch.no_grad()
-def heun_teacher_step(denoiser, x_t, t, s, grid, labels=None, clip=True):
+def heun_teacher_step(denoiser, x_t, t, s, grid, cond=None, clip=True):
     """x_s by one EDM Heun step σ_t → σ_s (Euler when σ_s = 0), and D(x_t, λ_t) (method-spec §6).
 
     d₀ = (x − D(x, σ_t))/σ_t, x' = x + (σ_s − σ_t)·d₀; where σ_s > 0, d₁ = (x' − D(x', σ_s))/σ_s and
@@ -49,11 +51,11 @@ def heun_teacher_step(denoiser, x_t, t, s, grid, labels=None, clip=True):
     _check_ve(grid)
     logsnr_t, _, sigma_t = grid.at(t)
     logsnr_s, _, sigma_s = grid.at(s)
-    return _euler_heun(denoiser, x_t, sigma_t, sigma_s, logsnr_t, logsnr_s, labels)
+    return _euler_heun(denoiser, x_t, sigma_t, sigma_s, logsnr_t, logsnr_s, cond)
 
 
 @torch.no_grad()
-def heun_sampler(denoiser, x, logsnrs, alpha_sigma, labels=None):
+def heun_sampler(denoiser, x, logsnrs, alpha_sigma, cond=None):
     """EDM's deterministic Heun sampler (Algorithm 2, S_churn = 0) from λs[0] down the sequence λs.
 
     Heun on every step with σ_next > 0 and Euler on a step to σ = 0, so N steps over the
@@ -69,5 +71,5 @@ def heun_sampler(denoiser, x, logsnrs, alpha_sigma, labels=None):
         alpha_b, sigma_b = alpha_sigma(lam_b)
         if not (torch.all(alpha_a == 1) and torch.all(alpha_b == 1)):
             raise ConfigError("heun_sampler needs a VE process (alpha = 1), e.g. an EDMSchedule grid")
-        x, _ = _euler_heun(denoiser, x, sigma_a.reshape(view), sigma_b.reshape(view), lam_a, lam_b, labels)
+        x, _ = _euler_heun(denoiser, x, sigma_a.reshape(view), sigma_b.reshape(view), lam_a, lam_b, cond)
     return x

@@ -1,6 +1,6 @@
 """The sampler registry: a name → its sampler function, its λ sequence and its network-call count.
 
-Every sampler has one signature, ``sample(denoiser, x, logsnrs, alpha_sigma, labels)`` (k-diffusion
+Every sampler has one signature, ``sample(denoiser, x, logsnrs, alpha_sigma, cond)`` (k-diffusion
 style): it starts from x at λs[0] and walks down the sequence.  Evaluation, the command lines, gin
 and the tables read samplers from here; adding a sampler is one entry of :data:`SAMPLERS`.
 """
@@ -17,7 +17,7 @@ from tract_repro.sampling.samplers import ddim, grid_logsnrs
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    sample: Callable          # sample(denoiser, x, logsnrs, alpha_sigma, labels) → x at the last λ
+    sample: Callable          # sample(denoiser, x, logsnrs, alpha_sigma, cond) → x at the last λ
     logsnrs: Callable         # logsnrs(grid, K) → the K + 1 noise levels of a K-step sampler, noisiest first
     network_calls: Callable   # network_calls(K) → NFE of K steps
     description: str          # how results name it
@@ -48,9 +48,9 @@ def network_calls(name, steps):
 
 
 @torch.no_grad()
-def sample(name, denoiser, grid, steps, noise, labels=None):
+def sample(name, denoiser, grid, steps, noise, cond=None):
     """``steps`` steps of the sampler ``name`` on ``grid`` from standard noise z (x at the first λ is σ·z)."""
     sampler = get(name)
     logsnrs = sampler.logsnrs(grid, steps).to(noise.device)
     _, sigma = grid.alpha_sigma(logsnrs[:1])
-    return sampler.sample(denoiser, sigma * noise, logsnrs, grid.alpha_sigma, labels)
+    return sampler.sample(denoiser, sigma * noise, logsnrs, grid.alpha_sigma, cond)

@@ -1,6 +1,6 @@
 """Deterministic samplers sharing one signature (k-diffusion style).
 
-``sampler(denoiser, x, logsnrs, alpha_sigma, labels=None)`` starts from x at noise level
+``sampler(denoiser, x, logsnrs, alpha_sigma, cond=None)`` starts from x at noise level
 λs[0] and walks down the sequence λs (increasing λ, i.e. decreasing noise).
 """
 import torch
@@ -23,12 +23,12 @@ def noise_from_seeds(seeds, shape):
 
 
 @torch.no_grad()
-def ddim(denoiser, x, logsnrs, alpha_sigma, labels=None, clip=True):
+def ddim(denoiser, x, logsnrs, alpha_sigma, cond=None, clip=True):
     """DDIM with x̂ clipped to [−1, 1] at every step (method-spec §2)."""
     n = x.shape[0]
     for lam_t, lam_s in zip(logsnrs[:-1], logsnrs[1:]):
         lam_t, lam_s = lam_t.expand(n), lam_s.expand(n)
         alpha_t, sigma_t = alpha_sigma(lam_t)
         alpha_s, sigma_s = alpha_sigma(lam_s)
-        x = ddim_step(x, denoiser(x, lam_t, labels), alpha_t, sigma_t, alpha_s, sigma_s, clip=clip)
+        x = ddim_step(x, denoiser(x, lam_t, cond), alpha_t, sigma_t, alpha_s, sigma_s, clip=clip)
     return x

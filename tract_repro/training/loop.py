@@ -29,6 +29,7 @@ from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods.ema import EMA
 from tract_repro.methods.phases import phase_at, plan_phases
+from tract_repro.networks.conditioning import Cond
 from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.sampling import registry
 from tract_repro.sampling.samplers import noise_from_seeds
@@ -217,7 +218,7 @@ class Run:
             rng = draws.slice(start, stop)
             x, labels = (None if v is None else v.to(self.dev.device) for v in self.data.batch(idx[start:stop], rng))
             with self.dev.autocast():
-                target = o.method(x, labels, phase, state.nets, self.grid, rng)
+                target = o.method(x, Cond(labels=labels), phase, state.nets, self.grid, rng)
             share = backward_share(target, state.student, o.batch_size, o.loss_reduction, self.dev.autocast)
             loss = share if loss is None else loss + share
             del target, x, labels
@@ -266,9 +267,9 @@ class Run:
             return
         o, data = self.o, self.data
         noise = noise_from_seeds(range(o.grid_size), data.shape).to(self.dev.device)
-        labels = (torch.arange(o.grid_size) % data.num_classes).to(self.dev.device)
+        cond = Cond(labels=(torch.arange(o.grid_size) % data.num_classes).to(self.dev.device))
         with self.dev.autocast():
-            x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, labels).cpu()
+            x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond).cpu()
         self.files.save_grid(name, x.clamp(-1, 1), o.grid_scale)
 
     def finish(self):

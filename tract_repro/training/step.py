@@ -41,7 +41,7 @@ def backward_share(target, student, batch_size=None, reduction="mean", autocast=
     """Forward the student on one micro-batch's Target and add its share of the loss gradient to ``.grad``."""
     student.train()
     with autocast():
-        pred = student(target.x_t, target.logsnr, target.labels)
+        pred = student(target.x_t, target.logsnr, target.cond)
     loss = weighted_loss(pred, target, reduction, batch_size)
     loss.backward()
     return loss.detach()
