@@ -1,9 +1,10 @@
 """A digits dataset whose batches wait at a gate: imported by gin configs of tests/test_slurm.py.
 
 ``gated_digits.after = n`` lets n batches through, then each further batch waits until the file
-``gated_digits.gate`` exists.  A test holds a job there to interrupt it at a known point (the
-run cannot finish first, however fast the machine is), then opens the gate for the resumed job.
-The data are the digits' own, so the run trains exactly as an ungated one.
+``gated_digits.gate`` exists, or until the run is asked to stop (Ctrl-C, SIGTERM).  A test holds a
+job there to interrupt it at a known point (the run cannot finish first, however fast the machine
+is), then opens the gate for the resumed job.  The data are the digits' own, so the run trains
+exactly as an ungated one.
 """
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import gin
 
 from tract_repro.data.digits import digits
+from tract_repro.training import preemption
 
 
 class Gated:
@@ -25,7 +27,7 @@ class Gated:
 
     def batch(self, idx, generator=None):
         self.calls += 1
-        while self.calls > self.after and not self.gate.exists():  # waiting on the gate's file, not on a clock
+        while self.calls > self.after and not self.gate.exists() and not preemption.requested():  # events, not a clock
             time.sleep(0.02)
         return self.data.batch(idx, generator)
 

@@ -5,12 +5,19 @@
 The gin file describes the teacher's network and process and names the checkpoint in
 ``import_teacher.weights`` (a Google PD Flax file, an NVIDIA EDM pickle or a .pt state dict).
 The run directory is then evaluated like any trained run.  Errors print one line (exit 2).
+
+An import never touches an existing run: it is built in a new folder beside the target and renamed
+into place when complete, into a ``--workdir`` that does not exist yet (or is empty).  A failed
+import leaves nothing behind.
 """
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 from tract_repro import config
 from tract_repro.common.cli import command
+from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import write_text
 from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.networks.denoiser import build_denoiser
@@ -32,15 +39,22 @@ def main(argv=None):
     if saved.is_file() and (workdir / "ema.pt").is_file() and saved.read_text() == text:
         print(f"{workdir} already holds this import; nothing to do")
         return 0
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise ConfigError(f"{workdir} already holds files (a run or another import): import into a new --workdir")
     schedule = config.build("train.schedule", CosineSchedule)
     parameterisation = config.query("train.parameterisation", "v")
     denoiser = build_denoiser(config.build("train.network"), schedule, parameterisation)
     process = dict(T=config.query("train.T", 1024), parameterisation=parameterisation,
                    noise_schedule=type(schedule).__name__)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "ema.pt").unlink(missing_ok=True)
-    import_teacher(workdir, denoiser, process)
-    write_text(saved, text)  # last: a directory with config.gin and ema.pt is a finished import
+    staging = workdir.with_name(f".{workdir.name}.importing{os.getpid()}")
+    try:
+        import_teacher(staging, denoiser, process)
+        write_text(staging / "config.gin", text)  # a directory with config.gin and ema.pt is a finished import
+        if workdir.is_dir():
+            workdir.rmdir()  # empty, checked above
+        staging.rename(workdir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only ours: left only if the import failed
     print(f"imported {config.query('import_teacher.weights')} → {workdir}")
     return 0
 

@@ -17,7 +17,7 @@ from torch import nn
 from tract_repro.common.cli import command
 from tract_repro.common.files import write_json
 from tract_repro.data.digits import digits
-from tract_repro.training.checkpoint import save_atomic
+from tract_repro.training.checkpoint import load, save_atomic
 
 
 class DigitsClassifier(nn.Module):
@@ -86,7 +86,7 @@ def load_classifier(workdir):
         raise ConfigError(f"digits classifier {weights} not found: train it first with "
                          f"`python -m tract_repro.evaluation.classifier --workdir {workdir}`")
     model = DigitsClassifier()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load(weights))
     return model.eval()
 
 

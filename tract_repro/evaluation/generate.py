@@ -11,7 +11,7 @@ from tract_repro.networks.conditioning import Cond
 from tract_repro.sampling import registry
 from tract_repro.sampling.samplers import noise_from_seeds
 from tract_repro.common.files import sha256, write_json
-from tract_repro.training.checkpoint import load, save_atomic
+from tract_repro.training.checkpoint import UnreadableCheckpoint, load, save_atomic
 
 
 def labels_from_seeds(seeds, num_classes):
@@ -93,7 +93,10 @@ def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_di
     key = f"{sha256(weights_file)[:16]}_ddim{steps}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
     path = Path(cache_dir) / f"reference_{key}.pt"
     if path.is_file():
-        return load(path)["samples"]
+        try:
+            return load(path)["samples"]
+        except UnreadableCheckpoint as exc:  # a cache: computed again
+            print(f"warning: {exc}; computing the teacher reference again", flush=True)
     samples = generate(teacher, grid, steps, seeds, shape, num_classes, batch_size, desc=f"teacher reference {steps} steps",
                        workers=workers)
     save_atomic({"samples": samples}, path)

@@ -10,6 +10,7 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.networks.denoiser import build_denoiser
+from tract_repro.training import checkpoint as ckpt
 
 
 @dataclass
@@ -36,7 +37,7 @@ def load_run(path, with_data=True):
     schedule = config.build("train.schedule", CosineSchedule)
     grid = TimeGrid(schedule, config.query("train.T", 1024))
     denoiser = build_denoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
-    denoiser.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    denoiser.load_state_dict(ckpt.load(weights))
     data = config.build("train.dataset") if with_data else None
     info = json.loads((path / "run.json").read_text())
     return FinishedRun(path, info, denoiser.eval().requires_grad_(False), grid, data, weights)

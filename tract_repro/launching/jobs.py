@@ -9,12 +9,12 @@ from pathlib import Path
 
 from tract_repro import config
 from tract_repro.common.errors import ConfigError
-from tract_repro.common.files import write_text
 from tract_repro.training import checkpoint as ckpt
 
 
 def run_job(config_text, workdir, pace=None):
-    """Parse ``config_text``, write it to ``<workdir>/config.gin`` and train; returns the workdir as text.
+    """Parse ``config_text`` and train; the run writes it to ``<workdir>/config.gin`` once it has been
+    checked (a configuration that fails leaves no file behind).  Returns the workdir as text.
 
     ``pace``: a :class:`~tract_repro.launching.pacing.Pace`, given to forked seeds that keep level.
     """
@@ -22,10 +22,7 @@ def run_job(config_text, workdir, pace=None):
 
     export_distributed_environment()  # in a multi-task submitit job: RANK, WORLD_SIZE, … for torch's env://
     config.parse(text=config_text)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_text(workdir / "config.gin", config_text)
-    return str(train(workdir, pace=pace))
+    return str(train(Path(workdir), pace=pace, config_text=config_text))
 
 
 def train_job(config_text, workdir):

@@ -14,11 +14,12 @@ import traceback
 from pathlib import Path
 
 from tract_repro import config
-from tract_repro.common.errors import ConfigError, JobFailed
+from tract_repro.common.errors import ConfigError, JobFailed, one_line
 from tract_repro.launching import slurm
 from tract_repro.launching.jobs import check_workdir, run_job
 from tract_repro.launching.local import failure_line, local_executor, wait
 from tract_repro.launching.pacing import Pace
+from tract_repro.training.preemption import Stopped
 
 FORK_LOG = "launch.log"  # a forked run's stdout and stderr, in its run directory
 
@@ -85,7 +86,7 @@ def fork(text, run_dir, pace=None):
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: ~2 s per fresh process)
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    process = multiprocessing.get_context("fork").Process(target=_forked_job, args=(text, str(run_dir), pace),
+    process = multiprocessing.get_context("fork").Process(target=_forked_job, args=(text, str(run_dir), pace, os.getpid()),
                                                           name=f"tract {run_dir}")
     process.start()
     log = Path(run_dir) / FORK_LOG
@@ -98,8 +99,13 @@ def fork(text, run_dir, pace=None):
     return poll
 
 
-def _forked_job(text, run_dir, pace=None):
-    """The forked child: stdout and stderr (C level too) go to ``<run_dir>/launch.log``; exit 1 on failure."""
+def _forked_job(text, run_dir, pace=None, parent=None):
+    """The forked child: stdout and stderr (C level too) go to ``<run_dir>/launch.log``; exit 1 on failure.
+
+    It dies with the launcher: SIGTERM when the launcher's process ends, however it ends, so that it
+    checkpoints at its next step boundary and stops.
+    """
+    _die_with_parent(parent)
     code = 1
     try:
         log = open(Path(run_dir) / FORK_LOG, "a", buffering=1)
@@ -108,11 +114,25 @@ def _forked_job(text, run_dir, pace=None):
         sys.stdout = sys.stderr = log
         run_job(text, run_dir, pace=None if pace is None else Pace(*pace))
         code = 0
+    except Stopped as exc:  # Ctrl-C or SIGTERM: a checkpoint was written
+        print(f"{type(exc).__name__}: {one_line(exc)}", flush=True)
+        code = exc.exit_status
     except BaseException:  # noqa: BLE001  (reported through the log's last exception line)
         traceback.print_exc()
     finally:
         sys.stdout.flush()
         os._exit(code)
+
+
+def _die_with_parent(parent):
+    """Ask Linux to send this process SIGTERM when its parent ends (prctl PR_SET_PDEATHSIG)."""
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the launcher ended before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def submit_local(text, run_dir):

@@ -79,15 +79,16 @@ class Options:
     optimizer: object
     lr_schedule: object
     pace: object
+    config_text: str
 
 
-@gin.configurable(denylist=["workdir", "pace"])
+@gin.configurable(denylist=["workdir", "pace", "config_text"])
 def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIRED, schedule=CosineSchedule,
           T=1024, parameterisation="v", teacher=None, batch_size=128, accumulate=1, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
           checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
           grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, extra_inference_emas=(), device=None,
-          optimizer=adam, lr_schedule=learning_rate, pace=None):
+          optimizer=adam, lr_schedule=learning_rate, pace=None, config_text=None):
     """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
 
     With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
@@ -102,6 +103,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     trains on its slice of it, and ``accumulate = k`` splits each process's slice into k micro-batches
     whose gradients add up to the full-batch step (to float rounding).  ``pace`` (a
     :class:`~tract_repro.launching.pacing.Pace`, set by the launcher for forked seeds) is told each step.
+    ``config_text`` (the configuration as given) is written to ``config.gin`` once the run has been checked.
+    Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
     """
     options = Options(**dict(locals(), workdir=Path(workdir), device=device if device is not None else Device()))
     with distributed.process_group(options.device) as world:
@@ -173,21 +176,35 @@ class Run:
         return copy.deepcopy(student).eval().requires_grad_(False)
 
     def resume(self):
-        """Restore the newest checkpoint of this run (or the previous phase's final one); write the run's start files."""
-        latest = ckpt.list_checkpoints(self.files.checkpoints)
-        if not latest and self.begin > 0:
-            latest = [phase_control.previous_checkpoint(self.o.previous, self.begin, self.info)]
-        latest = self.world.broadcast(latest)  # every rank resumes from the file rank 0 found
-        if latest:
-            self.state.load_state_dict(ckpt.load(latest[-1]), latest[-1], self.dev, self.world)
+        """Restore the newest usable checkpoint of this run (or the previous phase's final one); write the
+        run's start files.  Rank 0 chooses the file (setting aside one that fails its checksum), every rank loads it."""
+        path, state, problem = None, None, None
+        if self.world.is_main:
+            try:
+                path, state = ckpt.newest_usable(self.files.checkpoints)
+                if path is None and self.begin > 0:
+                    path = phase_control.previous_checkpoint(self.o.previous, self.begin, self.info)
+            except ConfigError as exc:  # every rank stops with rank 0's line, none waits for it
+                problem = exc
+        path, message = self.world.broadcast((path, None if problem is None else str(problem)))
+        if message is not None:
+            raise problem if problem is not None else ConfigError(message)
+        if path is not None:
+            self.state.load_state_dict(state if state is not None else ckpt.load(path), path, self.dev, self.world)
             if self.world.is_main:
                 self.files.metrics.truncate(self.state.samples)
         self.world.check_in_sync([self.state.student], "at the start")
-        self.files.start(self.info)
+        self.files.start(self.info, self.o.config_text)
 
     def train(self):
-        """Resume, step to the end of the span, then write ema.pt and the completed run.json; returns the workdir."""
-        self.resume()
+        """Lock the run directory, resume, and train to the end; returns the workdir."""
+        with self.files.locked(), preemption.stop_on_signals():
+            self.resume()
+            self.steps()
+        return self.o.workdir
+
+    def steps(self):
+        """Step to the end of the span, then write ema.pt and the completed run.json."""
         o, state = self.o, self.state
         bar = tqdm(total=self.end - self.begin, initial=state.samples - self.begin, unit="sample", unit_scale=True,
                    desc=f"{self.info['method']} {o.workdir.name}", dynamic_ncols=True,
@@ -205,7 +222,6 @@ class Run:
         if o.pace is not None:
             o.pace.leave()
         self.finish()
-        return o.workdir
 
     def step(self, phase):
         """One optimisation step on the global batch at ``state.samples``: targets, backward, update."""

@@ -1,14 +1,20 @@
 """The run-directory writer: everything a run leaves in its folder, written by rank 0 alone.
 
-``config.gin`` (written by the job before training), ``operative_config.gin`` (every value used),
+``config.gin`` (the configuration as given), ``operative_config.gin`` (every value used),
 ``run.json``, ``metrics.jsonl``, ``checkpoints/ckpt_<samples>.pt``, ``samples/*.png`` and, when
-finished, ``ema.pt`` (the inference EMA's denoiser weights).
+finished, ``ema.pt`` (the inference EMA's denoiser weights).  While a trainer runs in it the folder
+is locked (``.lock``, an OS lock that dies with its holder): a second trainer is refused in one line.
+Nothing is written before the run's configuration has been checked.
 """
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import gin
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import write_json, write_text
 from tract_repro.sampling.images import save_grid
 from tract_repro.training import checkpoint as ckpt
@@ -28,10 +34,43 @@ class RunDirectory:
     def checkpoint_path(self, samples):
         return ckpt.checkpoint_path(self.checkpoints, samples)
 
-    def start(self, info):
-        """The operative config and run.json of a run that starts or resumes."""
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the folder's lock while training; a folder this created for a run that failed before writing
+        anything is removed again, so that a failed start leaves nothing behind."""
+        if not self.main:
+            yield
+            return
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise ConfigError(f"{self.path} is in use by another trainer (pid {holder}): let it finish, or stop it "
+                              f"(kill {holder}) and run this command again") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        except BaseException:
+            if created and {p.name for p in self.path.iterdir()} == {".lock"}:
+                (self.path / ".lock").unlink()
+                self.path.rmdir()
+            raise
+        finally:
+            lock.close()
+
+    def start(self, info, config_text=None):
+        """``config.gin`` (if given), the operative config and run.json of a run that starts or resumes."""
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)  # the launcher makes it; train() called directly may not
+            self.path.mkdir(parents=True, exist_ok=True)
+            if config_text is not None:
+                write_text(self.path / "config.gin", config_text)
             write_text(self.path / "operative_config.gin", gin.operative_config_str())
             write_json(self.path / "run.json", info)
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import gin
-import torch
 
 from tract_repro.common.errors import ConfigError
 
@@ -39,7 +38,9 @@ def read_weights(path, denoiser):
     """A state dict for ``denoiser`` from a run's ema.pt / a .pt file (weights_only), or else a Google PD Flax checkpoint."""
     path = Path(path)
     if path.suffix in (".pt", ".pth"):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        from tract_repro.training import checkpoint as ckpt
+
+        return ckpt.load(path)
     if path.suffix == ".pkl":  # NVIDIA EDM snapshot, through the allow-list unpickler
         from tract_repro.networks.edm_pickle import load_edm_pickle
 
