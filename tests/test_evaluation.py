@@ -178,7 +178,14 @@ def test_evaluate_a_tiny_run_end_to_end(tmp_path, capsys):
 def test_evaluate_unfinished_run_is_one_line(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "not a finished run" in err
+    assert "\n" not in err and "is not a run directory" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.gin").write_text("train.total = 1\n")
+    assert evaluate_main([str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'half'} is not a finished run (no ema.pt): finish it with "
+                   f"`python -m tract_repro.launch {tmp_path / 'half' / 'config.gin'} --workdir {tmp_path / 'half'}`, "
+                   f"then evaluate it")
 
 
 def test_teacher_reference_steps_divide_the_teachers_grid():

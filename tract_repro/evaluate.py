@@ -42,6 +42,12 @@ def _parser():
 @command
 def main(argv=None):
     args = _parser().parse_args(argv)
+    for name in ("samples", "workers", "threads"):  # checked before anything is read or written
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)}: give at least 1")
+    if any(k < 1 for k in args.steps) or args.first_seed < 0 or args.reference_steps < 1:
+        raise ConfigError(f"--steps {' '.join(map(str, args.steps))} --first-seed {args.first_seed} --reference-steps "
+                          f"{args.reference_steps}: give step counts of at least 1 and a first seed of at least 0")
     outs = args.out or [None] * len(args.runs)
     if len(outs) != len(args.runs):
         raise ConfigError(f"{len(args.runs)} runs but {len(outs)} --out files: give one --out per run")

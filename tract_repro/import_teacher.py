@@ -39,6 +39,9 @@ def main(argv=None):
     if saved.is_file() and (workdir / "ema.pt").is_file() and saved.read_text() == text:
         print(f"{workdir} already holds this import; nothing to do")
         return 0
+    if config.query("import_teacher.weights") is None:
+        raise ConfigError("bind import_teacher.weights to the checkpoint to import, e.g. --gin "
+                          "\"import_teacher.weights = 'ckpts/cifar_original'\"")
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise ConfigError(f"{workdir} already holds files (a run or another import): import into a new --workdir")
     schedule = config.build("train.schedule", CosineSchedule)

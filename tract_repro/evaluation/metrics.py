@@ -54,16 +54,18 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     teacher = run if teacher_dir == run.path else load_run(teacher_dir)
     seeds = range(first_seed, first_seed + samples)
     shape, classes = run.data.shape, run.data.num_classes if run.denoiser.conditional else 1
+    for k in steps:  # every step count is checked before anything is computed or cached
+        registry.get(sampler).logsnrs(run.grid, k)
+    key = ("real", str(classifier), data_digest(run.data))
+    if key not in shared:
+        shared[key] = digits_fd_reference(load_classifier(classifier), run.data)
+    real_stats, floor, feature_fn = shared[key]
     reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
     key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples)
     if key not in shared:
         shared[key] = teacher_reference(teacher.denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
                                         cache, classes, batch_size, workers)
     reference = shared[key]
-    key = ("real", str(classifier), data_digest(run.data))
-    if key not in shared:
-        shared[key] = digits_fd_reference(load_classifier(classifier), run.data)
-    real_stats, floor, feature_fn = shared[key]
     out_dir = Path(out).parent if out else run.path / "eval"
     rows = []
     for k in steps:

@@ -30,9 +30,13 @@ def load_run(path, with_data=True):
     """
     path = Path(path)
     weights, saved = path / "ema.pt", path / "config.gin"
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a run directory: train it first with `python -m tract_repro.launch "
+                          f"<its gin files> --workdir {path}`")
     if not (weights.is_file() and saved.is_file()):
-        raise ConfigError(f"{path} is not a finished run (no ema.pt or config.gin): run it with "
-                         f"`python -m tract_repro.launch gin/{path.name}.gin --workdir {path}` first")
+        how = (f"finish it with `python -m tract_repro.launch {saved} --workdir {path}`" if saved.is_file()
+               else f"train it with `python -m tract_repro.launch <its gin files> --workdir {path}`")
+        raise ConfigError(f"{path} is not a finished run (no ema.pt): {how}, then evaluate it")
     config.parse(text=saved.read_text())
     schedule = config.build("train.schedule", CosineSchedule)
     grid = TimeGrid(schedule, config.query("train.T", 1024))

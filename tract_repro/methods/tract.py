@@ -2,6 +2,7 @@
 import gin
 import torch
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
 from tract_repro.methods.base import Method, Target, noise_at, randint
@@ -27,6 +28,8 @@ class TRACT(Method):
                  teacher_step=ddim_teacher_step, clip=True):
         self.schedule = tuple(schedule)
         self.self_teacher_momentum = float(self_teacher_momentum)
+        if not 0.0 <= self.self_teacher_momentum < 1.0:
+            raise ConfigError(f"TRACT.self_teacher_momentum (μ_S) = {self_teacher_momentum}: give a value in [0, 1)")
         self.weight_fn = weightings.get(weighting)
         self.teacher_step, self.clip = teacher_step, clip
 

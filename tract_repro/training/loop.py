@@ -116,6 +116,10 @@ class Run:
 
     def __init__(self, o, world):
         self.o, self.world, self.dev = o, world, o.device
+        for name in ("batch_size", "seed", "threads", "accumulate"):
+            value, least = getattr(o, name), 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"train.{name} = {value!r}: give a whole number, at least {least}")
         torch.set_num_threads(int(o.threads))
         torch.manual_seed(o.seed)
         if o.loss_reduction not in ("mean", "sum"):
@@ -242,9 +246,12 @@ class Run:
         try:
             loss, grad_norm = apply_update(state.student, state.optimizer, loss, lr, o.grad_clip, state.emas, self.world)
         except LossDiverged:
+            weighting = getattr(o.method, "weight_fn", None)
+            hint = ("ε with truncated-SNR weighting is known to diverge: use the v or x-and-ε parameterisation"
+                    if o.parameterisation == "eps" and getattr(weighting, "__name__", "") == "truncated_snr"
+                    else "lower the learning rate (adam.lr) or check the teacher and the data")
             raise LossDiverged(f"the loss became non-finite at sample {state.samples} ({self.info['method']}, "
-                               f"parameterisation {o.parameterisation!r}); ε with truncated-SNR weighting is known "
-                               f"to diverge") from None
+                               f"parameterisation {o.parameterisation!r}): {hint}") from None
         state.samples += o.batch_size
         return loss, grad_norm, lr
 

@@ -16,6 +16,8 @@ def adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreac
     itself only on CUDA; on the CPU it is the same arithmetic (bit-identical, tested) and halves the
     update's time, a tenth of a digits-scale step.
     """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+        raise ConfigError(f"adam.lr = {lr!r}: give a learning rate, a number at least 0 (e.g. 2e-4)")
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
 
 
@@ -33,7 +35,7 @@ def learning_rate(base_lr, samples, phase, warmup=0, decay="constant"):
 @gin.configurable
 def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
     """μ_I: fixed if ``momentum`` is set, else r^(1/n) from a residual r and the n steps of the phase (method-spec §5)."""
-    inference_ema_label(momentum, residual)  # one of the two must be set: the one-line error if not
+    inference_ema_label(momentum, residual)  # one of the two must be set, and valid: the one-line error if not
     if momentum is not None:
         return float(momentum)
     return momentum_from_residual(residual, math.ceil(phase.length / batch_size))
@@ -42,8 +44,12 @@ def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
 def inference_ema_label(momentum=None, residual=None):
     """A μ_I setting as text, 'momentum=0.999' (fixed) or 'residual=0.001' (derived per phase): names an EMA in checkpoints."""
     if momentum is not None:
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"inference_ema_momentum.momentum (μ_I) = {momentum!r}: give a value in [0, 1)")
         return f"momentum={float(momentum)!r}"
     if residual is not None:
+        if not isinstance(residual, (int, float)) or not 0.0 < residual < 1.0:
+            raise ConfigError(f"inference_ema_momentum.residual (μ_I's residual) = {residual!r}: give a value in (0, 1)")
         return f"residual={float(residual)!r}"
     raise ConfigError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
 

@@ -42,8 +42,12 @@ class RunDirectory:
             yield
             return
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock = open(self.path / ".lock", "a+")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path / ".lock", "a+")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory {self.path} ({exc.strerror}): choose a --workdir "
+                              f"you can write to") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
