@@ -54,6 +54,17 @@ class Method(abc.ABC):
     needs_teacher = True
     #: momentum of the self-teacher EMA μ_S, or None if the method uses none
     self_teacher_momentum = None
+    #: extra network inputs the student has and its teacher lacks (their branches start at zero)
+    new_inputs = ()
+    #: whether the teacher must have been trained with label dropout (its x̂(x_t, ∅) is used)
+    guided_teacher = False
+
+    def check(self, student, data):
+        """Raise a one-line ConfigError if this method cannot train ``student`` on ``data``."""
+
+    def sampling_cond(self, cond):
+        """The conditioning the training loop's sample grids use (a w-conditioned student's adds its w)."""
+        return cond
 
     @abc.abstractmethod
     def steps(self, T):

@@ -7,15 +7,23 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.edm import lognormal_logsnr
 from tract_repro.methods.base import Method, Target, add_noise
+from tract_repro.networks.conditioning import NULL_LABEL, Cond, as_cond
 
 
 @gin.configurable
 class TeacherTraining(Method):
-    """x_t from u ~ U[0, 1] (or i ~ U{1..T}, or EDM's log-normal σ), target x, weight w(λ); one phase."""
+    """x_t from u ~ U[0, 1] (or i ~ U{1..T}, or EDM's log-normal σ), target x, weight w(λ); one phase.
+
+    ``p_uncond`` > 0 trains a guided teacher (method-spec §7): each sample's label is replaced by the
+    null class ∅ with that probability (label dropout), so that the network also learns x̂(x_t, ∅).
+    """
 
     needs_teacher = False
 
-    def __init__(self, weighting="snr+1", continuous=True, sample_steps=64, time_distribution="uniform"):
+    def __init__(self, weighting="snr+1", continuous=True, sample_steps=64, time_distribution="uniform", p_uncond=0.0):
+        if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)) or not 0.0 <= p_uncond < 1.0:
+            raise ConfigError(f"TeacherTraining.p_uncond = {p_uncond!r}: give a probability in [0, 1), e.g. 0.1")
+        self.p_uncond = float(p_uncond)
         if time_distribution not in ("uniform", "lognormal"):
             raise ConfigError(f"TeacherTraining.time_distribution = {time_distribution!r}: choose 'uniform' or 'lognormal' (EDM)")
         self.weight_fn = weightings.get(weighting)
@@ -31,8 +39,15 @@ class TeacherTraining(Method):
         return (T, self.sample_steps) if self.sample_steps < T else (T, T)
 
     def __call__(self, x, cond, phase, nets, grid, generator):
+        rng = as_batch_random(generator, x.shape[0])
+        x_t, logsnr = self.noised(x, grid, rng)
+        if self.p_uncond > 0:
+            cond = drop_labels(as_cond(cond), self.p_uncond, rng)
+        return Target(x_t, logsnr, x, self.weight_fn(logsnr), cond)
+
+    def noised(self, x, grid, rng):
+        """(x_t, λ) of the diffusion loss: λ by the time distribution, then x_t = α·x + σ·ε."""
         n = x.shape[0]
-        rng = as_batch_random(generator, n)
         if self.time_distribution == "lognormal":  # EDM: ln σ ~ N(−1.2, 1.2²)
             logsnr = lognormal_logsnr(n, rng)
         elif self.continuous:
@@ -42,5 +57,17 @@ class TeacherTraining(Method):
             logsnr = grid.logsnr[rng.randint(1, grid.T).to(grid.logsnr.device)]
         logsnr = logsnr.to(x.device)
         alpha, sigma = grid.alpha_sigma(logsnr, x.ndim)
-        x_t = add_noise(x, alpha, sigma, rng)
-        return Target(x_t, logsnr, x, self.weight_fn(logsnr), cond)
+        return add_noise(x, alpha, sigma, rng), logsnr
+
+    def check(self, student, data):
+        if self.p_uncond > 0 and not (getattr(student, "conditional", False) and data.num_classes > 1):
+            raise ConfigError("TeacherTraining.p_uncond > 0 trains a guided teacher, which needs class labels: use a "
+                              "class-conditional data set and network (UNet.num_classes, UNet.null_class = True)")
+
+
+def drop_labels(cond, p, rng):
+    """Each sample's label replaced by the null class ∅ with probability p (one uniform draw per sample)."""
+    if cond.labels is None:
+        raise ConfigError("label dropout needs class labels: use a class-conditional data set")
+    drop = rng.rand(dtype=torch.float64).to(cond.labels.device) < p
+    return Cond(torch.where(drop, torch.full_like(cond.labels, NULL_LABEL), cond.labels), cond.extra)

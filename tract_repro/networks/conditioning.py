@@ -11,6 +11,10 @@ from typing import Mapping
 
 import torch
 
+#: The class label of the null class ∅ ("no class"): a teacher trained with label dropout predicts the
+#: unconditional x̂(x_t, ∅) for it (method-spec §7).
+NULL_LABEL = -1
+
 
 @dataclass(frozen=True)
 class Cond:

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import edm
-from tract_repro.networks.conditioning import as_cond
+from tract_repro.networks.conditioning import NULL_LABEL, as_cond
 
 
 def _num_classes(net):
@@ -48,8 +48,9 @@ class EDMDenoiser(nn.Module):
         """The float32 one-hot (B, num_classes) labels of a conditional net, else None.
 
         Integer labels are one-hot encoded; float (B, num_classes) rows are passed through.  A
-        conditional net called without labels gets all-zero rows, as EDMPrecond does (not a trained
-        null class).
+        conditional net called without labels, and the null class ∅ (label −1), get all-zero rows:
+        EDM's own label dropout zeroes the one-hot row, so that is what a net trained with it has
+        learnt as "no class".
         """
         if not self.conditional:
             return None
@@ -58,7 +59,10 @@ class EDMDenoiser(nn.Module):
             return torch.zeros(batch, k, dtype=torch.float32)  # moved to the input's device by forward
         if labels.is_floating_point():
             return labels.reshape(-1, k).to(torch.float32)
-        return F.one_hot(labels.long(), k).to(torch.float32)
+        labels = labels.long()
+        null = labels == NULL_LABEL
+        rows = F.one_hot(labels.clamp(min=0), k).to(torch.float32)
+        return rows * (~null).to(torch.float32).unsqueeze(1) if null.any() else rows
 
     def forward(self, x_t, logsnr, cond=None):
         cond = as_cond(cond)

@@ -4,9 +4,13 @@ Module layout (stable names, for checkpoint import):
 
 * ``time``: Sequential(Linear(C, E), SiLU, Linear(E, E)) on the sinusoidal
   embedding of u = arctan(exp(-logsnr / 2)) / (pi / 2) (t = 1000 u).
-* ``class_emb``: Linear(num_classes, E) on one-hot labels (only if num_classes > 1).
+* ``class_emb``: Linear(num_classes, E) on one-hot labels (only if num_classes > 1); with
+  ``null_class`` one more row, for the null class ∅ (label −1) of classifier-free guidance.
 * ``cond_emb[name]``: Sequential(Linear(C, E), SiLU, Linear(E, E)) per extra scalar
-  condition (sinusoidal embedding of the raw value); all embeddings are summed.
+  condition, on the sinusoidal embedding of 1000·value (as the time input's 1000·u; guidance's
+  w ∈ [0, 4] spans four "timestep" units of 1000); all embeddings are summed.  The last layer
+  starts at zero, so a network given a new input (a w-conditioned student initialised from its
+  teacher) starts out computing exactly what it computed without it.
 * ``conv_in``: 3x3 conv in_channels -> C (first entry of the skip stack).
 * ``down[j]``: ``Block`` (``.res`` ResBlock, ``.attn`` SelfAttention or None), in
   order: per level, num_res_blocks blocks, then (all but the last level) one
@@ -30,14 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tract_repro.common.errors import ConfigError
+from tract_repro.networks.conditioning import NULL_LABEL
 from tract_repro.networks.layers import (
     ZERO_INIT_SCALE, Block, ResBlock, SelfAttention, conv, group_norm, linear,
     timestep_embedding,
 )
 
 
-def _embedding_mlp(ch: int, emb_ch: int) -> nn.Sequential:
-    return nn.Sequential(linear(ch, emb_ch), nn.SiLU(), linear(emb_ch, emb_ch))
+def _embedding_mlp(ch: int, emb_ch: int, last_scale: float = 1.0) -> nn.Sequential:
+    return nn.Sequential(linear(ch, emb_ch), nn.SiLU(), linear(emb_ch, emb_ch, last_scale))
 
 
 @gin.configurable
@@ -59,6 +64,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_outputs: int = 1,
         num_classes: int = 1,
+        null_class: bool = False,
         norm_groups: int = 32,
         logsnr_input: str = "inv_cos",
         extra_conditions: Sequence[str] = (),
@@ -71,6 +77,9 @@ class UNet(nn.Module):
         self.channels = C = channels
         self.emb_channels = E = emb_channels if emb_channels is not None else 4 * channels
         self.num_classes = num_classes
+        self.null_class = bool(null_class)
+        if self.null_class and num_classes <= 1:
+            raise ConfigError("UNet.null_class needs a class-conditional network: set UNet.num_classes to the number of classes")
         self.num_outputs = num_outputs
         self.extra_conditions = tuple(extra_conditions)
         attn_resolutions = tuple(attn_resolutions)
@@ -85,8 +94,8 @@ class UNet(nn.Module):
 
         # Embeddings.
         self.time = _embedding_mlp(C, E)
-        self.class_emb = linear(num_classes, E) if num_classes > 1 else None
-        self.cond_emb = nn.ModuleDict({n: _embedding_mlp(C, E) for n in self.extra_conditions})
+        self.class_emb = linear(num_classes + self.null_class, E) if num_classes > 1 else None
+        self.cond_emb = nn.ModuleDict({n: _embedding_mlp(C, E, last_scale=0.0) for n in self.extra_conditions})
 
         # Down path (skip_ch mirrors the skip stack).
         self.conv_in = conv(in_channels, C, 3)
@@ -131,7 +140,7 @@ class UNet(nn.Module):
         if self.class_emb is not None:
             if labels is None:
                 raise ConfigError(f"UNet has num_classes={self.num_classes}: labels are required")
-            emb = emb + self.class_emb(F.one_hot(labels.long(), self.num_classes).to(emb.dtype))
+            emb = emb + self.class_emb(self._one_hot(labels).to(emb.dtype))
         elif labels is not None:
             raise ConfigError("labels given to an unconditional UNet (num_classes=1)")
         cond = cond or {}
@@ -141,8 +150,19 @@ class UNet(nn.Module):
         for name in self.extra_conditions:
             if name not in cond:
                 raise ConfigError(f"extra condition {name!r} missing from cond")
-            emb = emb + self.cond_emb[name](timestep_embedding(cond[name], self.channels))
+            emb = emb + self.cond_emb[name](timestep_embedding(cond[name], self.channels, max_time=1.0))
         return emb
+
+    def _one_hot(self, labels):
+        """One-hot class labels; the null class ∅ (label −1) is the extra last row of a ``null_class`` network."""
+        labels = labels.long()
+        null = labels == NULL_LABEL
+        if null.any():
+            if not self.null_class:
+                raise ConfigError("this UNet has no null class ∅ (it was not trained with label dropout): train the "
+                                  "teacher with TeacherTraining.p_uncond = 0.1 and UNet.null_class = True")
+            labels = torch.where(null, torch.full_like(labels, self.num_classes), labels)
+        return F.one_hot(labels, self.num_classes + self.null_class)
 
     def forward(self, x: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor | None = None,
                 cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -145,6 +145,7 @@ class Run:
         """The training state at sample 0, and the run's run.json."""
         o, phases = self.o, self.phases
         student = self.dev.prepare(build_denoiser(o.network(), self.grid.schedule, o.parameterisation))
+        o.method.check(student, self.data)
         info = dict(method=type(o.method).__name__, schedule_steps=list(o.method.steps(self.grid.T)), T=self.grid.T,
                     parameterisation=o.parameterisation, noise_schedule=type(self.grid.schedule).__name__,
                     batch_size=o.batch_size, world_size=self.world.size, accumulate=int(o.accumulate), seed=o.seed,
@@ -154,6 +155,8 @@ class Run:
                     device=self.dev.describe(), status="running")
         if o.only_phase is not None:
             info.update(only_phase=o.only_phase, previous=str(o.previous) if o.previous else None)
+        if getattr(o.method, "p_uncond", 0) or o.method.new_inputs:  # a guided teacher, or a w-conditioned student
+            info.update(p_uncond=getattr(o.method, "p_uncond", None), guided=True)
         teacher = self._teacher(student, info)
         self_teacher = None if o.method.self_teacher_momentum is None else EMA(student, o.method.self_teacher_momentum)
         own = bound_inference_ema_label()  # μ_I of this run, e.g. 'residual=0.001'
@@ -175,7 +178,8 @@ class Run:
             raise ConfigError(f"{info['method']} distils a teacher: set train.teacher to a teacher run directory or weights file")
         else:
             info["teacher"] = str(teachers.load_into(student, o.teacher, expect=dict(
-                parameterisation=o.parameterisation, noise_schedule=info["noise_schedule"])))
+                parameterisation=o.parameterisation, noise_schedule=info["noise_schedule"]),
+                new_inputs=o.method.new_inputs, guided=o.method.guided_teacher))
             info["teacher_sha256"] = sha256(info["teacher"])
         return copy.deepcopy(student).eval().requires_grad_(False)
 
@@ -290,7 +294,7 @@ class Run:
             return
         o, data = self.o, self.data
         noise = noise_from_seeds(range(o.grid_size), data.shape).to(self.dev.device)
-        cond = Cond(labels=(torch.arange(o.grid_size) % data.num_classes).to(self.dev.device))
+        cond = o.method.sampling_cond(Cond(labels=(torch.arange(o.grid_size) % data.num_classes).to(self.dev.device)))
         with self.dev.autocast():
             x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond).cpu()
         self.files.save_grid(name, x.clamp(-1, 1), o.grid_scale)

@@ -61,25 +61,36 @@ def _gin_hint(path, gin_dir):
     return "gin/<teacher>.gin"
 
 
-def load_into(denoiser, spec, expect=None):
-    """Load teacher weights into ``denoiser``; check ``expect`` (e.g. parameterisation) against its run.json."""
+def load_into(denoiser, spec, expect=None, new_inputs=(), guided=False):
+    """Load teacher weights into ``denoiser``; check ``expect`` (e.g. parameterisation) against its run.json.
+
+    ``new_inputs``: extra inputs of ``denoiser`` the teacher lacks; their branches keep their initial
+    (zero) weights.  ``guided``: the teacher must have been trained with label dropout (p_uncond > 0).
+    """
     weights = resolve(spec)
     info_file = weights.parent / "run.json"
-    if expect and info_file.is_file():
-        info = json.loads(info_file.read_text())
-        for key, value in expect.items():
-            if key in info and info[key] != value:
-                raise TeacherError(f"teacher {spec} was trained with {key} = {info[key]!r} but this run uses "
-                                   f"{value!r}: make them agree in gin")
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    for key, value in (expect or {}).items():
+        if key in info and info[key] != value:
+            raise TeacherError(f"teacher {spec} was trained with {key} = {info[key]!r} but this run uses "
+                               f"{value!r}: make them agree in gin")
+    if guided and not (info.get("p_uncond") or info.get("guided")):
+        raise TeacherError(f"teacher {spec} was not trained with label dropout, so it has no unconditional prediction "
+                           f"to guide with: train it with TeacherTraining.p_uncond = 0.1 and UNet.null_class = True")
     state = read_weights(weights, denoiser)
     own = denoiser.state_dict()
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    fresh = tuple(f"net.cond_emb.{name}." for name in new_inputs)
+    missing = {k for k in own.keys() - state.keys() if not k.startswith(fresh)} if fresh else own.keys() - state.keys()
+    unexpected = state.keys() - own.keys()
+    if missing and all(k.startswith("net.cond_emb.w.") for k in missing):
+        raise TeacherError(f"teacher {weights} has no w input: distil guidance into it first (train.method = "
+                           f"@GuidedDistillation(), stage 1), or drop 'w' from UNet.extra_conditions")
     misshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or misshaped:
         raise TeacherError(f"teacher {weights} does not fit this run's network ({len(missing)} missing, "
                            f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors): "
                            f"use the teacher's network bindings")
-    denoiser.load_state_dict(state)
+    denoiser.load_state_dict(state, strict=not fresh)
     return weights
 
 

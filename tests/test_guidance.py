@@ -1,0 +1,154 @@
+"""Guided distillation's maths (method-spec §7): the guidance combination, one batched call, label
+dropout, the w input that starts at zero, the stage-1 target, and one-line refusals."""
+import pytest
+import torch
+
+from tests.conftest import tiny_gin
+from tract_repro import launch
+from tract_repro.common.batch_random import StepRandom
+from tract_repro.common.errors import ConfigError
+from tract_repro.diffusion.grid import TimeGrid
+from tract_repro.diffusion.schedules import CosineSchedule
+from tract_repro.methods import GuidedDistillation, TeacherTraining
+from tract_repro.methods.base import Networks
+from tract_repro.methods.phases import plan_phases
+from tract_repro.networks.conditioning import NULL_LABEL, Cond
+from tract_repro.networks.denoiser import VPDenoiser
+from tract_repro.networks.guidance import GuidedDenoiser, guided
+from tract_repro.networks.unet import UNet
+
+NET = dict(in_channels=1, resolution=8, channels=8, emb_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+           attn_resolutions=(), norm_groups=4, num_classes=10, null_class=True)
+
+
+def denoiser(extra=(), seed=0, **kw):
+    torch.manual_seed(seed)
+    net = UNet(**{**NET, **kw}, extra_conditions=extra)
+    with torch.no_grad():  # away from the zero-initialised output layer, so that every input shows
+        for name, p in net.named_parameters():
+            if not name.startswith("cond_emb"):
+                p.normal_(0.0, 0.2)
+    return VPDenoiser(net, CosineSchedule(), "v").eval()
+
+
+def batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, dtype=torch.float64, generator=g)
+    logsnr = torch.linspace(-4, 4, n, dtype=torch.float64)
+    labels = torch.randint(10, (n,), generator=g)
+    w = torch.linspace(0, 4, n, dtype=torch.float64)
+    return x, logsnr, labels, w
+
+
+def test_the_guidance_combination_at_w_0_and_w_minus_1():
+    xc, xu = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    assert torch.equal(guided(xc, xu, torch.zeros(3, dtype=torch.float64)), xc)  # w = 0: conditional
+    assert torch.equal(guided(xc, xu, -torch.ones(3, dtype=torch.float64)), xu)  # w = −1: unconditional
+    w = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(guided(xc, xu, w), xu + (1 + w.view(-1, 1, 1, 1)) * (xc - xu), rtol=0, atol=1e-12)
+
+
+def test_one_batched_call_equals_two_separate_calls():
+    D, (x, logsnr, labels, w) = denoiser(), batch()
+    calls = []
+    D.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = GuidedDenoiser(D)(x, logsnr, Cond(labels, {"w": w}))
+        assert calls == [12]  # one network call, on the doubled batch
+        xc = D(x, logsnr, Cond(labels))
+        xu = D(x, logsnr, Cond(torch.full_like(labels, NULL_LABEL)))
+    torch.testing.assert_close(out, (1 + w.view(-1, 1, 1, 1)) * xc - w.view(-1, 1, 1, 1) * xu, rtol=0, atol=1e-5)
+    assert not torch.allclose(xc, xu)  # the null class is a prediction of its own
+
+
+def test_a_network_without_a_null_class_is_refused_for_guidance():
+    D, (x, logsnr, labels, w) = denoiser(null_class=False), batch()
+    with pytest.raises(ConfigError, match="has no null class"):
+        GuidedDenoiser(D)(x, logsnr, Cond(labels, {"w": w}))
+
+
+def test_label_dropout_draws_per_sample_whatever_the_split():
+    method, grid = TeacherTraining(p_uncond=0.25), TimeGrid(CosineSchedule(), 64)
+    x = torch.zeros(64, 1, 8, 8, dtype=torch.float64)
+    labels = torch.arange(64) % 10
+    whole = method(x, Cond(labels), None, None, grid, StepRandom(torch.Generator().manual_seed(0), 64).slice())
+    draws = StepRandom(torch.Generator().manual_seed(0), 64)
+    halves = [method(x[a:b], Cond(labels[a:b]), None, None, grid, draws.slice(a, b)) for a, b in ((0, 32), (32, 64))]
+    assert torch.equal(torch.cat([h.cond.labels for h in halves]), whole.cond.labels)
+    dropped = (whole.cond.labels == NULL_LABEL)
+    assert 0 < dropped.sum() < 64 and torch.equal(whole.cond.labels[~dropped], labels[~dropped])
+    plain = TeacherTraining()(x, Cond(labels), None, None, grid, torch.Generator().manual_seed(0))
+    assert torch.equal(plain.cond.labels, labels)  # p_uncond = 0: labels untouched, no extra draw
+    with pytest.raises(ConfigError, match="p_uncond = 1.0"):
+        TeacherTraining(p_uncond=1.0)
+
+
+def test_a_new_w_input_starts_at_zero_so_the_student_equals_the_teacher_for_every_w():
+    teacher, student = denoiser(), denoiser(extra=("w",))
+    student.load_state_dict(teacher.state_dict(), strict=False)  # everything but the new w branch
+    x, logsnr, labels, _ = batch()
+    with torch.no_grad():
+        expected = teacher(x, logsnr, Cond(labels))
+        for w in (0.0, 0.5, 4.0, 100.0):
+            got = student(x, logsnr, Cond(labels, {"w": torch.full((6,), w, dtype=torch.float64)}))
+            assert torch.equal(got, expected)
+
+
+def test_the_stage_1_target_is_the_guided_teacher_at_a_drawn_w():
+    teacher, student = denoiser(), denoiser(extra=("w",))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    method, grid = GuidedDistillation(w_min=0.0, w_max=4.0), TimeGrid(CosineSchedule(), 64)
+    x, _, labels, _ = batch()
+    x = x.clamp(-1, 1)
+    target = method(x, Cond(labels), plan_phases(method.steps(64), total=64)[0], Networks(teacher=student), grid,
+                    torch.Generator().manual_seed(5))
+    w = target.cond.extra["w"]
+    assert w.shape == (6,) and bool(((0 <= w) & (w <= 4)).all()) and len(set(w.tolist())) == 6
+    with torch.no_grad():
+        xc = teacher(target.x_t, target.logsnr, Cond(labels))
+        xu = teacher(target.x_t, target.logsnr, Cond(torch.full_like(labels, NULL_LABEL)))
+    torch.testing.assert_close(target.x_target, guided(xc, xu, w), rtol=0, atol=1e-5)
+    torch.testing.assert_close(target.weight, torch.exp(target.logsnr) + 1, rtol=0, atol=0)  # the teacher's own snr+1
+
+
+GUIDED_TEACHER = tiny_gin("train.method = @TeacherTraining()\nTeacherTraining.sample_steps = 8\n"
+                          "TeacherTraining.p_uncond = 0.2\ninference_ema_momentum.momentum = 0.9\n"
+                          "UNet.num_classes = 10\nUNet.null_class = True", total=256)
+
+
+def stage_1(teacher, total=64):
+    return tiny_gin(f"train.method = @GuidedDistillation()\ntrain.teacher = '{teacher}'\nTeacherTraining.sample_steps = 8\n"
+                    "inference_ema_momentum.momentum = 0.9\nUNet.num_classes = 10\nUNet.null_class = True\n"
+                    "UNet.extra_conditions = ('w',)\nadam.lr = 0.0", total=total)
+
+
+def test_stage_1_starts_from_the_guided_teacher_and_refuses_one_without_label_dropout(tmp_path, capsys):
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    (tmp_path / "s.gin").write_text(stage_1(tmp_path / "teacher"))
+    assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "stage1")]) == 0
+    teacher = torch.load(tmp_path / "teacher" / "ema.pt", weights_only=True)
+    student = torch.load(tmp_path / "stage1" / "ema.pt", weights_only=True)
+    assert all(torch.equal(student[k], v) for k, v in teacher.items())  # lr 0: the teacher's weights, bit for bit
+    assert all(not v.any() for k, v in student.items() if k.startswith("net.cond_emb.w.2"))  # the w branch's zero layer
+    plain = GUIDED_TEACHER.replace("TeacherTraining.p_uncond = 0.2", "")
+    (tmp_path / "p.gin").write_text(plain)
+    assert launch.main([str(tmp_path / "p.gin"), "--workdir", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    (tmp_path / "s2.gin").write_text(stage_1(tmp_path / "plain"))
+    assert launch.main([str(tmp_path / "s2.gin"), "--workdir", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was not trained with label dropout" in err and not (tmp_path / "refused").exists()
+
+
+def test_guided_runs_need_labels_and_a_w_input(tmp_path, capsys):
+    unconditional = GUIDED_TEACHER.replace("UNet.num_classes = 10\nUNet.null_class = True", "")
+    (tmp_path / "u.gin").write_text(unconditional)
+    assert launch.main([str(tmp_path / "u.gin"), "--workdir", str(tmp_path / "u")]) == 2
+    assert "needs class labels" in capsys.readouterr().err and not (tmp_path / "u").exists()
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    capsys.readouterr()
+    (tmp_path / "s.gin").write_text(stage_1(tmp_path / "teacher").replace("UNet.extra_conditions = ('w',)", ""))
+    assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "s")]) == 2
+    assert "UNet.extra_conditions = ('w',)" in capsys.readouterr().err
