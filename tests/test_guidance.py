@@ -152,3 +152,59 @@ def test_guided_runs_need_labels_and_a_w_input(tmp_path, capsys):
     (tmp_path / "s.gin").write_text(stage_1(tmp_path / "teacher").replace("UNet.extra_conditions = ('w',)", ""))
     assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "s")]) == 2
     assert "UNet.extra_conditions = ('w',)" in capsys.readouterr().err
+
+
+class Recording(torch.nn.Module):
+    """x̂ = 0.9·x_t, whatever the conditioning; keeps the w of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, logsnr, cond=None):
+        self.seen.append(None if cond is None or not hasattr(cond, "extra") else cond.extra.get("w"))
+        return 0.9 * x
+
+
+@pytest.mark.parametrize("name", ["BTD", "TRACT"])
+def test_stage_2_targets_reduce_to_the_plain_ones_and_share_one_w(name):
+    """With a teacher that ignores w, a w-drawing BTD/TRACT target equals the plain one (w is drawn after
+    every other draw); each teacher and self-teacher call sees the rows' own w, and so does the student."""
+    from tract_repro.methods import BTD, TRACT
+
+    make = {"BTD": lambda **kw: BTD(start_steps=64, final_steps=8, **kw),
+            "TRACT": lambda **kw: TRACT(schedule=(64, 8, 1), **kw)}[name]
+    grid, x = TimeGrid(CosineSchedule(), 64), torch.rand(16, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    labels = torch.arange(16) % 10
+    phase = plan_phases(make().steps(64), total=64 * len(make().steps(64)))[0]
+    plain_nets, nets = Networks(Recording(), Recording()), Networks(Recording(), Recording())
+    plain = make()(x, Cond(labels), phase, plain_nets, grid, torch.Generator().manual_seed(7))
+    drawn = make(guidance=(0, 4))(x, Cond(labels), phase, nets, grid, torch.Generator().manual_seed(7))
+    for field in ("x_t", "logsnr", "x_target", "weight"):
+        assert torch.equal(getattr(plain, field), getattr(drawn, field)), field
+    w = drawn.cond.extra["w"]
+    assert bool(((0 <= w) & (w <= 4)).all()) and len(set(w.tolist())) == 16
+    assert torch.equal(nets.teacher.seen[0], w)
+    for seen in nets.self_teacher.seen:  # TRACT's self-teacher, on the rows whose group is not finished
+        assert seen is not None and set(seen.tolist()) <= set(w.tolist())
+    with pytest.raises(ConfigError, match="guidance = \\(4, 0\\)"):
+        make(guidance=(4, 0))
+
+
+def test_stage_2_distils_a_stage_1_student_and_refuses_a_teacher_without_w(tmp_path, capsys):
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    (tmp_path / "s.gin").write_text(stage_1(tmp_path / "teacher").replace("adam.lr = 0.0", ""))
+    assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "stage1")]) == 0
+    stage_2 = lambda teacher: tiny_gin(  # noqa: E731
+        f"train.method = @TRACT()\nTRACT.schedule = (64, 8, 1)\nTRACT.guidance = (0, 4)\ntrain.teacher = '{teacher}'\n"
+        "inference_ema_momentum.residual = 1e-3\nUNet.num_classes = 10\nUNet.null_class = True\n"
+        "UNet.extra_conditions = ('w',)", total=128)
+    (tmp_path / "d.gin").write_text(stage_2(tmp_path / "stage1"))
+    assert launch.main([str(tmp_path / "d.gin"), "--workdir", str(tmp_path / "stage2")]) == 0
+    assert (tmp_path / "stage2" / "samples" / "final_1steps.png").is_file()
+    capsys.readouterr()
+    (tmp_path / "n.gin").write_text(stage_2(tmp_path / "teacher"))
+    assert launch.main([str(tmp_path / "n.gin"), "--workdir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no w input: distil guidance into it first" in err

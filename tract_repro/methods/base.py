@@ -5,6 +5,9 @@ from dataclasses import dataclass
 import torch
 
 from tract_repro.common.batch_random import as_batch_random
+from tract_repro.common.errors import ConfigError
+from tract_repro.networks.conditioning import Cond, as_cond
+from tract_repro.networks.guidance import takes_input
 
 
 @dataclass
@@ -58,13 +61,48 @@ class Method(abc.ABC):
     new_inputs = ()
     #: whether the teacher must have been trained with label dropout (its x̂(x_t, ∅) is used)
     guided_teacher = False
+    #: (w_min, w_max): the student and its teacher take a guidance weight w, drawn per sample (stage 2
+    #: of guided distillation: the same w for every teacher, self-teacher and student call), or None
+    guidance = None
 
     def check(self, student, data):
         """Raise a one-line ConfigError if this method cannot train ``student`` on ``data``."""
+        if self.guidance is not None and not takes_input(student, "w"):
+            raise ConfigError(f"{type(self).__name__}.guidance = {self.guidance}: the student needs a w input "
+                              f"(UNet.extra_conditions = ('w',)) and a stage-1 teacher")
+
+    def with_guidance(self, cond, generator, n, device):
+        """``cond`` with w ~ U[w_min, w_max] per sample added, if this method draws a guidance weight."""
+        if self.guidance is None:
+            return cond
+        cond = as_cond(cond)
+        return Cond(cond.labels, {**cond.extra, "w": draw_w(as_batch_random(generator, n), *self.guidance).to(device)})
 
     def sampling_cond(self, cond):
         """The conditioning the training loop's sample grids use (a w-conditioned student's adds its w)."""
-        return cond
+        if self.guidance is None:
+            return cond
+        w = min(max(1.0, self.guidance[0]), self.guidance[1])
+        return Cond(cond.labels, {**cond.extra, "w": torch.full(cond.labels.shape, w, dtype=torch.float64,
+                                                                device=cond.labels.device)})
+
+
+def draw_w(rng, w_min, w_max):
+    """w ~ U[w_min, w_max] per sample (float64)."""
+    return w_min + (w_max - w_min) * rng.rand(dtype=torch.float64)
+
+
+def guidance_range(value, owner):
+    """(w_min, w_max) from a gin binding such as (0, 4), or None; one line if it is not a range."""
+    if value is None:
+        return None
+    try:
+        w_min, w_max = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner}.guidance = {value!r}: give (w_min, w_max), e.g. (0, 4)") from None
+    if not 0 <= w_min <= w_max:
+        raise ConfigError(f"{owner}.guidance = {value!r}: give 0 ≤ w_min ≤ w_max, e.g. (0, 4)")
+    return w_min, w_max
 
     @abc.abstractmethod
     def steps(self, T):

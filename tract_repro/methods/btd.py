@@ -5,7 +5,7 @@ import torch
 from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
-from tract_repro.methods.base import Method, Target, noise_at, randint
+from tract_repro.methods.base import Method, Target, guidance_range, noise_at, randint
 from tract_repro.methods.phases import check_schedule
 from tract_repro.sampling.steps import ddim_teacher_step
 
@@ -33,8 +33,10 @@ def halving_schedule(start, final):
 class BTD(Method):
     """x̃ = inversion t → s of two unclipped teacher steps t → t_mid → s (x̂ at t_mid where s = 0); w = max(SNR_t, 1)."""
 
-    def __init__(self, start_steps=None, final_steps=1, weighting="truncated_snr", teacher_step=ddim_teacher_step):
+    def __init__(self, start_steps=None, final_steps=1, weighting="truncated_snr", teacher_step=ddim_teacher_step,
+                 guidance=None):
         self.start_steps, self.final_steps = start_steps, int(final_steps)
+        self.guidance = guidance_range(guidance, "BTD")
         self.weight_fn = weightings.get(weighting)
         self.teacher_step = teacher_step
 
@@ -47,6 +49,7 @@ class BTD(Method):
         S = self.steps(grid.T)
         t, t_mid, s = (i.to(x.device) for i in btd_indices(S, phase.index, grid.T, x.shape[0], generator))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
+        cond = self.with_guidance(cond, generator, x.shape[0], x.device)
         x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, cond, clip=False)
         x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, cond, clip=False)
         _, alpha_s, sigma_s = grid.at(s)

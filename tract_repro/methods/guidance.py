@@ -5,15 +5,10 @@ import torch
 
 from tract_repro.common.batch_random import as_batch_random
 from tract_repro.common.errors import ConfigError
-from tract_repro.methods.base import Method, Target
+from tract_repro.methods.base import Method, Target, draw_w
 from tract_repro.methods.diffusion_loss import TeacherTraining
 from tract_repro.networks.conditioning import Cond, as_cond
 from tract_repro.networks.guidance import GuidedDenoiser, takes_input
-
-
-def draw_w(rng, w_min, w_max):
-    """w ~ U[w_min, w_max] per sample (float64)."""
-    return w_min + (w_max - w_min) * rng.rand(dtype=torch.float64)
 
 
 @gin.configurable
