@@ -35,7 +35,7 @@ def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_s
         noise = noise_from_seeds(chunk, shape)
         if device is not None:
             noise, cond = noise.to(device), cond.to(device)
-        x = registry.sample(sampler, denoiser, grid, steps, noise, cond).clamp(-1, 1)
+        x = registry.sample(sampler, denoiser, grid, steps, noise, cond, seeds=chunk).clamp(-1, 1)
         yield x if device is None else x.cpu()
 
 

@@ -12,6 +12,7 @@ import torch
 from tract_repro.common.errors import ConfigError
 from tract_repro.sampling.heun import heun_sampler
 from tract_repro.sampling.samplers import ddim, grid_logsnrs
+from tract_repro.sampling.stochastic import seeded_noise, stochastic
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Sampler:
     logsnrs: Callable         # logsnrs(grid, K) → the K + 1 noise levels of a K-step sampler, noisiest first
     network_calls: Callable   # network_calls(K) → NFE of K steps
     description: str          # how results name it
+    seeded: bool = False      # draws noise while it samples: sample(..., noise=seeded_noise(seeds, shape))
 
 
 def _edm_logsnrs(grid, steps):
@@ -31,6 +33,9 @@ def _edm_logsnrs(grid, steps):
 SAMPLERS = {
     "ddim": Sampler("ddim", ddim, grid_logsnrs, lambda k: k, "ddim (clipped x̂)"),
     "heun": Sampler("heun", heun_sampler, _edm_logsnrs, lambda k: 2 * k - 1, "heun (EDM, deterministic)"),
+    "stochastic": Sampler("stochastic", stochastic, grid_logsnrs, lambda k: k,
+                          "stochastic (Meng et al.: DDIM jumps of 2/N re-noised by 1/N, the last step deterministic)",
+                          seeded=True),
 }
 
 
@@ -48,9 +53,15 @@ def network_calls(name, steps):
 
 
 @torch.no_grad()
-def sample(name, denoiser, grid, steps, noise, cond=None):
-    """``steps`` steps of the sampler ``name`` on ``grid`` from standard noise z (x at the first λ is σ·z)."""
+def sample(name, denoiser, grid, steps, noise, cond=None, seeds=None):
+    """``steps`` steps of the sampler ``name`` on ``grid`` from standard noise z (x at the first λ is σ·z);
+    a sampler that draws noise as it goes draws it from ``seeds``, one per sample."""
     sampler = get(name)
     logsnrs = sampler.logsnrs(grid, steps).to(noise.device)
     _, sigma = grid.alpha_sigma(logsnrs[:1])
-    return sampler.sample(denoiser, sigma * noise, logsnrs, grid.alpha_sigma, cond)
+    extra = {}
+    if sampler.seeded:
+        if seeds is None:
+            raise ConfigError(f"the {name} sampler draws noise per sample: give it the samples' seeds")
+        extra["noise"] = seeded_noise(seeds, tuple(noise.shape[1:]))
+    return sampler.sample(denoiser, sigma * noise, logsnrs, grid.alpha_sigma, cond, **extra)
