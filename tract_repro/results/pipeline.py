@@ -83,7 +83,9 @@ def phase_stage(phase):
         deps.append(run_dir(phase.teacher))
     seeds = " ".join(map(str, sorted(phase.seeds)))
     args += [f"--seeds {seeds}", "--parallel ${digits.parallel}", f"--workdir {phase.workdir}/s{{seed}}"]
-    return dict(cmd=" ".join(args), deps=deps, params=["digits.parallel"], outs=[phase.workdir])
+    # persist: DVC keeps the folder when the command fails (nothing lost) and a stage run again resumes from its
+    # checkpoints; a phase folder is named by its configuration's digest, so it only ever holds its own run.
+    return dict(cmd=" ".join(args), deps=deps, params=["digits.parallel"], outs=[{phase.workdir: {"persist": True}}])
 
 
 def eval_stage(targets):
