@@ -208,3 +208,35 @@ def test_stage_2_distils_a_stage_1_student_and_refuses_a_teacher_without_w(tmp_p
     assert launch.main([str(tmp_path / "n.gin"), "--workdir", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no w input: distil guidance into it first" in err
+
+
+def test_evaluation_at_guidance_weights(tmp_path, capsys):
+    """evaluate --w: a guided teacher is sampled through x̂^w (two network calls a step), a w-conditioned
+    student with w as its input; class-conditional rows get class accuracy and a digits-IS; a run that takes
+    no w is refused in one line, and a w outside the student's training range is warned about."""
+    from tract_repro import evaluate
+    from tract_repro.evaluation.classifier import train_classifier
+
+    train_classifier(tmp_path / "clf", epochs=3, min_accuracy=0.5)
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    (tmp_path / "s.gin").write_text(stage_1(tmp_path / "teacher").replace("adam.lr = 0.0", ""))
+    assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "stage1")]) == 0
+    common = ["--samples", "40", "--classifier", str(tmp_path / "clf"), "--cache", str(tmp_path / "cache"),
+              "--reference-steps", "8"]
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "teacher"), "--steps", "8", "2", "--w", "0", "2", *common]) == 0
+    rows = __import__("json").loads((tmp_path / "teacher" / "eval" / "metrics.json").read_text())["results"]
+    assert [(r["w"], r["steps"], r["nfe"]) for r in rows] == [(0, 8, 16), (0, 2, 4), (2, 8, 16), (2, 2, 4)]
+    assert all(0 <= r["class_accuracy"] <= 1 and 1 <= r["digits_is"] <= 10 for r in rows)
+    assert rows[0]["fidelity_rmse"] == 0 and rows[2]["fidelity_rmse"] == 0  # its own guided reference at each w
+    assert (tmp_path / "teacher" / "eval" / "samples_2steps_w2.png").is_file()
+    assert evaluate.main([str(tmp_path / "stage1"), "--steps", "2", "--w", "1", "5", *common]) == 0
+    out = capsys.readouterr().out
+    assert "it never saw w = 5" in out and "w 1  accuracy" in out
+    plain = GUIDED_TEACHER.replace("TeacherTraining.p_uncond = 0.2", "")
+    (tmp_path / "p.gin").write_text(plain)
+    assert launch.main([str(tmp_path / "p.gin"), "--workdir", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "plain"), "--steps", "2", "--w", "1", *common]) == 2
+    assert "takes no guidance weight" in capsys.readouterr().err

@@ -34,6 +34,9 @@ def _parser():
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     parser.add_argument("--workers", type=int, default=1,
                         help="sample in this many forked one-thread processes (on a CPU: one per free core)")
+    parser.add_argument("--w", type=float, nargs="+", metavar="W",
+                        help="guidance weights w (x̂^w = (1+w)·x̂_c − w·x̂_∅; a guidance scale s is 1 + w): for a guided "
+                             "teacher or a w-conditioned student")
     parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
                         help="; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()))
     return parser
@@ -55,9 +58,11 @@ def main(argv=None):
     for run, out in zip(args.runs, outs):
         metrics = evaluate_run(run, args.steps, args.samples, args.first_seed, args.classifier, args.reference_steps,
                                args.cache, out=out, threads=args.threads, sampler=args.sampler, shared=shared,
-                               workers=args.workers)
+                               workers=args.workers, ws=args.w or (None,))
         for row in metrics["results"]:
-            print(f"{run}: {row['steps']:>4} steps ({row['nfe']} NFE)  digits-FD {row['digits_fd']:8.3f}  "
+            guided = "" if "w" not in row else (f"w {row['w']:g}  " + (f"accuracy {row['class_accuracy']:.3f}  digits-IS "
+                                                                       f"{row['digits_is']:.2f}  " if "digits_is" in row else ""))
+            print(f"{run}: {row['steps']:>4} steps ({row['nfe']} NFE)  {guided}digits-FD {row['digits_fd']:8.3f}  "
                   f"fidelity RMSE {row['fidelity_rmse']:.4f}  (noise floor {metrics['digits_fd_noise_floor']:.3f})",
                   flush=True)
     return 0

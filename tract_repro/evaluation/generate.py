@@ -22,16 +22,17 @@ def labels_from_seeds(seeds, num_classes):
 
 @torch.no_grad()
 def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim",
-                     device=None):
+                     device=None, extra=None):
     """Yield x₀ samples (B, *shape) in [−1, 1] batch by batch, seed i → sample i (see :func:`generate`).
 
     ``device``: where the denoiser and ``grid`` live; noise and labels are drawn on the CPU per seed and moved
-    there, and each batch comes back on the CPU.
+    there, and each batch comes back on the CPU.  ``extra``: {name: value} inputs every sample gets (guidance's w).
     """
     seeds = list(seeds)
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"{sampler} {steps} steps", leave=False, disable=None):
         chunk = seeds[i:i + batch_size]
-        cond = Cond(labels=labels_from_seeds(chunk, num_classes) if num_classes > 1 else None)
+        cond = Cond(labels_from_seeds(chunk, num_classes) if num_classes > 1 else None,
+                    {k: torch.full((len(chunk),), float(v), dtype=torch.float64) for k, v in (extra or {}).items()})
         noise = noise_from_seeds(chunk, shape)
         if device is not None:
             noise, cond = noise.to(device), cond.to(device)
@@ -39,7 +40,8 @@ def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_s
         yield x if device is None else x.cpu()
 
 
-def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim", workers=1):
+def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim", workers=1,
+             extra=None):
     """x₀ samples (N, *shape) in [−1, 1], seed i → sample i.
 
     ``ddim``: K = ``steps`` clipped DDIM steps on the training grid (K must divide T).
@@ -49,9 +51,10 @@ def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500,
     """
     seeds = list(seeds)
     if workers <= 1 or len(seeds) < 2:
-        return torch.cat(list(generate_batches(denoiser, grid, steps, seeds, shape, num_classes, batch_size, desc, sampler)))
+        return torch.cat(list(generate_batches(denoiser, grid, steps, seeds, shape, num_classes, batch_size, desc, sampler,
+                                               extra=extra)))
     one_process = functools.partial(generate, denoiser, grid, steps, shape=shape, num_classes=num_classes,
-                                    batch_size=batch_size, desc=desc, sampler=sampler)
+                                    batch_size=batch_size, desc=desc, sampler=sampler, extra=extra)
     return _forked(one_process, _shares(seeds, workers))
 
 
@@ -87,10 +90,12 @@ def _forked(sample, shares):
 
 
 def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_dir, num_classes=1, batch_size=500,
-                      workers=1):
-    """The teacher's ``steps``-step DDIM output for ``seeds``, computed once and cached by weights digest."""
+                      workers=1, extra=None):
+    """The teacher's ``steps``-step DDIM output for ``seeds`` (at the inputs ``extra``, e.g. a guidance weight),
+    computed once and cached by weights digest."""
     seeds = list(seeds)
-    key = f"{sha256(weights_file)[:16]}_ddim{steps}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
+    inputs = "".join(f"_{k}{v:g}" for k, v in sorted((extra or {}).items()))
+    key = f"{sha256(weights_file)[:16]}_ddim{steps}{inputs}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
     path = Path(cache_dir) / f"reference_{key}.pt"
     if path.is_file():
         try:
@@ -98,7 +103,7 @@ def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_di
         except UnreadableCheckpoint as exc:  # a cache: computed again
             print(f"warning: {exc}; computing the teacher reference again", flush=True)
     samples = generate(teacher, grid, steps, seeds, shape, num_classes, batch_size, desc=f"teacher reference {steps} steps",
-                       workers=workers)
+                       workers=workers, extra=extra)
     save_atomic({"samples": samples}, path)
     write_json(path.with_suffix(".json"), dict(weights=str(weights_file), steps=steps, seeds=[seeds[0], seeds[-1]], n=len(seeds)))
     return samples

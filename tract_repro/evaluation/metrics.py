@@ -14,8 +14,9 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_json
 from tract_repro.evaluation import frechet
 from tract_repro.evaluation.classifier import load_classifier, split
-from tract_repro.evaluation.generate import generate, rmse, teacher_reference
+from tract_repro.evaluation.generate import generate, labels_from_seeds, rmse, teacher_reference
 from tract_repro.evaluation.runs import load_run
+from tract_repro.networks.guidance import GuidedDenoiser, takes_input
 from tract_repro.sampling import registry
 from tract_repro.sampling.images import save_grid
 
@@ -37,10 +38,13 @@ def reference_steps_on(T, wanted):
 
 def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="runs/digits_classifier",
                  reference_steps=64, cache="runs/cache", batch_size=500, out=None, threads=1, sampler="ddim",
-                 shared=None, workers=1):
-    """Metrics for each K in ``steps``; returns the dict written to metrics.json.
+                 shared=None, workers=1, ws=(None,)):
+    """Metrics for each guidance weight w in ``ws`` and each K in ``steps``; returns the dict written to metrics.json.
 
     ``workers`` > 1: samples are drawn by that many forked one-thread processes (``threads`` is then 1).
+    ``ws``: None (no guidance), or guidance weights for a guided teacher (x̂^w, two network calls a step)
+    or a w-conditioned student (w as its input); class-conditional runs also get class accuracy and a
+    digits Inception Score from the classifier.
 
     ``shared``: a dict kept between calls, so that runs evaluated in one process share the classifier's
     real-set statistics and the teacher reference.
@@ -54,28 +58,37 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     teacher = run if teacher_dir == run.path else load_run(teacher_dir)
     seeds = range(first_seed, first_seed + samples)
     shape, classes = run.data.shape, run.data.num_classes if run.denoiser.conditional else 1
-    for k in steps:  # every step count is checked before anything is computed or cached
+    for k in steps:  # every step count and guidance weight is checked before anything is computed or cached
         registry.get(sampler).logsnrs(run.grid, k)
+    for w in ws:
+        conditioned(run, w), conditioned(teacher, w)
     key = ("real", str(classifier), data_digest(run.data))
     if key not in shared:
-        shared[key] = digits_fd_reference(load_classifier(classifier), run.data)
-    real_stats, floor, feature_fn = shared[key]
+        model = load_classifier(classifier)
+        shared[key] = (*digits_fd_reference(model, run.data), model)
+    real_stats, floor, feature_fn, model = shared[key]
     reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
-    key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples)
-    if key not in shared:
-        shared[key] = teacher_reference(teacher.denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
-                                        cache, classes, batch_size, workers)
-    reference = shared[key]
     out_dir = Path(out).parent if out else run.path / "eval"
+    labels = labels_from_seeds(seeds, classes) if classes > 1 else None
     rows = []
-    for k in steps:
-        own_reference = teacher is run and k == reference_steps and sampler == "ddim"
-        x = reference if own_reference else generate(run.denoiser, run.grid, k, seeds, shape, classes, batch_size,
-                                                     desc=f"{run.path.name} {k} steps", sampler=sampler, workers=workers)
-        fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
-        rows.append(dict(steps=k, nfe=registry.network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference)))
-        grid_name = f"{Path(out).stem}_{k}steps.png" if out else f"samples_{k}steps.png"
-        save_grid(x[:100], out_dir / grid_name, scale=4)
+    for w in ws:
+        denoiser, extra, calls = conditioned(run, w)
+        key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples, w)
+        if key not in shared:
+            ref_denoiser, ref_extra, _ = conditioned(teacher, w)
+            shared[key] = teacher_reference(ref_denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
+                                            cache, classes, batch_size, workers, extra=ref_extra)
+        reference = shared[key]
+        for k in steps:
+            own_reference = teacher is run and k == reference_steps and sampler == "ddim"
+            x = reference if own_reference else generate(denoiser, run.grid, k, seeds, shape, classes, batch_size,
+                                                         desc=f"{run.path.name} {k} steps", sampler=sampler,
+                                                         workers=workers, extra=extra)
+            fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
+            row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference))
+            rows.append(row if w is None else dict(w=w, **row, **class_metrics(model, x, labels)))
+            suffix = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
+            save_grid(x[:100], out_dir / (f"{Path(out).stem}_{suffix}.png" if out else f"samples_{suffix}.png"), scale=4)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info["schedule_steps"],
                    weights_sha256=sha256(run.weights), sampler=registry.get(sampler).description, ema="inference",
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,
@@ -83,6 +96,38 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
                    digits_fd_noise_floor=floor, results=rows)
     write_json(Path(out) if out else out_dir / "metrics.json", metrics)
     return metrics
+
+
+def conditioned(run, w):
+    """(denoiser, extra inputs, network calls per step) that sample ``run`` at guidance weight ``w`` (None: as it is).
+
+    A guided teacher (trained with label dropout) is wrapped in the guided denoiser, two predictions a step;
+    a w-conditioned student gets w as its input, with a warning if it was trained on a range without w.
+    """
+    if w is None:
+        return run.denoiser, None, 1
+    if takes_input(run.denoiser, "w"):
+        low, high = run.info.get("w_range") or (w, w)
+        if not low <= w <= high:
+            print(f"warning: {run.path} was trained on w in [{low:g}, {high:g}]: it never saw w = {w:g}", flush=True)
+        return run.denoiser, {"w": float(w)}, 1
+    if run.info.get("p_uncond"):
+        return GuidedDenoiser(run.denoiser), {"w": float(w)}, 2
+    raise ConfigError(f"{run.path} takes no guidance weight (no w input, and not trained with label dropout): "
+                      f"evaluate it without --w")
+
+
+def class_metrics(classifier, x, labels):
+    """Class accuracy (the classifier's class is the one asked for) and the digits Inception Score
+    exp(E_x KL(p(y|x) ‖ p(y))) of class-conditional samples."""
+    if labels is None:
+        return {}
+    with torch.no_grad():
+        logits = torch.cat([classifier(x[i:i + 500].float()) for i in range(0, len(x), 500)]).double()
+    p = torch.softmax(logits, 1)
+    marginal = p.mean(0, keepdim=True)
+    kl = (p * (torch.log(p.clamp_min(1e-30)) - torch.log(marginal.clamp_min(1e-30)))).sum(1)
+    return dict(class_accuracy=(logits.argmax(1) == labels).double().mean().item(), digits_is=kl.mean().exp().item())
 
 
 def data_digest(data):

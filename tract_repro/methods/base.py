@@ -71,6 +71,11 @@ class Method(abc.ABC):
             raise ConfigError(f"{type(self).__name__}.guidance = {self.guidance}: the student needs a w input "
                               f"(UNet.extra_conditions = ('w',)) and a stage-1 teacher")
 
+    @property
+    def w_range(self):
+        """(w_min, w_max) the student is trained on, or None (recorded in run.json for evaluation)."""
+        return self.guidance
+
     def with_guidance(self, cond, generator, n, device):
         """``cond`` with w ~ U[w_min, w_max] per sample added, if this method draws a guidance weight."""
         if self.guidance is None:

@@ -32,6 +32,10 @@ class GuidedDistillation(Method):
     def steps(self, T):
         return self.loss.steps(T)
 
+    @property
+    def w_range(self):
+        return self.w_min, self.w_max
+
     def sampling_cond(self, cond):
         """Sample grids during training show the student at w = ``grid_w``."""
         n = cond.labels.shape[0]

@@ -155,8 +155,8 @@ class Run:
                     device=self.dev.describe(), status="running")
         if o.only_phase is not None:
             info.update(only_phase=o.only_phase, previous=str(o.previous) if o.previous else None)
-        if getattr(o.method, "p_uncond", 0) or o.method.new_inputs:  # a guided teacher, or a w-conditioned student
-            info.update(p_uncond=getattr(o.method, "p_uncond", None), guided=True)
+        if getattr(o.method, "p_uncond", 0) or o.method.w_range:  # a guided teacher, or a w-conditioned student
+            info.update(p_uncond=getattr(o.method, "p_uncond", None), guided=True, w_range=o.method.w_range)
         teacher = self._teacher(student, info)
         self_teacher = None if o.method.self_teacher_momentum is None else EMA(student, o.method.self_teacher_momentum)
         own = bound_inference_ema_label()  # μ_I of this run, e.g. 'residual=0.001'
