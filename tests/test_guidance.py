@@ -240,3 +240,53 @@ def test_evaluation_at_guidance_weights(tmp_path, capsys):
     capsys.readouterr()
     assert evaluate.main([str(tmp_path / "plain"), "--steps", "2", "--w", "1", *common]) == 2
     assert "takes no guidance weight" in capsys.readouterr().err
+
+
+def test_a_w_student_sampled_without_w_is_one_line(tmp_path, capsys):
+    from tract_repro import evaluate
+
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    (tmp_path / "s.gin").write_text(stage_1(tmp_path / "teacher"))
+    assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "stage1")]) == 0
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "stage1"), "--steps", "2", "--samples", "8", "--classifier", str(tmp_path / "none"),
+                          "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes a guidance weight w as an input: evaluate it with --w" in err
+
+
+def test_a_guided_stage_1_run_killed_and_resumed_ends_bit_identical(tmp_path):
+    """SIGKILL of a stage-1 run held at a data gate, then the same command: the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    text = stage_1(tmp_path / "teacher", total=512).replace("adam.lr = 0.0", "") + "train.checkpoint_every = 128\n"
+    (tmp_path / "s.gin").write_text(text)
+    assert launch.main([str(tmp_path / "s.gin"), "--workdir", str(tmp_path / "straight")]) == 0
+    gate = tmp_path / "gate"
+    gated = text + (f"import tests.gated_data\ntrain.dataset = @gated_digits\ngated_digits.gate = '{gate}'\n"
+                    "gated_digits.after = 12\n")
+    (tmp_path / "g.gin").write_text(gated)
+    cmd = [sys.executable, "-m", "tract_repro.launch", str(tmp_path / "g.gin"), "--workdir", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "ckpt_000000000128.pt.sha256"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file():  # the run then waits at the gate after its 12th batch
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gate.touch()
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = torch.load(tmp_path / "straight" / "ema.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "ema.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

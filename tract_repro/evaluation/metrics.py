@@ -105,6 +105,8 @@ def conditioned(run, w):
     a w-conditioned student gets w as its input, with a warning if it was trained on a range without w.
     """
     if w is None:
+        if takes_input(run.denoiser, "w"):
+            raise ConfigError(f"{run.path} takes a guidance weight w as an input: evaluate it with --w, e.g. --w 0 1 4")
         return run.denoiser, None, 1
     if takes_input(run.denoiser, "w"):
         low, high = run.info.get("w_range") or (w, w)

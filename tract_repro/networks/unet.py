@@ -149,7 +149,9 @@ class UNet(nn.Module):
             raise ConfigError(f"unknown extra conditions {sorted(unknown)}; declared {self.extra_conditions}")
         for name in self.extra_conditions:
             if name not in cond:
-                raise ConfigError(f"extra condition {name!r} missing from cond")
+                raise ConfigError(f"this network takes a {name!r} input that was not given: sample it with one "
+                                  f"(e.g. evaluate --{name} ...)" if name == "w" else
+                                  f"this network takes a {name!r} input that was not given")
             emb = emb + self.cond_emb[name](timestep_embedding(cond[name], self.channels, max_time=1.0))
         return emb
 
