@@ -152,3 +152,29 @@ def test_importing_a_teacher_makes_a_finished_run(tmp_path):
     assert import_teacher.main([str(gin_file), "--workdir", str(tmp_path / "run")]) == 0  # idempotent
     gin_file.write_text(gin_file.read_text().replace("teacher.pt", "missing.pt"))
     assert import_teacher.main([str(gin_file), "--workdir", str(tmp_path / "other")]) == 2
+
+
+GUIDED = {"cifar10": (PD_CIFAR10, 1, 10), "imagenet64": (PD_IMAGENET64, 1000, 1000)}
+
+
+@pytest.mark.parametrize("dataset", sorted(GUIDED))
+def test_guided_run_files_build_the_teachers_network_with_a_null_class_and_a_w_input(dataset, in_repo):
+    """The guided teacher is the PD network with a class embedding that has a row for ∅; the stage-1 and
+    stage-2 students add the w branch (an MLP C → E → E) and nothing else; each run file parses."""
+    base, classes_before, classes = GUIDED[dataset]
+    counts = {}
+    for stage in ("teacher", "stage1", "tract", "btd"):
+        config.parse([f"gin/{dataset}_guided_{stage}.gin"])
+        with torch.device("meta"):
+            net = config.build("train.network")
+        counts[stage] = sum(p.numel() for p in net.parameters())
+        method = config.build("train.method")
+        assert net.null_class and net.num_classes == classes
+        assert ("w" in net.extra_conditions) == (stage != "teacher")
+        assert (getattr(method, "p_uncond", 0) > 0) == (stage == "teacher")
+        assert method.w_range in (None, (0.0, 4.0))
+    C, E = config.query("UNet.channels"), config.query("UNet.emb_channels")
+    old_class_params = classes_before * E + E if classes_before > 1 else 0
+    assert counts["teacher"] == base - old_class_params + (classes + 1) * E + E
+    w_branch = C * E + E + E * E + E
+    assert counts["stage1"] == counts["tract"] == counts["btd"] == counts["teacher"] + w_branch
