@@ -230,3 +230,25 @@ def test_slurm_evaluations_are_one_task_on_one_gpu_with_the_clusters_options(tmp
     assert seen["run"].args == (["evaluate", "runs/x", "--steps", "1", "--reference", "ref.npz", "--out",
                                  str(tmp_path / "e" / "m.json"), "--executor", "inline"],)
     assert seen["folder"] == fid.job_folder(tmp_path / "e" / "m.json") and seen["folder"].parts[:2] == ("runs", "jobs")
+
+
+def test_fid_at_guidance_weights_of_a_guided_teacher(tmp_path, fake):
+    """--w: a guided teacher's rows per (w, K), NFE two per step; an unguided run is refused before any work."""
+    from tests.test_guidance import GUIDED_TEACHER
+    from tract_repro import launch
+
+    (tmp_path / "t.gin").write_text(GUIDED_TEACHER)
+    assert launch.main([str(tmp_path / "t.gin"), "--workdir", str(tmp_path / "teacher")]) == 0
+    ref = reference(tmp_path)
+    metrics = fid.evaluate_fid(tmp_path / "teacher", (1, 2), ref, (0, 16), 16, batch_size=16, extractor_factory=fake,
+                               resize=lambda a: a, out=tmp_path / "g.json", ws=(0.0, 2.0))
+    assert [(r["w"], r["steps"], r["nfe"]) for r in metrics["results"]] == [(0, 1, 2), (0, 2, 4), (2, 1, 2), (2, 2, 4)]
+    assert metrics["results"][0]["fid"] != metrics["results"][2]["fid"]  # guidance changes the samples
+    assert (tmp_path / "g_2steps_w2.png").is_file()
+    made = len(fake.made)
+    plain = GUIDED_TEACHER.replace("TeacherTraining.p_uncond = 0.2", "")
+    (tmp_path / "p.gin").write_text(plain)
+    assert launch.main([str(tmp_path / "p.gin"), "--workdir", str(tmp_path / "plain")]) == 0
+    with pytest.raises(ValueError, match="takes no guidance weight"):
+        fid.evaluate_fid(tmp_path / "plain", (1,), ref, (0,), 8, extractor_factory=fake, ws=(1.0,))
+    assert len(fake.made) == made

@@ -156,13 +156,15 @@ def image_shape(denoiser):
 
 def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, mode=None, batch_size=500,
                  device="cpu", sampler="ddim", inception=None, extractor_factory=None, resize=None, out=None,
-                 grid_samples=100):
-    """FID of a finished run's inference-EMA samples at each step count K, per seed range and mean ± std.
+                 grid_samples=100, ws=(None,)):
+    """FID of a finished run's inference-EMA samples at each guidance weight w in ``ws`` (None: unguided) and
+    step count K, per seed range and mean ± std.
 
     ``extractor_factory(mode=, path=, device=)`` builds the feature network (default: clean-fid's Inception
     from local weights); it is called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.
     """
     from tract_repro.evaluation.generate import generate_batches
+    from tract_repro.evaluation.metrics import conditioned
     from tract_repro.evaluation.runs import load_run
     from tract_repro.sampling.images import save_grid
 
@@ -179,29 +181,34 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     if "shape" in ref and tuple(ref["shape"]) != shape:
         raise ConfigError(f"reference statistics {reference} are of {ref['dataset']} images {ref['shape']}, but "
                          f"{run.path} makes {shape}: use the reference of its dataset")
+    for w in ws:  # a run that takes no w, or a w-student without one: one line before any work
+        conditioned(run, w)
     device = torch.device(device)
-    denoiser = run.denoiser.to(device)
+    run.denoiser.to(device)
     grid = run.grid.to(device)
     classes = run.denoiser.net.num_classes if run.denoiser.conditional else 1
     factory = extractor_factory or inception_extractor
     features = ImageFeatures(factory(mode=mode, path=inception, device=str(device)), mode, device, resize)  # once
     out = Path(out) if out else run.path / "eval" / "fid.json"
     rows = []
-    for k in steps:
+    for w, k in [(w, k) for w in ws for k in steps]:
+        denoiser, extra, calls = conditioned(run, w)
+        name = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
         fids = []
         for r, seeds in enumerate(ranges):
             feats = []
             for b, x in enumerate(generate_batches(denoiser, grid, k, seeds, shape, classes, batch_size,
-                                                   desc=f"{run.path.name} {k} steps, seeds {seeds.start}..",
-                                                   sampler=sampler, device=device)):
+                                                   desc=f"{run.path.name} {name}, seeds {seeds.start}..",
+                                                   sampler=sampler, device=device, extra=extra)):
                 if r == 0 and b == 0 and grid_samples:
-                    save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{k}steps.png"), scale=2)
+                    save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{name}.png"), scale=2)
                 feats.append(features(quantise(x)))
             fids.append(frechet.frechet_distance(frechet.statistics(np.concatenate(feats)), ref_stats))
-        rows.append(dict(steps=k, nfe=registry.network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
-                         seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
-                         reference_sha256=ref["sha256"], fid=fids, fid_mean=float(np.mean(fids)),
-                         fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None))
+        row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
+                   seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
+                   reference_sha256=ref["sha256"], fid=fids, fid_mean=float(np.mean(fids)),
+                   fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None)
+        rows.append(row if w is None else dict(w=w, **row))
     weights_file = sources.inception_file(mode, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
                    weights_sha256=sha256(run.weights), dataset=ref.get("dataset"),
@@ -254,9 +261,10 @@ def run(args):
     if missing:
         raise ConfigError(missing)
     metrics = evaluate_fid(args.run, args.steps, args.reference, args.seed_ranges, args.samples, args.mode,
-                           args.batch, device, args.sampler, args.inception, out=args.out)
+                           args.batch, device, args.sampler, args.inception, out=args.out, ws=args.w or (None,))
     for row in metrics["results"]:
-        print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  FID {row['fid_mean']:.3f} ± "
+        guided = f"w {row['w']:g}  " if "w" in row else ""
+        print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  {guided}FID {row['fid_mean']:.3f} ± "
               f"{row['fid_std'] or 0:.3f} over {len(row['fid'])} seed ranges of {row['samples_per_range']} "
               f"({row['mode']})")
     return 0
@@ -309,6 +317,8 @@ def _parser():
             p.add_argument("--reference", required=True, help="reference statistics .npz (the `reference` command)")
             p.add_argument("--out", help="metrics JSON (default RUN/eval/fid.json)")
             p.add_argument("--sampler", choices=list(registry.SAMPLERS), default="ddim")
+            p.add_argument("--w", type=float, nargs="+", metavar="W",
+                           help="guidance weights (a guided teacher or a w-conditioned student); s = 1 + w elsewhere")
             p.add_argument("--samples", type=int, default=SAMPLES, help="samples per seed range")
             p.add_argument("--seed-ranges", type=int, nargs="+", default=list(FIRST_SEEDS), help="first seed of each range")
             p.add_argument("--mode", choices=MODES, help="clean-fid mode (default: the reference's)")
