@@ -83,12 +83,16 @@ class Method(abc.ABC):
         cond = as_cond(cond)
         return Cond(cond.labels, {**cond.extra, "w": draw_w(as_batch_random(generator, n), *self.guidance).to(device)})
 
+    def sampling_w(self):
+        """The w of the training loop's sample grids: 1 (within the training range) for a w-conditioned student."""
+        return None if self.w_range is None else min(max(1.0, self.w_range[0]), self.w_range[1])
+
     def sampling_cond(self, cond):
         """The conditioning the training loop's sample grids use (a w-conditioned student's adds its w)."""
-        if self.guidance is None:
+        w = self.sampling_w()
+        if w is None:
             return cond
-        w = min(max(1.0, self.guidance[0]), self.guidance[1])
-        return Cond(cond.labels, {**cond.extra, "w": torch.full(cond.labels.shape, w, dtype=torch.float64,
+        return Cond(cond.labels, {**cond.extra, "w": torch.full(cond.labels.shape, float(w), dtype=torch.float64,
                                                                 device=cond.labels.device)})
 
 

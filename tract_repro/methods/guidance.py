@@ -36,11 +36,9 @@ class GuidedDistillation(Method):
     def w_range(self):
         return self.w_min, self.w_max
 
-    def sampling_cond(self, cond):
+    def sampling_w(self):
         """Sample grids during training show the student at w = ``grid_w``."""
-        n = cond.labels.shape[0]
-        return Cond(cond.labels, {**cond.extra, "w": torch.full((n,), self.grid_w, dtype=torch.float64,
-                                                                device=cond.labels.device)})
+        return self.grid_w
 
     def check(self, student, data):
         if not (takes_input(student, "w") and getattr(student, "conditional", False) and data.num_classes > 1):

@@ -89,8 +89,3 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
-
-
-def stopped_by():
-    """The signal that asked for the stop (SIGINT, SIGTERM), or None."""
-    return _signal

@@ -41,7 +41,7 @@ class TrainingState:
     def set_inference_momenta(self, phase, batch_size):
         """μ_I of every inference EMA for the length of ``phase`` (method-spec §5)."""
         for label, ema in self.inference.items():
-            ema.momentum = inference_ema_momentum(phase, batch_size, **inference_ema_setting(label))
+            ema.momentum = momentum_of(label, phase, batch_size)
 
     def state_dict(self, rng_torch, rng_device, every_rank=None):
         """The checkpoint: this state plus the RNG states (``every_rank``: [(torch, device)] of all ranks)."""
@@ -80,7 +80,7 @@ class TrainingState:
 
 def inference_emas(own, settings, student, phase, batch_size):
     """{label: EMA}: the run's own μ_I (label ``own``) and one per ``train.extra_inference_emas`` entry."""
-    emas = {own: EMA(student, inference_ema_momentum(phase, batch_size, **inference_ema_setting(own)))}
+    emas = {own: EMA(student, momentum_of(own, phase, batch_size))}
     for setting in settings:
         unknown = set(setting) - {"momentum", "residual"}
         if unknown:
@@ -88,8 +88,13 @@ def inference_emas(own, settings, student, phase, batch_size):
         label = inference_ema_label(**setting)
         if label in emas:
             raise ConfigError(f"train.extra_inference_emas lists {label} twice (or as the run's own μ_I): list each setting once")
-        emas[label] = EMA(student, inference_ema_momentum(phase, batch_size, **inference_ema_setting(label)))
+        emas[label] = EMA(student, momentum_of(label, phase, batch_size))
     return emas
+
+
+def momentum_of(label, phase, batch_size):
+    """μ_I of the setting ``label`` ('residual=0.001', 'momentum=0.999') for the length of ``phase``."""
+    return inference_ema_momentum(phase, batch_size, **inference_ema_setting(label))
 
 
 def _tracked_inference_emas(state, own):
