@@ -61,6 +61,18 @@ def test_one_batched_call_equals_two_separate_calls():
     assert not torch.allclose(xc, xu)  # the null class is a prediction of its own
 
 
+def test_at_w_0_everywhere_the_guided_denoiser_is_the_conditional_one_in_one_undoubled_call():
+    D, (x, logsnr, labels, w) = denoiser(), batch()
+    calls = []
+    D.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = GuidedDenoiser(D)(x, logsnr, Cond(labels, {"w": torch.zeros_like(w)}))
+        assert calls == [6]
+        torch.testing.assert_close(out, D(x, logsnr, Cond(labels)), rtol=0, atol=0)
+        GuidedDenoiser(D)(x, logsnr, Cond(labels, {"w": torch.where(torch.arange(6) == 2, 0.5, 0.0).double()}))
+    assert calls[-1] == 12  # one w ≠ 0 in the batch: both halves
+
+
 def test_a_network_without_a_null_class_is_refused_for_guidance():
     D, (x, logsnr, labels, w) = denoiser(null_class=False), batch()
     with pytest.raises(ConfigError, match="has no null class"):

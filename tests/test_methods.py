@@ -95,6 +95,47 @@ def test_btd_target_reproduces_the_two_teacher_steps():
             assert (~inner).all()  # the last phase's only student step ends at s = 0
 
 
+@pytest.mark.parametrize("N", [2, 8])
+def test_the_stochastic_btd_phase_jumps_two_levels_from_every_level_and_one_from_the_last(N):
+    """Meng et al.'s stochastic N-step sampler's student: from every level j·T/N (j = 1..N) the target lands
+    on two teacher steps of T/N (on 0 when j = 2), and from the last level (j = 1) it is the teacher's x̂."""
+    S = halving_schedule(64, N // 2)
+    p = len(S) - 2
+    method = BTD(start_steps=64, final_steps=N // 2, stochastic=True)
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    target = method(batch(), None, phase_of(S, p), Networks(TEACHER, None), GRID, gen)
+    gen.set_state(state)
+    t, t_mid, s = btd_indices(S, p, T, 512, gen, every_level=True)
+    level = T // N
+    assert set(t.tolist()) == {level * j for j in range(1, N + 1)}
+    assert (t - t_mid == level).all() and (s == (t - 2 * level).clamp(min=0)).all()
+    for b in range(0, 512, 13):  # a straightforward per-sample reference
+        i = torch.tensor([b])
+        lt, a_t, s_t = at(t[i]); l_m, a_m, s_m = at(t_mid[i]); _, a_s, s_s = at(s[i])
+        x_hat_t = TEACHER(target.x_t[i], lt)
+        if t_mid[b] == 0:
+            torch.testing.assert_close(target.x_target[i], x_hat_t, rtol=0, atol=0)
+            continue
+        x_mid = ddim_step(target.x_t[i], x_hat_t, a_t, s_t, a_m, s_m)
+        if s[b] == 0:
+            torch.testing.assert_close(target.x_target[i], TEACHER(x_mid, l_m), rtol=0, atol=1e-12)
+            continue
+        x_s = ddim_step(x_mid, TEACHER(x_mid, l_m), a_m, s_m, a_s, s_s)
+        torch.testing.assert_close(ddim_step(target.x_t[i], target.x_target[i], a_t, s_t, a_s, s_s), x_s, rtol=0, atol=1e-9)
+
+
+def test_the_stochastic_btd_variant_changes_only_the_last_phase():
+    S = halving_schedule(64, 2)
+    for p in range(len(S) - 2):
+        plain, _ = run_method(BTD(start_steps=64, final_steps=2), S, p)
+        varied, _ = run_method(BTD(start_steps=64, final_steps=2, stochastic=True), S, p)
+        assert torch.equal(plain.x_target, varied.x_target) and torch.equal(plain.x_t, varied.x_t)
+    plain, _ = run_method(BTD(start_steps=64, final_steps=2), S, len(S) - 2)
+    varied, _ = run_method(BTD(start_steps=64, final_steps=2, stochastic=True), S, len(S) - 2)
+    assert not torch.equal(plain.x_t, varied.x_t)
+
+
 def test_tract_index_arithmetic_of_1024_32_1_is_uniform_with_the_right_support():
     S, n = (1024, 32, 1), 1024 * 200
     t, t1, ti = tract_indices(S, 0, T, n, torch.Generator().manual_seed(0))

@@ -46,6 +46,8 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     or a w-conditioned student (w as its input); class-conditional runs also get class accuracy and a
     digits Inception Score from the classifier.
 
+    ``out``: the metrics file; with ``{w}`` in it, one file per guidance weight (``{w}`` replaced by w).
+
     ``shared``: a dict kept between calls, so that runs evaluated in one process share the classifier's
     real-set statistics and the teacher reference.
     """
@@ -53,6 +55,8 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     torch.set_num_threads(1 if workers > 1 else threads)
     if samples < 1 or any(k < 1 for k in steps):
         raise ConfigError(f"evaluation needs at least one sample and one step, got {samples} samples, steps {list(steps)}")
+    if out is not None and "{w}" in str(out) and None in ws:
+        raise ConfigError(f"--out {out}: a file per guidance weight ({{w}}) needs --w, e.g. --w 0 1 4")
     run = load_run(run_dir)
     teacher_dir = Path(run.info["teacher"]).parent if run.info.get("teacher") else run.path
     teacher = run if teacher_dir == run.path else load_run(teacher_dir)
@@ -68,10 +72,11 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
         shared[key] = (*digits_fd_reference(model, run.data), model)
     real_stats, floor, feature_fn, model = shared[key]
     reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
-    out_dir = Path(out).parent if out else run.path / "eval"
     labels = labels_from_seeds(seeds, classes) if classes > 1 else None
-    rows = []
+    rows = {}
     for w in ws:
+        out_w = None if out is None else Path(str(out) if w is None else str(out).replace("{w}", f"{w:g}"))
+        out_dir = out_w.parent if out_w else run.path / "eval"
         denoiser, extra, calls = conditioned(run, w)
         key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples, w)
         if key not in shared:
@@ -86,15 +91,23 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
                                                          workers=workers, extra=extra)
             fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
             row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference))
-            rows.append(row if w is None else dict(w=w, **row, **class_metrics(model, x, labels)))
+            rows.setdefault(w, []).append(row if w is None else dict(w=w, **row, **class_metrics(model, x, labels)))
             suffix = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
-            save_grid(x[:100], out_dir / (f"{Path(out).stem}_{suffix}.png" if out else f"samples_{suffix}.png"), scale=4)
+            name = (lambda tail: out_dir / (f"{out_w.stem}_{suffix}{tail}.png" if out_w else f"samples_{suffix}{tail}.png"))
+            save_grid(x[:100], name(""), scale=4)
+            if w is not None and labels is not None:
+                images, columns = by_class(x, labels, classes)
+                save_grid(images, name("_classes"), ncol=columns, scale=4)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info["schedule_steps"],
                    weights_sha256=sha256(run.weights), sampler=registry.get(sampler).description, ema="inference",
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,
                    reference=dict(run=str(teacher.path), sampler="ddim", steps=reference_steps),
-                   digits_fd_noise_floor=floor, results=rows)
-    write_json(Path(out) if out else out_dir / "metrics.json", metrics)
+                   digits_fd_noise_floor=floor, results=[r for w in ws for r in rows[w]])
+    if out is not None and "{w}" in str(out):  # one file per guidance weight
+        for w in ws:
+            write_json(Path(str(out).replace("{w}", f"{w:g}")), dict(metrics, results=rows[w]))
+    else:
+        write_json(Path(out) if out else run.path / "eval" / "metrics.json", metrics)
     return metrics
 
 
@@ -130,6 +143,16 @@ def class_metrics(classifier, x, labels):
     marginal = p.mean(0, keepdim=True)
     kl = (p * (torch.log(p.clamp_min(1e-30)) - torch.log(marginal.clamp_min(1e-30)))).sum(1)
     return dict(class_accuracy=(logits.argmax(1) == labels).double().mean().item(), digits_is=kl.mean().exp().item())
+
+
+def by_class(x, labels, classes, per_class=10):
+    """(images, columns): ``per_class`` samples of each class, one row per class (the first seeds that asked for
+    it; a class with fewer samples is padded with blank cells)."""
+    rows = []
+    for c in range(classes):
+        mine = x[labels == c][:per_class]
+        rows += [mine, torch.ones((per_class - len(mine), *x.shape[1:]), dtype=x.dtype)]
+    return torch.cat(rows), per_class
 
 
 def data_digest(data):

@@ -7,12 +7,20 @@ from tract_repro.diffusion import weighting as weightings
 from tract_repro.diffusion.ddim import invert_ddim
 from tract_repro.methods.base import Method, Target, guidance_range, noise_at, randint
 from tract_repro.methods.phases import check_schedule
+from tract_repro.networks.conditioning import as_cond
 from tract_repro.sampling.steps import ddim_teacher_step
 
 
-def btd_indices(S, p, T, n, generator):
-    """(t, t_mid, s) for phase p: t = k·U{1..S_{p+1}}, one student step k = T/S_{p+1} split in two."""
+def btd_indices(S, p, T, n, generator, every_level=False):
+    """(t, t_mid, s) for phase p: t = k·U{1..S_{p+1}}, one student step k = T/S_{p+1} split in two.
+
+    ``every_level``: Meng et al.'s stochastic sampler's jumps (§7): t = (k/2)·U{1..S_p} from every level of the
+    N = S_p grid, s = max(t − k, 0), i.e. 2/N jumps and, from the last level, the 1/N jump to 0 (t_mid = 0).
+    """
     k = T // S[p + 1]
+    if every_level:
+        t = (k // 2) * randint(1, S[p], n, generator)
+        return t, t - k // 2, (t - k).clamp(min=0)
     t = k * randint(1, S[p + 1], n, generator)
     return t, t - k // 2, t - k
 
@@ -31,11 +39,16 @@ def halving_schedule(start, final):
 
 @gin.configurable
 class BTD(Method):
-    """x̃ = inversion t → s of two unclipped teacher steps t → t_mid → s (x̂ at t_mid where s = 0); w = max(SNR_t, 1)."""
+    """x̃ = inversion t → s of two unclipped teacher steps t → t_mid → s (x̂ at t_mid where s = 0); w = max(SNR_t, 1).
+
+    ``stochastic``: the last phase, S_{P−1} = N → N/2, trains the student Meng et al.'s stochastic N-step
+    sampler needs: 2/N jumps from *every* level of the N-step grid (not only from every other one), and the
+    1/N jump from the last level, whose target is the teacher's x̂ (guided-notes §2; method-spec §7).
+    """
 
     def __init__(self, start_steps=None, final_steps=1, weighting="truncated_snr", teacher_step=ddim_teacher_step,
-                 guidance=None):
-        self.start_steps, self.final_steps = start_steps, int(final_steps)
+                 guidance=None, stochastic=False):
+        self.start_steps, self.final_steps, self.stochastic = start_steps, int(final_steps), bool(stochastic)
         self.guidance = guidance_range(guidance, "BTD")
         self.weight_fn = weightings.get(weighting)
         self.teacher_step = teacher_step
@@ -47,11 +60,17 @@ class BTD(Method):
     @torch.no_grad()
     def __call__(self, x, cond, phase, nets, grid, generator):
         S = self.steps(grid.T)
-        t, t_mid, s = (i.to(x.device) for i in btd_indices(S, phase.index, grid.T, x.shape[0], generator))
+        every_level = self.stochastic and phase.index == len(S) - 2
+        t, t_mid, s = (i.to(x.device) for i in btd_indices(S, phase.index, grid.T, x.shape[0], generator, every_level))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
         cond = self.with_guidance(cond, generator, x.shape[0], x.device)
-        x_mid, _ = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, cond, clip=False)
-        x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, cond, clip=False)
+        x_mid, x_hat_t = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, cond, clip=False)
+        if not every_level:
+            x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, cond, clip=False)
+        else:  # from the last level (t_mid = 0) the first step has reached the clean end: its x̂ is the target
+            x_s, x_hat_mid, two = x_mid.clone(), x_hat_t.clone(), t_mid > 0
+            x_s[two], x_hat_mid[two] = self.teacher_step(nets.teacher, x_mid[two], t_mid[two], s[two], grid,
+                                                         as_cond(cond)[two], clip=False)
         _, alpha_s, sigma_s = grid.at(s)
         x_target = invert_ddim(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
         final = (s == 0).view(-1, 1, 1, 1)

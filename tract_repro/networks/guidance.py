@@ -28,7 +28,8 @@ class GuidedDenoiser(nn.Module):
     on the doubled batch [x_t; x_t] with labels [c; ∅].
 
     ``cond.extra['w']`` holds w per sample.  It goes on to D only if D's network takes a w input (the
-    frozen copy of a stage-1 student, whose w branch is still zero, computes the teacher exactly).
+    frozen copy of a stage-1 student, whose w branch is still zero, computes the teacher exactly).  Where w = 0
+    for every sample, x̂^0 = x̂(x_t, c) and the ∅ half is not computed.
     """
 
     def __init__(self, denoiser):
@@ -41,6 +42,9 @@ class GuidedDenoiser(nn.Module):
             raise ConfigError("guidance needs class labels and a guidance weight w per sample: a guided run needs a "
                               "class-conditional data set and network")
         n, w = x_t.shape[0], cond.extra["w"]
+        if not bool(w.any()):  # x̂^0 = x̂(x_t, c): the conditional half alone
+            return self.denoiser(x_t, logsnr, Cond(cond.labels, {k: v for k, v in cond.extra.items()
+                                                                  if k != "w" or takes_input(self.denoiser, "w")}))
         extra = {k: torch.cat([v, v]) for k, v in cond.extra.items() if k != "w" or takes_input(self.denoiser, "w")}
         both = Cond(torch.cat([cond.labels, torch.full_like(cond.labels, NULL_LABEL)]), extra)
         out = self.denoiser(torch.cat([x_t, x_t]), torch.cat([logsnr, logsnr]), both)

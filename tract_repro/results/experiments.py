@@ -22,7 +22,8 @@ from tract_repro.common.errors import ConfigError
 EXPERIMENTS = Path("experiments")
 EVALUATIONS = "pipelines/evaluations.json"  # what each table row evaluates: written with dvc.yaml, read by table stages
 DIGITS_RUNS = "runs/digits"
-LENGTH_MACROS = ("SCHEDULE", "TOTAL", "PHASE_LENGTH", "START_STEPS")
+LENGTH_MACROS = ("SCHEDULE", "TOTAL", "PHASE_LENGTH", "START_STEPS", "FINAL_STEPS")
+LAST_PHASE_MACROS = ("STOCHASTIC",)  # change only a run's last phase: the phases before it are shared with runs without them
 MU_I_KEYS = ("INFERENCE_EMA", "inference_ema_momentum.momentum", "inference_ema_momentum.residual")
 
 
@@ -138,6 +139,8 @@ def chain_phases(phases, new_phase, run, described, last):
     for k in range(last + 1):
         shared = k == 0 and last > 0
         identity = [line for line in effective if binding_name(line) not in MU_I_KEYS] if shared else effective
+        if k < len(lengths) - 1:
+            identity = [line for line in identity if binding_name(line) not in LAST_PHASE_MACROS]
         key = phase_key(run, identity, steps, lengths, k)
         if key not in phases:
             phases[key] = new_phase(key, k, previous, steps[k + 1])
@@ -162,11 +165,37 @@ def sampler_of(spec):
     return registry.get(spec.get("sampler", "ddim")).name
 
 
+def trained_once(template):
+    """Whether a run template is trained once, by its own stage (a teacher, or a run marked ``once``: guided
+    distillation's stage 1, the teacher of stage 2), rather than per seed and phase."""
+    return template.get("teacher") is None or bool(template.get("once"))
+
+
+def teachers_of(name, templates):
+    """The runs a run stands on: its teacher, its teacher's teacher, …"""
+    chain = []
+    while templates[name].get("teacher") is not None:
+        name = templates[name]["teacher"]
+        chain.append(name)
+    return chain
+
+
+def guidance_weights(spec, table):
+    """The guidance weights w a row is evaluated at (the row's ``w``, else its table's ``digits.w``), or [None]."""
+    ws = spec.get("w", (table.get("digits") or {}).get("w"))
+    if ws is None:
+        return [None]
+    if not isinstance(ws, list) or not ws or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in ws):
+        raise ConfigError(f"experiments/{table['table']}.yaml: w = {ws!r}: give a list of guidance weights, e.g. [0, 1, 4]")
+    return [float(w) for w in ws]
+
+
 def expand(tables, templates, params):
     """(phases by key, evaluations) for every digits row.
 
-    Each evaluation names its ``target`` (a phase key, or a teacher run for teacher rows), the
-    teacher run it distils, its sampler and step count, and its seeds.
+    Each evaluation names its ``target`` (a phase key, or a run trained once for teacher rows), the
+    teacher run it distils, its sampler, step count and guidance weight w (None without guidance), and
+    its seeds.  A row evaluated at several w becomes one evaluation per w, named ``<row>@w<w>``.
     """
     phases, evaluations = {}, []
     for name, table in tables.items():
@@ -176,9 +205,15 @@ def expand(tables, templates, params):
             if not spec or not seeds:
                 continue
             template = templates[spec["run"]]
-            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=sampler_of(spec))
-            if template.get("teacher") is None:  # a teacher: trained once, evaluated once
-                evaluations.append(dict(common, target=spec["run"], teacher=spec["run"], seeds=[0]))
+            for w in guidance_weights(spec, table):
+                row_id = row["id"] if w is None else f"{row['id']}@w{w:g}"
+                common = dict(table=name, row=row_id, steps=spec["steps"], sampler=sampler_of(spec),
+                              **({} if w is None else dict(w=w)))
+                if trained_once(template):  # a teacher (or a stage-1 student): trained once, evaluated once
+                    evaluations.append(dict(common, target=spec["run"], teacher=spec["run"], seeds=[0]))
+                else:
+                    evaluations.append(dict(common, teacher=template["teacher"], seeds=list(seeds)))
+            if trained_once(template):
                 continue
             bindings = [f"{k} = {resolve(v, params)}" for k, v in sorted(spec.get("bindings", {}).items())]
             described = describe_run(template["gin"], bindings)
@@ -187,7 +222,8 @@ def expand(tables, templates, params):
                 key, spec["run"], template["gin"], bindings, k, before, student, template["teacher"]), spec["run"], described, last)
             for phase in _chain(previous):
                 phase.seeds.update(seeds)
-            evaluations.append(dict(common, target=previous.key, teacher=template["teacher"], seeds=list(seeds)))
+            for evaluation in evaluations:
+                evaluation.setdefault("target", previous.key)
     return phases, evaluations
 
 
@@ -199,8 +235,10 @@ def _chain(phase):
 
 
 def eval_file(evaluation, seed, root="results/digits/eval"):
-    """Where an evaluation's metrics for one seed live (Heun evaluations get their own file)."""
+    """Where an evaluation's metrics for one seed live (other samplers and each guidance weight get their own file)."""
     suffix = "" if evaluation["sampler"] == "ddim" else f"_{evaluation['sampler']}"
+    if evaluation.get("w") is not None:
+        suffix += f"_w{evaluation['w']:g}"
     return f"{root}/{evaluation['target']}/s{seed}{suffix}.json"
 
 

@@ -29,7 +29,7 @@ import yaml
 from tract_repro.results.check import SETUPS
 from tract_repro.results.experiments import (
     DIGITS_RUNS, EVALUATIONS, PAPER_RUNS, eval_file, expand, expand_paper, load_run_templates, load_tables, paper_eval_file,
-    write_evaluations,
+    teachers_of, trained_once, write_evaluations,
 )
 from tract_repro.common.cli import command
 from tract_repro.common.errors import ConfigError, one_line
@@ -67,9 +67,15 @@ def run_dir(name):
 
 
 def teacher_stage(name, template):
-    return dict(cmd=f"{LAUNCH} {template['gin']} --gin \"TOTAL = '${{digits.teacher_total}}'\" --executor local "
-                    f"--workdir {run_dir(name)}",
-                deps=gin_deps(template["gin"]), params=["digits.teacher_total"], outs=[run_dir(name)])
+    """A run trained once (a teacher, or guided distillation's stage 1 from its teacher), TOTAL from the params
+    key its template names (``total:``, teacher_total by default)."""
+    total = template.get("total", "teacher_total")
+    teacher = template.get("teacher")
+    start = [] if teacher is None else [f"--gin {quote(f'TEACHER = {run_dir(teacher)!r}')}"]
+    return dict(cmd=" ".join([LAUNCH, template["gin"], f"--gin \"TOTAL = '${{digits.{total}}}'\"", *start,
+                              f"--executor local --workdir {run_dir(name)}"]),
+                deps=gin_deps(template["gin"]) + ([] if teacher is None else [run_dir(teacher)]),
+                params=[f"digits.{total}"], outs=[run_dir(name)])
 
 
 def phase_stage(phase):
@@ -92,25 +98,45 @@ def eval_stage(targets):
     """Evaluate runs (all their seeds) for every (sampler, steps) their rows ask for: one process per
     (sampler, steps), evaluating every run and seed (start-up, classifier and teacher references paid once).
 
-    ``targets``: {target: dict(teacher=…, requests={(sampler, seed): {steps}})}.
+    ``targets``: {target: dict(teacher=…, requests={(sampler, w, seed): {steps}}, references=[runs])}; w is
+    None without guidance.  A guided evaluation also writes a grid with one row per class.
     """
     groups = {}
     for target, entry in sorted(targets.items()):
-        for (sampler, seed), steps in sorted(entry["requests"].items()):
-            groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append((target, seed))
+        by_run = {}  # (sampler, seed) → {w: steps}
+        for (sampler, w, seed), steps in entry["requests"].items():
+            by_run.setdefault((sampler, seed), {})[w] = tuple(sorted(steps, reverse=True))
+        for (sampler, seed), steps_of in sorted(by_run.items()):
+            same = {}
+            for w, steps in steps_of.items():
+                same.setdefault(steps, []).append(w)
+            for steps, ws in same.items():
+                groups.setdefault((sampler, steps, tuple(sorted(ws, key=_w_key))), []).append((target, seed))
     cmds, metrics, pngs = [], [], []
-    for (sampler, steps), members in sorted(groups.items()):
+    for (sampler, steps, ws), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], [_w_key(w) for w in kv[0][2]])):
         runs = [run_dir(t) if t == targets[t]["teacher"] else f"{run_dir(t)}/s{seed}" for t, seed in members]
+        guided = ws != (None,)
         outs = [eval_file(dict(target=t, sampler=sampler), seed) for t, seed in members]
-        chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
+        if guided:  # one metrics file per w: evaluate fills in {w}
+            outs = [out.replace(".json", "_w{w}.json") for out in outs]
+        chosen = ("" if sampler == "ddim" else f" --sampler {sampler}") + (f" --w {' '.join(f'{w:g}' for w in ws)}" if guided else "")
         cmds.append(f"python -m tract_repro.evaluate {' '.join(runs)} --steps {' '.join(map(str, steps))}{chosen} "
                     f"--samples ${{digits.eval_samples}} --reference-steps ${{digits.reference_steps}} --workers ${{digits.eval_workers}} "
                     f"--classifier {CLASSIFIER_DIR} --cache {CACHE_DIR} --out {' '.join(outs)}")
-        metrics += [{out: {"cache": False}} for out in outs]
-        pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for out in outs for k in steps]
-    deps = sorted({run_dir(t) for t in targets} | {run_dir(e["teacher"]) for e in targets.values()} | {CLASSIFIER_DIR})
+        for out in outs:
+            for w in ws:
+                done = out if w is None else out.replace("{w}", f"{w:g}")
+                metrics.append({done: {"cache": False}})
+                grids = ["steps"] if w is None else [f"steps_w{w:g}", f"steps_w{w:g}_classes"]
+                pngs += [{done.replace(".json", f"_{k}{grid}.png"): {"cache": False}} for k in steps for grid in grids]
+    deps = sorted({run_dir(t) for t in targets} | {run_dir(r) for e in targets.values() for r in e["references"]}
+                  | {CLASSIFIER_DIR})
     return dict(cmd=cmds, deps=deps,
                 params=["digits.eval_samples", "digits.reference_steps", "digits.eval_workers"], metrics=metrics, outs=pngs)
+
+
+def _w_key(w):
+    return -1.0 if w is None else w
 
 
 def table_order(tables):
@@ -135,9 +161,10 @@ def build_digits(tables, templates, params):
         cmd=f"python -m tract_repro.evaluation.classifier --workdir {CLASSIFIER_DIR} "
             f"--gin \"train_classifier.epochs = ${{digits.classifier_epochs}}\"",
         params=["digits.classifier_epochs"], outs=[CLASSIFIER_DIR])}
-    used_teachers = {e["teacher"] for e in evaluations}
+    used = {e["teacher"] for e in evaluations}
+    used |= {before for name in list(used) for before in teachers_of(name, templates)}
     for name, template in templates.items():
-        if template.get("teacher") is None and name in used_teachers:
+        if trained_once(template) and name in used:
             stages[f"digits_{name}"] = teacher_stage(name, template)
     for key in sorted(phases):
         stages[f"digits_run_{key}"] = phase_stage(phases[key])
@@ -152,9 +179,11 @@ def build_digits(tables, templates, params):
     for e in evaluations:
         target = e["target"]
         group = target if target == e["teacher"] else "-".join(t for t in order if t in shown[target])
-        entry = wanted.setdefault(group, {}).setdefault(target, dict(teacher=e["teacher"], requests={}))
+        # what a target's evaluation reads besides the target: its teacher, and a teacher-row run's own teacher
+        references = [e["teacher"], *teachers_of(e["teacher"], templates)[:1]] if target == e["teacher"] else [e["teacher"]]
+        entry = wanted.setdefault(group, {}).setdefault(target, dict(teacher=e["teacher"], requests={}, references=references))
         for seed in e["seeds"]:
-            entry["requests"].setdefault((e["sampler"], seed), set()).add(e["steps"])
+            entry["requests"].setdefault((e["sampler"], e.get("w"), seed), set()).add(e["steps"])
     for group, targets in sorted(wanted.items()):
         stages[f"digits_eval_{group}"] = eval_stage(targets)
     for name in tables:
@@ -163,12 +192,16 @@ def build_digits(tables, templates, params):
             continue
         deps = sorted({eval_file(e, s) for e in rows for s in e["seeds"]})
         runs = sorted({f"{run_dir(e['target'])}/s{s}" for e in rows if e["target"] != e["teacher"] for s in e["seeds"]})
+        guided = tables[name]["digits"].get("w") is not None  # one column per guidance weight, and class grids
         stages[f"digits_{name}"] = dict(
             cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", EVALUATIONS, *deps, *runs],
             metrics=[{f"results/digits/{name}.json": {"cache": False}}],
             outs=[{f"results/{name}.md": {"cache": False}}, {f"results/digits/{name}.png": {"cache": False}},
+                  *([{f"results/digits/{name}_grids.png": {"cache": False}}] if guided else []),
                   {f"results/digits/{name}_curves.png": {"cache": False}}],
-            plots=[{f"results/digits/{name}.csv": {"cache": False, "x": "nfe", "y": "digits_fd", "template": "scatter"}},
+            plots=[{f"results/digits/{name}.csv": {"cache": False, **(dict(x="class_accuracy_mean", y="digits_fd_mean")
+                                                                     if guided else dict(x="nfe", y="digits_fd")),
+                                                   "template": "scatter"}},
                    {f"results/digits/{name}_curves.csv": {"cache": False, "x": "samples", "y": "loss", "template": "scatter"}}])
     return {"stages": stages, "evaluations": {"digits": index(evaluations)}}
 

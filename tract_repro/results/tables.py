@@ -53,11 +53,13 @@ def digits_scores(table, eval_dir=EVAL_DIR):
                                                        "noise_floor", "samples"])
 
 
-def training_curves(table, runs_root="runs/digits"):
-    """Loss against samples for every (row, seed), following each run's chain of phases back to its start."""
+def training_curves(table, runs_root="runs/digits", evaluation_of=None):
+    """Loss against samples for every (row, seed), following each run's chain of phases back to its start.
+    ``evaluation_of(row id)``: what the row evaluates (default: its entry in pipelines/evaluations.json)."""
+    evaluation_of = evaluation_of or (lambda row_id: _evaluation_of(table["table"], row_id))
     records = []
     for row in table["rows"]:
-        evaluation = _evaluation_of(table["table"], row["id"])
+        evaluation = evaluation_of(row["id"])
         if evaluation is None or evaluation["target"] == evaluation["teacher"]:
             continue
         for seed in evaluation["seeds"]:
@@ -242,6 +244,33 @@ def read_paper_scale(name):
     return saved.get("rows"), saved.get("orderings")
 
 
+def write_guided(name, table):
+    """A table evaluated at guidance weights (experiments/guided.yaml): :mod:`tract_repro.results.guided_table`."""
+    from tract_repro.results import guided_table
+
+    records = guided_table.scores(table)
+    summary = guided_table.summarise(records)
+    if not records.empty:
+        summary.attrs.update(noise_floor=records.noise_floor.mean(), samples=int(records.samples.iloc[0]))
+    checks = guided_table.claims(table, summary)
+    Path("results/digits").mkdir(parents=True, exist_ok=True)
+    write_text(f"results/{name}.md", guided_table.render(table, summary, checks, load_yaml("params.yaml")["digits"]))
+    summary.to_csv(f"results/digits/{name}.csv", index=False)
+    write_json(f"results/digits/{name}.json", dict(rows=json.loads(summary.to_json(orient="records")), checks=checks))
+    if not summary.empty:
+        guided_table.plot(table, summary, f"results/digits/{name}.png")
+        guided_table.plot_grids(table, f"results/digits/{name}_grids.png")
+    first = {}
+    for row, _, evaluation in guided_table.evaluations(table):
+        first.setdefault(row["id"], evaluation)
+    curves = training_curves(table, evaluation_of=first.get)
+    curves.to_csv(f"results/digits/{name}_curves.csv", index=False)
+    if not curves.empty:
+        plot_curves(table, curves, f"results/digits/{name}_curves.png")
+    print(f"results/{name}.md: {len(summary)} (row, w) cells measured, "
+          f"{sum(c['holds'] is True for c in checks)}/{len(checks)} checks hold")
+
+
 @command
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -254,6 +283,9 @@ def main(argv=None):
         if name not in tables:
             raise ConfigError(f"no experiments/{name}.yaml; choose from {', '.join(tables)}")
         table = tables[name]
+        if table["digits"].get("w") is not None and not paper_mode:
+            write_guided(name, table)
+            continue
         scores = digits_scores(table)
         summary = summarise(scores)
         if not scores.empty:
