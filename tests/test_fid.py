@@ -232,6 +232,43 @@ def test_slurm_evaluations_are_one_task_on_one_gpu_with_the_clusters_options(tmp
     assert seen["folder"] == fid.job_folder(tmp_path / "e" / "m.json") and seen["folder"].parts[:2] == ("runs", "jobs")
 
 
+def test_the_inception_score_equals_its_definition_and_its_bounds():
+    """IS = exp(E KL(p(y|x) ‖ p(y))) per split, averaged: 1 for identical predictions, C for confident, uniform ones."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(7) * 0.3, size=40)
+    by_hand = np.mean([np.exp(np.mean([np.sum(q * np.log(q / part.mean(0))) for q in part]))
+                       for part in np.array_split(p, 10)])
+    assert fid.inception_score(p) == pytest.approx(by_hand, rel=1e-12)
+    assert fid.inception_score(np.tile(p[:1], (40, 1))) == pytest.approx(1.0)
+    assert fid.inception_score(np.eye(5)[np.arange(50) % 5], splits=1) == pytest.approx(5.0)
+
+
+def test_the_inception_score_comes_from_the_class_head_on_the_fid_features(tmp_path, fake, tiny_run):
+    """An extractor with a class head gives each row an IS per seed range; the head sees the FID features."""
+    from tract_repro.evaluation.inception import class_probabilities
+
+    weight = np.random.default_rng(1).normal(size=(11, 5))
+    seen = []
+
+    def factory(**kwargs):
+        extractor = fake(**kwargs)
+        head = class_probabilities(weight)
+        extractor.probabilities = lambda f: seen.append(np.array(f)) or head(f)
+        return extractor
+
+    ref = reference(tmp_path)
+    metrics = fid.evaluate_fid(tiny_run, (1,), ref, (0, 16), 16, batch_size=8, extractor_factory=factory,
+                               resize=lambda a: a, out=tmp_path / "is.json")
+    row = metrics["results"][0]
+    assert len(row["inception_score"]) == 2 and row["is_mean"] == pytest.approx(np.mean(row["inception_score"]))
+    logits = seen[0] @ weight.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    assert row["inception_score"][0] == pytest.approx(fid.inception_score(p / p.sum(1, keepdims=True)), rel=1e-12)
+    plain = fid.evaluate_fid(tiny_run, (1,), ref, (0,), 16, batch_size=8, extractor_factory=fake,
+                             resize=lambda a: a, out=tmp_path / "no_is.json")
+    assert plain["results"][0]["inception_score"] is None  # no class head (pytorch-fid's weights): no IS
+
+
 def test_fid_at_guidance_weights_of_a_guided_teacher(tmp_path, fake):
     """--w: a guided teacher's rows per (w, K), NFE two per step; an unguided run is refused before any work."""
     from tests.test_guidance import GUIDED_TEACHER

@@ -41,6 +41,7 @@ from tract_repro.sampling import registry
 FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
 MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+IS_SPLITS = 10  # Inception Score: each seed range split in 10, the usual protocol
 STD_DDOF = 1
 JOBS = Path("runs/jobs")  # submitit/SLURM logs of submitted evaluations (runs/ is not version-controlled)
 
@@ -188,13 +189,15 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     grid = run.grid.to(device)
     classes = run.denoiser.net.num_classes if run.denoiser.conditional else 1
     factory = extractor_factory or inception_extractor
-    features = ImageFeatures(factory(mode=mode, path=inception, device=str(device)), mode, device, resize)  # once
+    extractor = factory(mode=mode, path=inception, device=str(device))  # built once
+    features = ImageFeatures(extractor, mode, device, resize)
+    probabilities = getattr(extractor, "probabilities", None)  # Inception's class head, if the mode's network has one
     out = Path(out) if out else run.path / "eval" / "fid.json"
     rows = []
     for w, k in [(w, k) for w in ws for k in steps]:
         denoiser, extra, calls = conditioned(run, w)
         name = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
-        fids = []
+        fids, scores = [], []
         for r, seeds in enumerate(ranges):
             feats = []
             for b, x in enumerate(generate_batches(denoiser, grid, k, seeds, shape, classes, batch_size,
@@ -203,11 +206,16 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                 if r == 0 and b == 0 and grid_samples:
                     save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{name}.png"), scale=2)
                 feats.append(features(quantise(x)))
-            fids.append(frechet.frechet_distance(frechet.statistics(np.concatenate(feats)), ref_stats))
+            feats = np.concatenate(feats)
+            fids.append(frechet.frechet_distance(frechet.statistics(feats), ref_stats))
+            if probabilities is not None:
+                scores.append(inception_score(probabilities(feats)))
         row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
                    seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
                    reference_sha256=ref["sha256"], fid=fids, fid_mean=float(np.mean(fids)),
-                   fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None)
+                   fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None,
+                   inception_score=scores or None, is_mean=float(np.mean(scores)) if scores else None,
+                   is_std=float(np.std(scores, ddof=STD_DDOF)) if len(scores) > 1 else None)
         rows.append(row if w is None else dict(w=w, **row))
     weights_file = sources.inception_file(mode, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
@@ -221,6 +229,19 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                    device=str(device), results=rows)
     write_json(out, metrics, ensure_ascii=False)
     return metrics
+
+
+def inception_score(p, splits=IS_SPLITS):
+    """IS = exp(E_x KL(p(y|x) ‖ p(y))) from class probabilities (N, C), averaged over ``splits`` equal parts of the
+    samples, as Salimans et al. (2016) and StyleGAN's metric compute it (10 splits)."""
+    p = np.asarray(p, dtype=np.float64)
+    parts = np.array_split(p, min(splits, len(p)))
+    values = []
+    for part in parts:
+        marginal = part.mean(0, keepdims=True)
+        kl = (part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(marginal, 1e-30, None)))).sum(1)
+        values.append(float(np.exp(kl.mean())))
+    return float(np.mean(values))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -8,6 +8,7 @@ where clean-fid keeps them (or at a path bound in gin), or we stop with one line
 from pathlib import Path
 
 import gin
+import numpy as np
 import torch
 
 from tract_repro.common.errors import ConfigError
@@ -33,7 +34,13 @@ def inception_extractor(mode="clean", path=None, device="cpu"):
             raise MissingWeights(f"Inception weights {weights} not found (offline): fetch {TORCHSCRIPT_URL} and put it "
                                  f"there, or set inception_extractor.path")
         model = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow")).to(device).eval()
-        return lambda x: model(x.to(device))
+
+        def extract(x):
+            return model(x.to(device))
+        head = getattr(model.base, "output", None)  # the 1008-class layer on the same 2048 pool features
+        if head is not None:
+            extract.probabilities = class_probabilities(head.weight.detach().double().cpu().numpy())
+        return extract
     if mode == "legacy_pytorch":
         hub = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_NAME
         weights = Path(path) if path else hub
@@ -42,6 +49,17 @@ def inception_extractor(mode="clean", path=None, device="cpu"):
                                  f"and put it at {hub}, or set inception_extractor.path")
         return _pytorch_fid_extractor(weights, device)
     raise ConfigError(f"inception_extractor.mode = {mode!r}: choose 'clean', 'legacy_tensorflow' or 'legacy_pytorch'")
+
+
+def class_probabilities(weight):
+    """features (N, 2048) → softmax(features · Wᵀ) over the Inception classes, without the output bias (as StyleGAN's
+    and the original TF Inception Score compute it).  pytorch-fid's weights have no class head: no IS there."""
+    def probabilities(features):
+        logits = np.asarray(features, dtype=np.float64) @ weight.T
+        logits -= logits.max(1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(1, keepdims=True)
+    return probabilities
 
 
 def _pytorch_fid_extractor(weights, device):
