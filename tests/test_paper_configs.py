@@ -29,13 +29,29 @@ EXPECTED = {
 
 
 def paper_rows():
+    """Every paper-scale row's spec; a row that evaluates a run the pipeline trains (``run:``, guided distillation)
+    gets that run's gin file and bindings from its table's ``paper_runs``."""
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         table = yaml.safe_load(path.read_text())
         if path.stem == "runs":
             continue
         for row in table["rows"]:
-            if row.get("paper_scale"):
-                yield pytest.param(row["paper_scale"], id=f"{path.stem}:{row['id']}")
+            spec = row.get("paper_scale")
+            if spec:
+                if spec.get("run"):
+                    spec = dict(spec, **table["paper_runs"][spec["run"]])
+                yield pytest.param(spec, id=f"{path.stem}:{row['id']}")
+
+
+def expected_count(gin_file):
+    """The published parameter count, or for a guided run file the PD network with a ∅ row (and a w branch)."""
+    if "_guided_" not in gin_file:
+        return EXPECTED[gin_file]
+    dataset, stage = re.fullmatch(r"gin/(\w+?)_guided_(\w+)\.gin", gin_file).groups()
+    base, classes_before, classes = GUIDED[dataset]
+    C, E = config.query("UNet.channels"), config.query("UNet.emb_channels")
+    teacher = base - (classes_before * E + E if classes_before > 1 else 0) + (classes + 1) * E + E
+    return teacher + (0 if stage == "teacher" else C * E + E + E * E + E)
 
 
 @pytest.fixture
@@ -44,7 +60,8 @@ def in_repo(monkeypatch):
 
 
 def test_every_paper_gin_file_has_an_expected_parameter_count():
-    named = {spec.values[0]["gin"] for spec in paper_rows()}
+    named = {spec.values[0]["gin"] for spec in paper_rows()} - {f"gin/{d}_guided_{s}.gin" for d in GUIDED
+                                                                 for s in ("teacher", "stage1", "tract", "btd")}
     assert named <= set(EXPECTED), f"add the parameter count of {sorted(named - set(EXPECTED))} here"
     assert all((ROOT / f).is_file() for f in EXPECTED)
 
@@ -56,7 +73,7 @@ def test_paper_row_parses_and_builds_its_network(spec, in_repo):
     config.parse([spec["gin"]], bindings)
     with torch.device("meta"):
         net = config.build("train.network")
-    assert sum(p.numel() for p in net.parameters()) == EXPECTED[spec["gin"]]
+    assert sum(p.numel() for p in net.parameters()) == expected_count(spec["gin"])
     assert config.query("Device.name") == "cuda"
     assert not config.query("Device.tf32") and config.query("Device.autocast") is None
     assert not config.query("Device.channels_last")
@@ -67,6 +84,8 @@ def test_paper_row_parses_and_builds_its_network(spec, in_repo):
         assert all(p.length >= config.query("train.batch_size") for p in phases)
         assert spec.get("phase", len(phases) - 1) < len(phases)
         assert config.query("train.teacher") and config.query("train.dataset") is not None
+    if spec.get("sampler") == "stochastic":  # trained for it: the last phase jumps 2/N from every level of N = 2·S_P
+        assert method.stochastic and spec["steps"] == 2 * steps[-1] and spec.get("phase", len(steps) - 2) == len(steps) - 2
     T = config.query("train.T", 1024)
     assert T % spec["steps"] == 0, f"{spec['steps']} evaluation steps do not divide T = {T}"
 

@@ -52,7 +52,8 @@ def test_every_table_with_paper_rows_has_its_stage(stages):
             continue
         has_paper = any(r.get("paper_scale") for r in table["rows"])
         assert (path.stem in stages) == has_paper, path.stem
-    for name in ("table1", "table1_edm", "table2", "table3", "table4", "table5", "table6", "btd_vs_tract"):
+    for name in ("table1", "table1_edm", "table2", "table3", "table4", "table5", "table6", "btd_vs_tract",
+                 "guided_imagenet64", "guided_cifar10"):
         assert stages[name]["cmd"] == f"python -m tract_repro.results.tables {name} --paper-scale"
         assert stages[name]["metrics"] == [{f"results/paper/{name}.json": {"cache": False}}]
     assert stages["table2"]["outs"] == [{"results/table2.md": {"cache": False}}]  # no digits stage writes it
@@ -80,7 +81,7 @@ def test_the_chain_from_check_to_table(stages, expansion):
     assert stages["paper_fid_ref_cifar10_pd"]["deps"] == ["runs/paper/checks/cifar10_pd/data.json"]
     assert stages["paper_check_cifar10_pd"]["always_changed"] is True
     # teacher rows evaluate Google's checkpoint, imported into a run directory
-    assert set(teachers) == {"cifar10_teacher"}
+    assert {n for n, t in teachers.items() if not t.get("trains")} == {"cifar10_teacher"}
     assert "--steps 1024 64 8 2 1" in stages["paper_eval_cifar10_teacher"]["cmd"]
     assert stages["paper_import_cifar10_teacher"]["cmd"].startswith("python -m tract_repro.import_teacher gin/cifar10_teacher.gin")
     # the EDM rows need the EDM teacher only; ImageNet references are computed on the cluster
@@ -108,7 +109,7 @@ def test_params_name_the_protocol():
     assert paper["executor"] == "slurm"
     assert paper["fid"]["samples"] == 50_000 and paper["fid"]["seed-ranges"] == [0, 50_000, 100_000]
     assert paper["data"] == {"cifar10": "data/cifar10", "imagenet64": "data/imagenet64"}
-    assert set(paper["teachers"]) == set(check.SETUPS)
+    assert set(paper["teachers"]) == {s for s, (_, fetched, _) in check.SETUPS.items() if fetched}  # *_guided: trained here
 
 
 def test_check_writes_identities_when_everything_is_there(tmp_path, monkeypatch):
@@ -154,6 +155,47 @@ def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
     assert "Running stage 'paper_check_cifar10_pd'" in done.stdout and "paper_run_" not in done.stdout
     assert not (tmp_path / "runs" / "paper" / "checks" / "cifar10_pd" / "data.json").exists()
     assert elapsed < 60, f"dvc repro took {elapsed:.0f} s"
+
+
+def test_dvc_repro_guided_imagenet64_without_data_fails_fast_in_one_line(tmp_path):
+    """Guided distillation trains its own teacher: offline, the check names the data and the Inception weights only."""
+    for item in ("gin", "experiments", "params.yaml", "dvc.yaml", "pipelines"):
+        src = ROOT / item
+        shutil.copytree(src, tmp_path / item) if src.is_dir() else shutil.copy(src, tmp_path / item)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               PYTHONPATH=str(ROOT))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        assert subprocess.run(cmd, cwd=tmp_path, env=env).returncode == 0
+    done = subprocess.run(["dvc", "repro", "guided_imagenet64"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, done.stdout + done.stderr
+    assert "train_data_batch_*.npz" in errors[0] and "data/imagenet64" in errors[0] and "inception-2015-12-05.pt" in errors[0]
+    assert "gsutil" not in errors[0] and ".pkl" not in errors[0] and len(errors[0].split("; ")) == 2  # no teacher to fetch
+    assert "Running stage 'paper_check_imagenet64_guided'" in done.stdout and "paper_train_" not in done.stdout
+
+
+def test_the_guided_chain_trains_its_teacher_and_stage_1_then_distils_at_every_w(stages, expansion):
+    phases, teachers, evaluations = expansion
+    assert teachers["imagenet64_guided_teacher"]["trains"] and teachers["imagenet64_guided_stage1"]["trains"]
+    teacher, stage1 = stages["paper_train_imagenet64_guided_teacher"], stages["paper_train_imagenet64_guided_stage1"]
+    assert "runs/paper/checks/imagenet64_guided/data.json" in teacher["deps"] and "TEACHER" not in teacher["cmd"]
+    assert "runs/paper/imagenet64_guided_teacher" in stage1["deps"]
+    assert "TEACHER = 'runs/paper/imagenet64_guided_teacher'" in stage1["cmd"]
+    row = next(e for e in evaluations if (e["table"], e["row"]) == ("guided_imagenet64", "tract_4steps@w2"))
+    assert row["w"] == 2.0 and row["setup"] == "imagenet64_guided"
+    first = stages[f"paper_run_{phases[row['target']].previous.key}"]
+    assert "TEACHER = 'runs/paper/imagenet64_guided_stage1'" in first["cmd"] and "runs/paper/imagenet64_guided_stage1" in first["deps"]
+    evaluation = stages[f"paper_eval_{row['target']}"]
+    assert "--w 0 0.5 1 2 4" in evaluation["cmd"] and "metrics_w{w}.json" in evaluation["cmd"]
+    assert f"results/paper/eval/{row['target']}/metrics_w2.json" in stages["guided_imagenet64"]["deps"]
+    cmds = stages["paper_eval_imagenet64_guided_teacher"]["cmd"]  # 1024 steps only at w = 0
+    assert any("--steps 1024 64 --w 0 " in c for c in cmds) and any("--steps 64 --w 0.5 1 2 4 " in c for c in cmds)
+    stochastic = next(e for e in evaluations if e["row"] == "btd_stochastic_4steps@w0" and e["table"] == "guided_imagenet64")
+    assert stochastic["sampler"] == "stochastic"
+    assert phases[stochastic["target"]].previous.key == next(
+        e for e in evaluations if e["row"] == "btd_4steps@w0" and e["table"] == "guided_imagenet64")["target"]
 
 
 def fake_metrics(path, run, steps, fids, mode="clean"):

@@ -192,11 +192,14 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     extractor = factory(mode=mode, path=inception, device=str(device))  # built once
     features = ImageFeatures(extractor, mode, device, resize)
     probabilities = getattr(extractor, "probabilities", None)  # Inception's class head, if the mode's network has one
-    out = Path(out) if out else run.path / "eval" / "fid.json"
+    if out is not None and "{w}" in str(out) and None in ws:
+        raise ConfigError(f"--out {out}: a file per guidance weight ({{w}}) needs --w, e.g. --w 0 1 4")
+    template = str(out) if out else str(run.path / "eval" / "fid.json")
     rows = []
     for w, k in [(w, k) for w in ws for k in steps]:
         denoiser, extra, calls = conditioned(run, w)
         name = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
+        out = Path(template if w is None else template.replace("{w}", f"{w:g}"))
         fids, scores = [], []
         for r, seeds in enumerate(ranges):
             feats = []
@@ -227,7 +230,12 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                    inception=dict(path=str(weights_file), sha256=sha256(weights_file))
                    if weights_file.is_file() else None,
                    device=str(device), results=rows)
-    write_json(out, metrics, ensure_ascii=False)
+    if "{w}" in template:  # one file per guidance weight
+        for w in ws:
+            write_json(template.replace("{w}", f"{w:g}"), dict(metrics, results=[r for r in rows if r["w"] == w]),
+                       ensure_ascii=False)
+    else:
+        write_json(template, metrics, ensure_ascii=False)
     return metrics
 
 

@@ -4,7 +4,8 @@
         --inception ckpts/inception-2015-12-05.pt --mode clean --out runs/paper/checks/cifar10_pd
 
 A *setup* is a dataset with a teacher: ``cifar10_pd``, ``cifar10_edm``, ``imagenet64_pd``,
-``imagenet64_edm``.  The check looks for the training data, the teacher file, the Inception
+``imagenet64_edm``; or, for guided distillation, a dataset whose guided teacher the pipeline trains itself
+(``cifar10_guided``, ``imagenet64_guided``: no teacher file to fetch).  The check looks for the training data, the teacher file, the Inception
 weights, (CIFAR-10) clean-fid's precomputed training-set statistics, the executor options file and
 (``--executor slurm``) SLURM's sbatch, and reports everything missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
 files and sizes) and ``OUT/teacher.json`` (the teacher's sha256): the identities that the
@@ -34,6 +35,9 @@ SETUPS = {
                     "download https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl to {path}"),
     "imagenet64_edm": ("imagenet64", "NVIDIA EDM ImageNet64 ADM teacher",
                        "download https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl to {path}"),
+    # guided distillation: the class-conditional teacher with label dropout is trained by the pipeline (no public one)
+    "cifar10_guided": ("cifar10", None, None),
+    "imagenet64_guided": ("imagenet64", None, None),
 }
 
 
@@ -63,7 +67,7 @@ def check(setup, data, teacher, inception, mode="clean", executor="inline", clus
     dataset, what, fetch = SETUPS[setup]
     files, problem = data_files(dataset, data)
     problems = [problem] if problem else []
-    if not Path(teacher).is_file():
+    if what is not None and (teacher is None or not Path(teacher).is_file()):
         problems.append(f"{what} {teacher} not found: {fetch.format(path=teacher)}")
     for missing in (sources.missing_inception(mode, inception),
                     sources.missing_cleanfid_stats(mode) if dataset == "cifar10" else None):
@@ -77,6 +81,8 @@ def check(setup, data, teacher, inception, mode="clean", executor="inline", clus
                         "node, or set paper.executor to local (this machine's GPUs) in params.yaml")
     if problems:
         return problems, None, None
+    if what is None:
+        return [], dict(dataset=dataset, root=str(data), files=files), dict(setup=setup, trained_by="the pipeline")
     return [], dict(dataset=dataset, root=str(data), files=files), \
         dict(setup=setup, path=str(teacher), size=Path(teacher).stat().st_size, sha256=sha256(teacher))
 
@@ -86,7 +92,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.results.check", description=__doc__.splitlines()[0])
     parser.add_argument("setup", choices=sorted(SETUPS))
     parser.add_argument("--data", required=True, help="dataset root, e.g. data/cifar10")
-    parser.add_argument("--teacher", required=True, help="teacher file, e.g. ckpts/cifar_original")
+    parser.add_argument("--teacher", help="teacher file, e.g. ckpts/cifar_original (not for the *_guided setups)")
     parser.add_argument("--inception", required=True, help="Inception weights file or folder")
     parser.add_argument("--mode", default="clean", help="clean-fid mode of the evaluations")
     parser.add_argument("--executor", default="inline", help="where the stages run (slurm needs sbatch on PATH)")
@@ -102,8 +108,10 @@ def main(argv=None):
         raise ConfigError(f"missing paper-scale inputs ({args.setup}): " + "; ".join(problems))
     write_json(Path(args.out) / "data.json", data)
     write_json(Path(args.out) / "teacher.json", teacher)
-    print(f"{args.setup}: {data['dataset']} in {args.data} ({len(data['files'])} files), teacher {args.teacher} "
-          f"(sha256 {teacher['sha256'][:16]}…), Inception and reference sources present")
+    trained = "the teacher trained by the pipeline" if "sha256" not in teacher else \
+        f"teacher {args.teacher} (sha256 {teacher['sha256'][:16]}…)"
+    print(f"{args.setup}: {data['dataset']} in {args.data} ({len(data['files'])} files), {trained}, Inception and "
+          f"reference sources present")
     return 0
 
 

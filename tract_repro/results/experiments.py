@@ -265,6 +265,8 @@ def setup_of_parsed():
 
     dataset = config.query("train.dataset")
     name = getattr(dataset, "selector", str(dataset)).split(".")[-1]
+    if config.query("UNet.null_class"):  # guided distillation: a teacher the pipeline trains with label dropout
+        return f"{name}_guided"
     family = "edm" if config.query("train.parameterisation") == "edm" else "pd"
     return f"{name}_{family}"
 
@@ -280,37 +282,82 @@ def paper_bindings(spec):
 
 
 def expand_paper(tables):
-    """(phases by key, teacher imports by name, evaluations) for every row with a ``paper_scale`` run.
+    """(phases by key, teacher imports or trainings by name, evaluations) for every row with a ``paper_scale`` run.
 
     Phases are shared between rows and tables exactly as at digits scale.  A row whose gin file trains no
-    student (a teacher, e.g. gin/cifar10_teacher.gin) evaluates the imported teacher checkpoint.
+    student (a teacher, e.g. gin/cifar10_teacher.gin) evaluates the imported teacher checkpoint.  A table's
+    ``paper_runs`` are runs the pipeline trains once (guided distillation's teacher and stage 1): a row
+    evaluates one with ``run:``, and a row's phases start from one with ``teacher_run:``.  A row evaluated at
+    several guidance weights (its ``w``, else its table's ``paper.w``) becomes one evaluation per w.
     """
     from tract_repro import config
 
     phases, teachers, evaluations = {}, {}, []
     for name, table in tables.items():
+        trained = table.get("paper_runs") or {}
         for row in table["rows"]:
             spec = row.get("paper_scale")
             if not spec:
                 continue
+            ws = guidance_weights(spec, dict(table, digits=table.get("paper") or {}))
+            if spec.get("run"):
+                if spec["run"] not in trained:
+                    raise ConfigError(f"experiments/{name}.yaml row {row['id']}: run {spec['run']!r} is not in its "
+                                      f"paper_runs: add it there")
+                run = spec["run"]
+                chain = _trained_chain(run, trained, name)
+                for r in chain:
+                    config.parse([trained[r]["gin"]], paper_bindings(trained[r]))
+                    teachers[r] = dict(gin=trained[r]["gin"], bindings=paper_bindings(trained[r]), setup=setup_of_parsed(),
+                                       trains=True, teacher_run=trained[r].get("teacher_run"))
+                evaluations += [dict(table=name, row=_row_id(row, w), steps=spec["steps"], sampler=sampler_of(spec),
+                                     setup=teachers[run]["setup"], target=run, **_w(w)) for w in ws]
+                continue
             gin_file, bindings = spec["gin"], paper_bindings(spec)
             config.parse([gin_file], bindings)
             setup, needs_teacher = setup_of_parsed(), config.build("train.method").needs_teacher
-            common = dict(table=name, row=row["id"], steps=spec["steps"], sampler=sampler_of(spec), setup=setup)
+            common = dict(table=name, steps=spec["steps"], sampler=sampler_of(spec), setup=setup)
             run = Path(gin_file).stem
             if not needs_teacher:
                 teachers[run] = dict(gin=gin_file, bindings=bindings, setup=setup)
-                evaluations.append(dict(common, target=run))
+                evaluations += [dict(common, row=_row_id(row, w), target=run, **_w(w)) for w in ws]
                 continue
+            teacher_run = spec.get("teacher_run")
+            if teacher_run is not None:
+                for r in _trained_chain(teacher_run, trained, name):
+                    config.parse([trained[r]["gin"]], paper_bindings(trained[r]))
+                    teachers[r] = dict(gin=trained[r]["gin"], bindings=paper_bindings(trained[r]), setup=setup_of_parsed(),
+                                       trains=True, teacher_run=trained[r].get("teacher_run"))
             described = describe_run(gin_file, bindings)
             last = spec.get("phase", len(described[1]) - 1)
             previous = chain_phases(phases, lambda key, k, before, student: PaperPhase(
-                key, run, gin_file, bindings, k, before, student, None, {0}, setup=setup), run, described, last)
-            evaluations.append(dict(common, target=previous.key))
+                key, run, gin_file, bindings, k, before, student, teacher_run, {0}, setup=setup), run, described, last)
+            evaluations += [dict(common, row=_row_id(row, w), target=previous.key, **_w(w)) for w in ws]
     return phases, teachers, evaluations
 
 
+def _row_id(row, w):
+    return row["id"] if w is None else f"{row['id']}@w{w:g}"
+
+
+def _w(w):
+    return {} if w is None else dict(w=w)
+
+
+def _trained_chain(run, trained, table):
+    """A paper run trained once and the runs it stands on (its teacher_run, …), first first."""
+    chain = []
+    while run is not None:
+        if run not in trained:
+            raise ConfigError(f"experiments/{table}.yaml: teacher_run {run!r} is not in its paper_runs: add it there")
+        chain.insert(0, run)
+        run = trained[run].get("teacher_run")
+    return chain
+
+
 def paper_eval_file(evaluation, root=PAPER_EVAL):
-    """Where a paper-scale evaluation's metrics live (one file per target and sampler)."""
+    """Where a paper-scale evaluation's metrics live (one file per target, sampler and guidance weight)."""
     suffix = "" if evaluation["sampler"] == "ddim" else f"_{evaluation['sampler']}"
+    if evaluation.get("w") is not None:
+        suffix += f"_w{evaluation['w']:g}"
     return f"{root}/{evaluation['target']}/metrics{suffix}.json"

@@ -207,3 +207,62 @@ def plot_grids(table, path, rows=("teacher_64", "stage1_64", "btd_4steps", "trac
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return True
+
+
+# ------------------------------------------------------------------------------------ paper scale
+
+def paper_records(table, eval_dir="results/paper/eval"):
+    """One record per (row, w) measured at paper scale: FID and IS, mean ± std over the seed ranges."""
+    from tract_repro.results.experiments import paper_eval_file
+
+    saved = read_evaluations("paper").get(table["table"], {})
+    records = []
+    for row in table["rows"]:
+        for key, evaluation in saved.items():
+            if key.split("@w")[0] != row["id"]:
+                continue
+            path = Path(paper_eval_file(evaluation, root=eval_dir))
+            if not path.is_file():
+                continue
+            metrics = json.loads(path.read_text())
+            hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"] and r.get("w") == evaluation.get("w")]
+            if hit:
+                r = hit[0]
+                records.append(dict(row=row["id"], w=evaluation.get("w"), sampler=r["sampler"], nfe=r["nfe"], mode=r["mode"],
+                                    fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"], is_mean=r.get("is_mean"),
+                                    is_std=r.get("is_std"), samples_per_range=r["samples_per_range"],
+                                    seed_ranges=r["seed_ranges"], run=metrics["run"], weights_sha256=metrics["weights_sha256"]))
+    return records
+
+
+def render_paper(table, records):
+    """results/<table>.md at paper scale: FID and IS per (row, w), beside the paper's values."""
+    frame = pd.DataFrame.from_records(records, columns=["row", "w", "sampler", "nfe", "mode", "fid_mean", "fid_std",
+                                                        "is_mean", "is_std", "samples_per_range"])
+    ws = (table.get("paper") or {}).get("w") or []
+    by = {(r.row, float(r.w)): r for r in frame.itertuples()}
+    out = [f"# {table['title']}\n",
+           "Guidance: x̂^w = (1 + w)·x̂(x_t, c) − w·x̂(x_t, ∅), w = 0 conditional (a guidance scale s = 1 + w elsewhere); "
+           "the guided teacher is counted as 2 NFE a step.\n",
+           f"Paper setting: {table['paper']['setting']}.  \nPaper claim: {table['ordering']['claim']}.\n"]
+    for metric, title in (("fid", "FID (lower is better)"), ("is", "Inception Score (higher is better)")):
+        lines = []
+        for row in table["rows"]:
+            p = row.get("paper") or {}
+            paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')})"
+            cells = [by.get((row["id"], float(w))) for w in ws]
+            shown = [("" if c is None or pd.isna(getattr(c, f"{metric}_mean")) else
+                      _cell(getattr(c, f"{metric}_mean"), getattr(c, f"{metric}_std"), 2)) for c in cells]
+            lines.append([row["label"], paper if metric == "fid" else "", *shown])
+        out += [f"## {title}\n", tabulate(lines, headers=["row", "paper" if metric == "fid" else "",
+                                                          *[f"w = {w:g}" for w in ws]], tablefmt="github"), ""]
+    if frame.empty:
+        out.append("Nothing measured at paper scale yet: `dvc repro " + table["table"] + "` on a cluster with the data "
+                   "(README, Paper scale).")
+    else:
+        modes = ", ".join(sorted(set(frame["mode"])))
+        out.append(f"FID and IS: mean ± std over 3 seed ranges of {int(frame.samples_per_range.iloc[0]):,} samples "
+                   f"(clean-fid {modes}; IS over 10 splits of each range); {len(frame)} of the table's cells measured.")
+    out.append("Paper values: `guided-notes.md` (S: reliable secondary source); unknown cells say so in "
+               f"`experiments/{table['table']}.yaml`. Regenerate with `dvc repro {table['table']}`.")
+    return "\n".join(out) + "\n"

@@ -213,13 +213,15 @@ FID_REF = f"{PAPER_RUNS}/fid_ref"
 
 
 def check_stage(setup):
-    dataset = SETUPS[setup][0]
+    dataset, teacher = SETUPS[setup][:2]
     out = f"{CHECKS}/{setup}"
+    fetched = teacher is not None  # a guided setup's teacher is trained by the pipeline: nothing to fetch
     return dict(cmd=f"python -m tract_repro.results.check {setup} --data ${{paper.data.{dataset}}} "
-                    f"--teacher ${{paper.teachers.{setup}}} --inception ${{paper.inception}} "
+                    + (f"--teacher ${{paper.teachers.{setup}}} " if fetched else "")
+                    + f"--inception ${{paper.inception}} "
                     f"--mode ${{paper.fid.mode}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}",
-                params=[f"paper.data.{dataset}", f"paper.teachers.{setup}", "paper.inception", "paper.fid.mode",
-                        "paper.executor", "paper.cluster"],
+                params=[f"paper.data.{dataset}", *([f"paper.teachers.{setup}"] if fetched else []), "paper.inception",
+                        "paper.fid.mode", "paper.executor", "paper.cluster"],
                 outs=[{f"{out}/data.json": {"cache": False}}, {f"{out}/teacher.json": {"cache": False}}],
                 always_changed=True)
 
@@ -240,12 +242,31 @@ def reference_stage(setup):
     return dict(cmd=cmd, deps=[f"{CHECKS}/{setup}/data.json"], params=params, outs=[out])
 
 
-def setup_bindings(setup):
-    """The --gin bindings that point a paper run at the params' data and teacher paths."""
+def setup_bindings(setup, teacher_run=None):
+    """The --gin bindings that point a paper run at the params' data and at its teacher: the params' teacher
+    file, or the folder of a run the pipeline trains (``teacher_run``)."""
     dataset = SETUPS[setup][0]
-    return [f"--gin {quote(f'TEACHER = {chr(39)}${{paper.teachers.{setup}}}{chr(39)}')}",
-            f"--gin {quote(f'DATA = {chr(39)}${{paper.data.{dataset}}}{chr(39)}')}"], \
+    data = f"--gin {quote(f'DATA = {chr(39)}${{paper.data.{dataset}}}{chr(39)}')}"
+    if teacher_run is not None:
+        return [f"--gin {quote(f'TEACHER = {chr(39)}{PAPER_RUNS}/{teacher_run}{chr(39)}')}", data], [f"paper.data.{dataset}"]
+    return [f"--gin {quote(f'TEACHER = {chr(39)}${{paper.teachers.{setup}}}{chr(39)}')}", data], \
         [f"paper.data.{dataset}", f"paper.teachers.{setup}"]
+
+
+def paper_train_stage(name, spec):
+    """A run the pipeline trains once at paper scale (guided distillation's teacher, or its stage 1 from that)."""
+    teacher_run = spec.get("teacher_run")
+    if teacher_run is None:
+        dataset = SETUPS[spec["setup"]][0]
+        paths, params = [f"--gin {quote(f'DATA = {chr(39)}${{paper.data.{dataset}}}{chr(39)}')}"], [f"paper.data.{dataset}"]
+        deps = [f"{CHECKS}/{spec['setup']}/data.json"]
+    else:
+        paths, params = setup_bindings(spec["setup"], teacher_run)
+        deps = [f"{PAPER_RUNS}/{teacher_run}"]
+    args = [LAUNCH, "${paper.cluster}", spec["gin"], *[f"--gin {quote(b)}" for b in spec["bindings"]], *paths,
+            "--executor ${paper.executor} --wait", f"--workdir {PAPER_RUNS}/{name}"]
+    return dict(cmd=" ".join(args), deps=[*gin_deps(spec["gin"]), *deps], params=[*params, "paper.executor", "paper.cluster"],
+                outs=[{f"{PAPER_RUNS}/{name}": {"cache": False, "persist": True}}])
 
 
 def teacher_import_stage(name, spec):
@@ -257,13 +278,15 @@ def teacher_import_stage(name, spec):
 
 
 def paper_phase_stage(phase):
-    paths, params = setup_bindings(phase.setup)
+    paths, params = setup_bindings(phase.setup, phase.teacher)
     args = [LAUNCH, "${paper.cluster}", phase.gin, *[f"--gin {quote(b)}" for b in phase.stage_bindings()], *paths,
             f"--gin {quote(f'train.only_phase = {phase.index}')}"]
     deps = gin_deps(phase.gin)
     if phase.previous is not None:
         args.append(f"--gin {quote(f'train.previous = {phase.previous.workdir!r}')}")
         deps.append(phase.previous.workdir)
+    elif phase.teacher is not None:
+        deps.append(f"{PAPER_RUNS}/{phase.teacher}")
     else:
         deps += [f"{CHECKS}/{phase.setup}/data.json", f"{CHECKS}/{phase.setup}/teacher.json"]
     args += ["--executor ${paper.executor} --wait", f"--workdir {phase.workdir}"]
@@ -273,18 +296,29 @@ def paper_phase_stage(phase):
 
 
 def paper_eval_stage(target, setup, requests):
-    """FID of one run for every (sampler, steps) its rows ask for: 3 seed ranges per step count."""
+    """FID (and IS) of one run for every (sampler, w, steps) its rows ask for (``requests``: {(sampler, w): {steps}},
+    w None without guidance): 3 seed ranges per step count; one command per sampler and set of step counts."""
+    groups = {}
+    for (sampler, w), steps in requests.items():
+        groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append(w)
     cmds, metrics, pngs = [], [], []
-    for sampler, steps in sorted(requests.items()):
+    for (sampler, steps), ws in sorted(groups.items(), key=lambda kv: (kv[0][0], [-k for k in kv[0][1]])):
+        ws = sorted(ws, key=_w_key)
+        guided = ws != [None]
         out = paper_eval_file(dict(target=target, sampler=sampler))
-        steps = sorted(steps, reverse=True)
-        chosen = "" if sampler == "ddim" else f" --sampler {sampler}"
+        if guided:  # one metrics file per w: the evaluation fills in {w}
+            out = out.replace(".json", "_w{w}.json")
+        chosen = ("" if sampler == "ddim" else f" --sampler {sampler}") + (f" --w {' '.join(f'{w:g}' for w in ws)}"
+                                                                          if guided else "")
         cmds.append(f"python -m tract_repro.evaluation.fid evaluate {PAPER_RUNS}/{target} --steps "
                     f"{' '.join(map(str, steps))}{chosen} --reference {FID_REF}/{setup}.npz ${{paper.fid}} "
                     f"--inception ${{paper.inception}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} "
                     f"--out {out}")
-        metrics.append({out: {"cache": False}})
-        pngs += [{out.replace(".json", f"_{k}steps.png"): {"cache": False}} for k in steps]
+        for w in ws:
+            done = out if w is None else out.replace("{w}", f"{w:g}")
+            metrics.append({done: {"cache": False}})
+            pngs += [{done.replace(".json", f"_{k}steps" + ("" if w is None else f"_w{w:g}") + ".png"): {"cache": False}}
+                     for k in steps]
     return dict(cmd=cmds if len(cmds) > 1 else cmds[0], deps=[f"{PAPER_RUNS}/{target}", f"{FID_REF}/{setup}.npz"],
                 params=["paper.fid", "paper.inception", "paper.executor", "paper.cluster"], metrics=metrics, outs=pngs)
 
@@ -302,13 +336,16 @@ def build_paper(tables, paper, digits_tables=()):
     for setup in setups:
         stages[f"paper_fid_ref_{setup}"] = reference_stage(setup)
     for name in sorted(teachers):
-        stages[f"paper_import_{name}"] = teacher_import_stage(name, teachers[name])
+        if teachers[name].get("trains"):
+            stages[f"paper_train_{name}"] = paper_train_stage(name, teachers[name])
+        else:
+            stages[f"paper_import_{name}"] = teacher_import_stage(name, teachers[name])
     for key in sorted(phases):
         stages[f"paper_run_{key}"] = paper_phase_stage(phases[key])
     wanted = {}
     for e in evaluations:
         entry = wanted.setdefault(e["target"], dict(setup=e["setup"], requests={}))
-        entry["requests"].setdefault(e["sampler"], set()).add(e["steps"])
+        entry["requests"].setdefault((e["sampler"], e.get("w")), set()).add(e["steps"])
     for target in sorted(wanted):
         stages[f"paper_eval_{target}"] = paper_eval_stage(target, wanted[target]["setup"], wanted[target]["requests"])
     for name in tables:
@@ -346,7 +383,7 @@ def split(pipeline, tables):
         return seen
 
     def owned(name):
-        return name.startswith(("digits_run_", "digits_eval_", "paper_run_", "paper_eval_"))
+        return name.startswith(("digits_run_", "digits_eval_", "paper_run_", "paper_eval_", "paper_train_"))
 
     owner = {}
     for table in table_order(tables):
