@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) -m tract_repro.launch
 
-.PHONY: setup test digits digits-table1 digits-sweep bench
+.PHONY: setup test digits digits-table1 digits-guided digits-sweep bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,7 @@ DVC := $(VENV)/bin/dvc
 # the DDIM-teacher tables, then Table 1's EDM rows (a second teacher, trained last).
 DIGITS_TABLES := digits_table1 digits_table3 digits_table4 digits_table5 digits_table6 digits_btd_vs_tract
 DIGITS_EDM := digits_table1_edm
+DIGITS_GUIDED := digits_guided
 
 # Stage commands start warm: python -m tract_repro.warm forks them from a server that has imported
 # torch once (each would otherwise spend ~4-6 s on imports; a stage still runs the same, cold, without it).
@@ -32,8 +33,14 @@ digits: setup
 	$(REPRO) digits_table1
 	$(REPRO) $(DIGITS_TABLES)
 	$(REPRO) $(DIGITS_EDM)
-	@echo "tables: results/table1.md results/table3.md results/table4.md results/table5.md results/table6.md results/btd_vs_tract.md results/table1_edm.md"
-	@echo "plots and sample grids: results/digits/*.png, results/digits/eval/*/s0_1steps.png"
+	$(REPRO) $(DIGITS_GUIDED)
+	@echo "tables: results/table1.md results/table3.md results/table4.md results/table5.md results/table6.md results/btd_vs_tract.md results/table1_edm.md results/guided.md"
+	@echo "plots and sample grids: results/digits/*.png (guided: results/digits/guided.png, guided_grids.png), results/digits/eval/*/s0_1steps.png"
+
+# Guided distillation alone (Meng et al.: guided teacher, stage 1, BTD/TRACT/stochastic students at w = 0…4).
+digits-guided: setup
+	$(REPRO) $(DIGITS_GUIDED)
+	@echo "table: results/guided.md; plots: results/digits/guided.png, results/digits/guided_grids.png"
 
 # Digits Table 1 alone (BTD vs TRACT with teacher baselines).
 digits-table1: setup

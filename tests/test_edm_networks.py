@@ -463,3 +463,43 @@ def test_state_dict_roundtrip_and_gin():
     net = EDMNet()
     assert n_params(net) == n_params(edm_digits_tiny())
     assert [k for k, _ in net.state_dict().items()] == list(edm_digits_tiny().state_dict())
+
+
+@pytest.mark.parametrize("arch", ["adm", "song"])
+def test_an_edm_w_input_starts_at_zero_so_the_student_equals_the_teacher_for_every_w(arch):
+    """EDMNet.extra_conditions = ('w',): the w branch joins beside the class label and starts at zero, so the student
+    loaded from a teacher (its cond_emb keys missing) is the teacher exactly at every w; ∅ (label −1) is the zero
+    one-hot row; a w the network does not take, or a missing one, is one line."""
+    from tract_repro.common.errors import ConfigError
+    from tract_repro.networks.conditioning import Cond
+    from tract_repro.networks.edm_denoiser import EDMDenoiser
+    from tract_repro.networks.guidance import GuidedDenoiser, takes_input
+
+    kwargs = dict(TINY_ADM) if arch == "adm" else dict(TINY_SONG, label_dim=10, augment_dim=0)
+    arch_cls = DhariwalUNet if arch == "adm" else SongUNet
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(EDMNet(perturb_(arch_cls(**kwargs), std=0.05))).eval()
+    student = EDMDenoiser(EDMNet(arch_cls(**kwargs), extra_conditions=("w",))).eval()
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("net.cond_emb.w.") for k in missing)
+    assert takes_input(student, "w") and not takes_input(teacher, "w")
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    logsnr, labels = torch.linspace(-4, 4, 4, dtype=torch.float64), torch.tensor([0, 3, 9, -1])
+    with torch.no_grad():
+        plain = teacher(x, logsnr, Cond(labels))
+        for w in (0.0, 1.7, 4.0):
+            assert torch.equal(student(x, logsnr, Cond(labels, {"w": torch.full((4,), w, dtype=torch.float64)})), plain)
+        null = teacher(x[3:], logsnr[3:], Cond(torch.zeros(1, 10)))  # an all-zero one-hot row
+        torch.testing.assert_close(plain[3:], null, rtol=0, atol=1e-6)  # float32 convolutions of another batch size
+        perturb_(student.net.cond_emb, seed=3)
+        w0 = student(x, logsnr, Cond(labels, {"w": torch.zeros(4, dtype=torch.float64)}))
+        w4 = student(x, logsnr, Cond(labels, {"w": torch.full((4,), 4.0, dtype=torch.float64)}))
+        assert not torch.allclose(w0, w4)  # w reaches the output once its branch is trained
+        guided = GuidedDenoiser(teacher)(x, logsnr, Cond(labels.clamp(min=0), {"w": torch.full((4,), 2.0, dtype=torch.float64)}))
+        unconditional = teacher(x, logsnr, Cond(torch.full((4,), -1)))
+        torch.testing.assert_close(guided, 3 * teacher(x, logsnr, Cond(labels.clamp(min=0))) - 2 * unconditional,
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="set EDMNet.extra_conditions"):
+        teacher(x, logsnr, Cond(labels, {"w": torch.zeros(4, dtype=torch.float64)}))
+    with pytest.raises(ConfigError, match="evaluate --w"):
+        student(x, logsnr, Cond(labels))

@@ -279,3 +279,32 @@ def test_run_stages_names_an_unknown_table_in_one_line(in_repo, capsys):
 
     assert run_stages.main(["no_such_table"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_the_guided_table_trains_stage_1_once_and_evaluates_every_row_at_every_w(in_repo):
+    """Guided digits: teacher → stage 1 (trained once, from the teacher) → BTD, TRACT and stochastic-sampler phases;
+    every row at each w of the table, one metrics file per w; the stochastic students share the BTD chain."""
+    stages = pipeline.load_stages()
+    stage1 = stages["digits_guided_stage1"]
+    assert "TEACHER = 'runs/digits/guided_teacher'" in stage1["cmd"] and "runs/digits/guided_teacher" in stage1["deps"]
+    assert stage1["params"] == ["digits.guided_stage1_total"]
+    assert stages["digits_guided_teacher"]["params"] == ["digits.guided_teacher_total"]
+    _, evaluations = real_expansion()
+    guided = {e["row"]: e for e in evaluations if e["table"] == "guided"}
+    assert {r.split("@")[1] for r in guided if r.startswith("btd_4steps@")} == {"w0", "w0.5", "w1", "w2", "w4"}
+    assert [r for r in guided if r.startswith("teacher_1024@")] == ["teacher_1024@w0"]
+    assert guided["stage1_64@w1"]["target"] == "guided_stage1" and guided["stage1_64@w1"]["seeds"] == [0]
+    phases, _ = real_expansion()
+    stochastic, plain = phases[guided["btd_stochastic_4steps@w0"]["target"]], guided["btd_4steps@w0"]["target"]
+    assert stochastic.previous.key == plain and stochastic.student_steps == 2  # 4 → 2 with 2/4 jumps from every level
+    assert "STOCHASTIC = True" in stages[f"digits_run_{stochastic.key}"]["cmd"]
+    assert "STOCHASTIC" not in stages[f"digits_run_{plain}"]["cmd"]
+    evals = stages["digits_eval_guided"]
+    cmd = next(c for c in evals["cmd"] if f"runs/digits/{stochastic.key}/s0" in c)
+    assert "--sampler stochastic --w 0 0.5 1 2 4" in cmd and f"results/digits/eval/{stochastic.key}/s0_stochastic_w{{w}}.json" in cmd
+    assert {f"results/digits/eval/{stochastic.key}/s1_stochastic_w0.5.json": {"cache": False}} in evals["metrics"]
+    assert {f"results/digits/eval/{stochastic.key}/s1_stochastic_w0.5_4steps_w0.5_classes.png": {"cache": False}} in evals["outs"]
+    teacher = stages["digits_eval_guided_teacher"]["cmd"]
+    assert any("--steps 1024 64 8 4 2 1 --w 0 " in c for c in teacher) and any("--steps 64 8 4 2 1 --w 0.5 1 2 4 " in c for c in teacher)
+    table = stages["digits_guided"]
+    assert {"results/digits/guided_grids.png": {"cache": False}} in table["outs"]

@@ -66,8 +66,6 @@ class EDMDenoiser(nn.Module):
 
     def forward(self, x_t, logsnr, cond=None):
         cond = as_cond(cond)
-        if cond.extra:
-            raise ConfigError(f"EDM networks take no extra conditioning inputs, got {sorted(cond.extra)}")
         x_t = x_t.to(torch.float64)
         b = x_t.shape[0]
         logsnr = torch.as_tensor(logsnr, dtype=torch.float64, device=x_t.device).reshape(-1)
@@ -83,5 +81,11 @@ class EDMDenoiser(nn.Module):
         class_labels = self.class_labels(cond.labels, b)
         if class_labels is not None:
             class_labels = class_labels.to(x_t.device)
-        f = self.net.model(x_in, noise, class_labels)
+        run = getattr(self.net, "run", None)  # EDMNet: with any extra inputs (w) beside the label
+        if run is not None:
+            f = run(x_in, noise, class_labels, cond.extra)
+        elif cond.extra:
+            raise ConfigError(f"this EDM network takes no extra conditioning inputs, got {sorted(cond.extra)}")
+        else:
+            f = self.net.model(x_in, noise, class_labels)
         return skip * x_t + out * f.to(torch.float64)

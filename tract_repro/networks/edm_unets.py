@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tract_repro.common.errors import ConfigError
+from tract_repro.networks.layers import embedding_mlp, timestep_embedding
 from tract_repro.networks.edm_layers import (
     Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
 )
@@ -163,7 +164,10 @@ class SongUNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(ch, eps=1e-6)  # level 0 comes last
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(ch, out_channels, kernel=3, **init_zero)
 
-    def embed(self, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
+    #: where an extra conditioning embedding (EDMNet.extra_conditions) joins: beside the class label
+    extra_width = property(lambda self: self.map_layer0.in_features)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None, extra_emb=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels.reshape(-1))
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)   # [cos|sin] → [sin|cos]
         if self.map_label is not None:
@@ -171,6 +175,8 @@ class SongUNet(nn.Module):
                 raise ConfigError(f"SongUNet has label_dim={self.label_dim}: class_labels are required")
             labels = _drop_labels(class_labels.to(emb.dtype), self.label_dropout, self.training)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+        if extra_emb is not None:
+            emb = emb + extra_emb
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         emb = F.silu(self.map_layer0(emb))
@@ -283,7 +289,10 @@ class DhariwalUNet(nn.Module):
         self.out_norm = GroupNorm(ch, eps=1e-5)
         self.out_conv = Conv2d(ch, out_channels, kernel=3, **init_zero)
 
-    def embed(self, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
+    #: where an extra conditioning embedding (EDMNet.extra_conditions) joins: beside the class label
+    extra_width = property(lambda self: self.map_layer1.out_features)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None, extra_emb=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels.reshape(-1))                       # [cos|sin], no swap
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
@@ -293,6 +302,8 @@ class DhariwalUNet(nn.Module):
                 raise ConfigError(f"DhariwalUNet has label_dim={self.label_dim}: class_labels are required")
             labels = _drop_labels(class_labels.to(emb.dtype), self.label_dropout, self.training)
             emb = emb + self.map_label(labels)                               # one-hot, not rescaled
+        if extra_emb is not None:
+            emb = emb + extra_emb
         return F.silu(emb)
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor):
@@ -325,11 +336,20 @@ class EDMNet(nn.Module):
     ``class_labels``: float one-hot (B, label_dim), or integer class indices (B,) which are
     one-hot encoded here.  For a conditional net, ``None`` becomes a zero row of shape
     (1, label_dim), as EDMPrecond does.  Ignored by unconditional nets.
+
+    ``extra_conditions``: names of extra scalar inputs (guidance's w), each embedded like the digits and PD
+    UNets' (the sinusoidal features of 1000·value through Linear, SiLU, Linear with a zero-initialised last
+    layer) and added where the class label joins the embedding; ``cond_emb`` holds them, so a teacher
+    without them loads with those keys missing and the student starts equal to it.
     """
 
-    def __init__(self, model: nn.Module = gin.REQUIRED):
+    def __init__(self, model: nn.Module = gin.REQUIRED, extra_conditions=()):
         super().__init__()
         self.model = model
+        self.extra_conditions = tuple(extra_conditions)
+        width = model.map_layer0.in_features
+        self.cond_emb = nn.ModuleDict({n: embedding_mlp(width, model.extra_width, last_scale=0.0)
+                                       for n in self.extra_conditions})
         self.label_dim = int(getattr(model, "label_dim", 0))
         self.num_classes = self.label_dim if self.label_dim else 1
         self.img_resolution = model.img_resolution
@@ -345,6 +365,30 @@ class EDMNet(nn.Module):
                 raise ConfigError("integer class_labels must be class indices of shape (B,)")
             class_labels = F.one_hot(class_labels.long(), self.label_dim)
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+
+    def extra_embedding(self, extra, like):
+        """Σ_name cond_emb[name](sinusoid(1000·value)) for the extra inputs, or None for a net without any;
+        one line when the inputs given and the net's ``extra_conditions`` differ."""
+        extra = extra or {}
+        if set(extra) != set(self.extra_conditions):
+            raise ConfigError(f"this EDM network takes the extra inputs {list(self.extra_conditions)} but got "
+                              f"{sorted(extra)}: " + ("sample it with one (e.g. evaluate --w ...)" if self.extra_conditions
+                                                      else "set EDMNet.extra_conditions = ('w',) for a w-conditioned student"))
+        if not self.extra_conditions:
+            return None
+        width = self.model.map_layer0.in_features
+        return sum(self.cond_emb[n](timestep_embedding(extra[n].reshape(-1).to(like.device), width, max_time=1.0)
+                                    .to(like.dtype)) for n in self.extra_conditions)
+
+    def run(self, x, noise_labels, class_labels=None, extra=None):
+        """F(x, c_noise, labels[, extra inputs]): the EDM net's own call, or its embed/encode/decode with the extra
+        embedding added beside the label."""
+        extra_emb = self.extra_embedding(extra, x)
+        if extra_emb is None:
+            return self.model(x, noise_labels, class_labels)
+        emb = self.model.embed(noise_labels, class_labels, extra_emb=extra_emb)
+        h, skips = self.model.encode(x, emb)
+        return self.model.decode(h, skips, emb)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
         kw = {} if augment_labels is None else dict(augment_labels=augment_labels)

@@ -130,3 +130,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.res(x, emb)
         return self.attn(h) if self.attn is not None else h
+
+
+def embedding_mlp(ch: int, emb_ch: int, last_scale: float = 1.0) -> nn.Sequential:
+    """Linear(ch, E), SiLU, Linear(E, E) on sinusoidal features; ``last_scale`` 0 makes a branch that starts at zero."""
+    return nn.Sequential(linear(ch, emb_ch), nn.SiLU(), linear(emb_ch, emb_ch, last_scale))

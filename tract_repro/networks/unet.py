@@ -37,12 +37,8 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.networks.conditioning import NULL_LABEL
 from tract_repro.networks.layers import (
     ZERO_INIT_SCALE, Block, ResBlock, SelfAttention, conv, group_norm, linear,
-    timestep_embedding,
+    embedding_mlp, timestep_embedding,
 )
-
-
-def _embedding_mlp(ch: int, emb_ch: int, last_scale: float = 1.0) -> nn.Sequential:
-    return nn.Sequential(linear(ch, emb_ch), nn.SiLU(), linear(emb_ch, emb_ch, last_scale))
 
 
 @gin.configurable
@@ -93,9 +89,9 @@ class UNet(nn.Module):
             return Block(ResBlock(cin, cout, E, resample, dropout, groups), attn)
 
         # Embeddings.
-        self.time = _embedding_mlp(C, E)
+        self.time = embedding_mlp(C, E)
         self.class_emb = linear(num_classes + self.null_class, E) if num_classes > 1 else None
-        self.cond_emb = nn.ModuleDict({n: _embedding_mlp(C, E, last_scale=0.0) for n in self.extra_conditions})
+        self.cond_emb = nn.ModuleDict({n: embedding_mlp(C, E, last_scale=0.0) for n in self.extra_conditions})
 
         # Down path (skip_ch mirrors the skip stack).
         self.conv_in = conv(in_channels, C, 3)
