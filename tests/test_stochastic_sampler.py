@@ -73,3 +73,19 @@ def test_a_ddim_jump_on_gaussian_data_is_not_exact():
     lam = [value.expand(N) for value in logsnrs]
     out = ddim_jump(exact_denoiser, clip=False)(x, lam[0], lam[2], grid.alpha_sigma, None)
     assert out.var().item() < 0.9 * marginal(grid, logsnrs[2])[1]
+
+
+def test_seeded_re_noising_is_independent_of_the_initial_noise_the_other_steps_and_the_batch():
+    """ξ of step i of sample j comes from seed j alone and is uncorrelated with that sample's initial noise and
+    with other steps' ξ (a seed offset by 2^40 in torch's 32-bit-seeded generator would replay the initial noise)."""
+    from tract_repro.sampling.samplers import noise_from_seeds
+    from tract_repro.sampling.stochastic import seeded_noise
+
+    seeds, shape, like = range(400), (1, 8, 8), torch.zeros(1, dtype=torch.float64)
+    initial = noise_from_seeds(seeds, shape).flatten()
+    xi0, xi1 = seeded_noise(seeds, shape)(0, like).flatten(), seeded_noise(seeds, shape)(1, like).flatten()
+    for a, b in ((initial, xi0), (initial, xi1), (xi0, xi1)):
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 4 / math.sqrt(len(a))
+    assert abs(xi0.mean().item()) < 4 / math.sqrt(len(xi0)) and abs(xi0.var().item() - 1) < 4 * math.sqrt(2 / len(xi0))
+    alone = seeded_noise([7, 3], shape)(5, like)
+    assert torch.equal(alone[1], seeded_noise(range(10), shape)(5, like)[3])  # sample 3's draw whatever the batch

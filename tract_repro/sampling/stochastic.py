@@ -10,6 +10,7 @@ at k.  The last step, one level to the clean end, is deterministic.  N steps cos
 The jumps of two levels are what a student distilled for N/2 steps has learnt; the sampler evaluates
 it at every level of the N-step grid.
 """
+import numpy as np
 import torch
 
 from tract_repro.common.errors import ConfigError
@@ -33,12 +34,17 @@ def ddim_jump(denoiser, clip=True):
     return jump
 
 
+STREAM = 0x5EED5  # keys the re-noising draws apart from every other per-seed draw
+
+
 def seeded_noise(seeds, shape):
-    """ξ for step i of sample j from seed j alone (independent of the batch and of the initial noise's seed)."""
+    """ξ for step i of sample j from seed j alone: numpy's PCG64 keyed by SeedSequence((seed j, STREAM, i)),
+    independent of the batch, of the other steps and of the initial noise.  (Not torch's CPU generator offset
+    by multiples of 2^32: it keeps only a seed's low 32 bits, so such offsets replay the initial noise.)"""
     def noise(i, like):
-        draws = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s) + (i + 1) * 2**40), dtype=torch.float64)
+        draws = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(s), STREAM, int(i)]))).standard_normal(shape)
                  for s in seeds]
-        return torch.stack(draws).to(like.device, like.dtype)
+        return torch.from_numpy(np.stack(draws)).to(like.device, like.dtype)
     return noise
 
 
