@@ -7,8 +7,8 @@ pipelines/evaluations.json); this module reads those evaluations and writes
 - ``results/guided.md``: digits-FD, class accuracy and the digits Inception Score per (row, w), mean ± std
   over seeds, beside the paper's values where known, with the paper's claims checked at every w;
 - ``results/digits/guided.{json,csv}``: the same numbers (DVC metrics and plots);
-- ``results/digits/guided.png``: digits-FD against class accuracy over w, one curve per model, one panel per
-  step count (Meng et al.'s FID/IS figure at digits scale);
+- ``results/digits/guided.png``: digits-FD against class accuracy and against w, one curve per model, one
+  panel per step count (Meng et al.'s FID/IS figure at digits scale);
 - ``results/digits/guided_grids.png``: samples with one row per class at w = 0, 1, 4.
 """
 import json
@@ -150,35 +150,47 @@ def render(table, summary, checks, params):
             out.append(f"- {labels[a]} {relation} {labels[b]}: {marks}")
     held = [c for c in checks if c["holds"] is not None]
     out += ["", f"{sum(c['holds'] for c in held)} of {len(held)} checks hold (✓ holds, ✗ does not, ? not measured).", ""]
+    for row in table["rows"]:  # rows evaluated at fewer guidance weights than the table's, and why
+        if (row.get("digits") or {}).get("w") is not None:
+            out.append(f"{row['label']}: evaluated at w = {', '.join(f'{w:g}' for w in row['digits']['w'])} only. "
+                       f"{(row.get('paper') or {}).get('note') or ''}")
+    out.append("")
     floor, samples = summary.attrs.get("noise_floor"), summary.attrs.get("samples")
     if floor is not None:
         out.append(f"digits-FD noise floor (two halves of the real set): {floor:.2f}; {samples} samples per evaluation, "
                    "one seed each, labels drawn per seed. Pictures: `results/digits/guided.png` (digits-FD against class "
-                   "accuracy over w), `results/digits/guided_grids.png` (one row per class at w = 0, 1, 4). Paper values: "
+                   "accuracy and against w), `results/digits/guided_grids.png` (one row per class at w = 0, 1, 4). Paper values: "
                    "`guided-notes.md` §1a (S: a reliable secondary source); every other published guided number is unknown "
                    "here. Regenerate with `dvc repro digits_guided`.")
     return "\n".join(out) + "\n"
 
 
 def plot(table, summary, path):
-    """digits-FD against class accuracy over w: one panel per step count, one curve per row."""
+    """One panel per step count, one curve per row over w: digits-FD against class accuracy (Meng et al.'s FID/IS
+    figure at digits scale; top), and digits-FD against w (bottom, where the accuracy saturates)."""
     labels = {r["id"]: r["label"] for r in table["rows"]}
     steps = sorted({int(s) for s in summary.steps})
-    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.6), squeeze=False)
-    for ax, k in zip(axes[0], steps):
+    fig, axes = plt.subplots(2, len(steps), figsize=(3.2 * len(steps), 6.4), squeeze=False)
+    for col, k in enumerate(steps):
+        top, bottom = axes[0][col], axes[1][col]
         for row, group in summary[summary.steps == k].groupby("row", sort=False):
             group = group.sort_values("w")
-            ax.plot(group.class_accuracy_mean, group.digits_fd_mean, marker="o", ms=3, label=labels[row])
+            line, = top.plot(group.class_accuracy_mean, group.digits_fd_mean, marker="o", ms=3, label=labels[row])
             for r in group.itertuples():
                 if r.w in (group.w.min(), group.w.max()):
-                    ax.annotate(f"w={r.w:g}", (r.class_accuracy_mean, r.digits_fd_mean), fontsize=5)
-        ax.set_title(f"{k} step{'s' if k > 1 else ''}", fontsize=8)
-        ax.set_xlabel("class accuracy", fontsize=7)
-        ax.set_yscale("log")
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=5)
+                    top.annotate(f"w={r.w:g}", (r.class_accuracy_mean, r.digits_fd_mean), fontsize=5)
+            bottom.errorbar(group.w, group.digits_fd_mean, yerr=group.digits_fd_std.fillna(0), marker="o", ms=3,
+                            capsize=2, color=line.get_color(), label=labels[row])
+        top.set_title(f"{k} step{'s' if k > 1 else ''}", fontsize=8)
+        top.set_xlabel("class accuracy", fontsize=7)
+        bottom.set_xlabel("guidance weight w", fontsize=7)
+        for ax in (top, bottom):
+            ax.set_yscale("log")
+            ax.tick_params(labelsize=6)
+        bottom.legend(fontsize=5)
     axes[0][0].set_ylabel("digits-FD (log)", fontsize=7)
-    fig.suptitle(f"{table['title']}: digits-FD against class accuracy over w", fontsize=8)
+    axes[1][0].set_ylabel("digits-FD (log), mean ± std over seeds", fontsize=7)
+    fig.suptitle(f"{table['title']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
