@@ -81,7 +81,7 @@ def test_cuda_run_with_bf16_autocast_and_channels_last_trains(tmp_path):
     run, log = run_tiny(tmp_path, "bf16", "Device.name = 'cuda'\nDevice.tf32 = True\nDevice.autocast = 'bf16'\n"
                                           "Device.channels_last = True")
     info = json.loads((run / "run.json").read_text())
-    assert info["device"] | dict(gpu=None) == dict(device="cuda", tf32=True, autocast="bf16", channels_last=True, gpu=None)
+    assert info["device"] | dict(gpu=None) == dict(device="cuda", tf32=True, autocast="bf16", channels_last=True, noise="cpu", gpu=None)
     assert info["status"] == "complete" and len(log) == 16
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     weights = torch.load(run / "ema.pt", weights_only=True)

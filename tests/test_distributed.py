@@ -257,3 +257,38 @@ def test_a_two_process_run_with_dropout_resumes_exactly(tmp_path, teacher):
     assert strip(straight) == strip(resumed)
 
 
+
+
+def test_noise_drawn_on_the_device_is_split_independent_resumes_exactly_and_differs_from_cpu_noise(tmp_path, teacher,
+                                                                                                   reference):
+    """Device.noise = 'device': the step's draws come from a generator seeded by (seed, step) on the training device
+    (the CPU here): two micro-batches train like the full batch, a resume from the middle ends bit-identical with no
+    generator state, and the draws are not the CPU generator's."""
+    text = run_text(teacher, "Device.noise = 'device'")
+    config.parse([], [], text=text)
+    full = train(tmp_path / "full")
+    config.parse([], [], text=text + "\ntrain.accumulate = 2")
+    assert_same_training(train(tmp_path / "accumulated"), full, atol=1e-5)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for p in ckpt.list_checkpoints(resumed / "checkpoints")[1:]:
+        p.unlink()
+    (resumed / "ema.pt").unlink()
+    config.parse([], [], text=text)
+    train(resumed)
+    a, b = final_state(full), final_state(resumed)
+    for key in a:
+        assert bitwise_equal(a[key], b[key]), f"{key} differs after resume"
+    assert metrics(full)[0]["loss"] != metrics(reference)[0]["loss"]  # other draws than the CPU generator's
+    assert json.loads((full / "run.json").read_text())["device"]["noise"] == "device"
+
+
+def test_the_step_generator_depends_on_seed_and_step_alone():
+    from tract_repro.common.batch_random import step_generator
+
+    draw = lambda seed, step: torch.randn(4, generator=step_generator(seed, step))  # noqa: E731
+    assert torch.equal(draw(3, 7), draw(3, 7))
+    assert not torch.equal(draw(3, 7), draw(3, 8)) and not torch.equal(draw(3, 7), draw(4, 7))
+    assert not torch.equal(draw(0, 2**32), draw(0, 0))  # mixed, not truncated to 32 bits
+    with pytest.raises(Exception, match="Device.noise"):
+        Device("cpu", noise="gpu")

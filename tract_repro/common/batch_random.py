@@ -13,10 +13,13 @@ generator and ask it for per-sample tensors.  Helpers that are still handed a ba
 ``torch.Generator`` (tests, benchmarks) wrap it with :func:`as_batch_random`, which draws for
 exactly the batch at hand, as before.
 
-The price is that every process draws the whole global batch's noise on its CPU, once per step
-(the micro-batches of a step share it): about 1M float64 normals for CIFAR-10 at batch 256, but
-25M (200 MB) per rank for ImageNet 64×64 at a global batch of 2048, where a counter-based
-per-sample generator would be cheaper at the cost of changing every existing run's noise.
+By default every process draws the whole global batch's noise on its CPU, once per step (the
+micro-batches of a step share it): about 1M float64 normals for CIFAR-10 at batch 256, but 25M
+(200 MB) per rank for ImageNet 64×64 at a global batch of 2048.  With ``Device.noise = 'device'``
+the step's generator lives on the training device instead, seeded by (seed, step) alone
+(:func:`step_generator`): every rank still draws the whole global batch and keeps its rows, so the
+split does not matter, but the draws stay on the GPU and resume needs no generator state.  A CUDA
+generator draws other numbers than a CPU one: runs on the two devices get different noise.
 
 Dropout is not drawn here: it uses torch's global RNG inside the network, so it does depend on
 the rank and on the micro-batch split (see :mod:`tract_repro.training.distributed`).
@@ -52,12 +55,13 @@ class StepRandom:
                                    f"but {key} for another: a method's draws must not depend on its data")
             return self._drawn[i][1]
         size = (self.batch_size, *shape)
+        device = None if self.generator is None else self.generator.device  # where the generator draws
         if kind == "randint":
-            value = torch.randint(low, high + 1, size, generator=self.generator)
+            value = torch.randint(low, high + 1, size, generator=self.generator, device=device)
         elif kind == "rand":
-            value = torch.rand(size, generator=self.generator, dtype=dtype)
+            value = torch.rand(size, generator=self.generator, dtype=dtype, device=device)
         else:
-            value = torch.randn(size, generator=self.generator, dtype=dtype)
+            value = torch.randn(size, generator=self.generator, dtype=dtype, device=device)
         self._drawn.append((key, value))
         return value
 
@@ -111,3 +115,13 @@ def as_batch_random(source, n):
     if source is not None and not isinstance(source, torch.Generator):
         raise TypeError(f"expected a BatchRandom or a torch.Generator, got {type(source).__name__}")
     return StepRandom(source, n).slice()
+
+
+def step_generator(seed, step, device="cpu"):
+    """A generator on ``device`` for optimisation step ``step`` of a run seeded ``seed``: a function of the two
+    alone, mixed by numpy's SeedSequence into 64 bits (a CPU generator keeps the low 32 of them)."""
+    import numpy as np
+
+    words = np.random.SeedSequence([int(seed), int(step), 0x5749]).generate_state(2, np.uint32)
+    mixed = (int(words[0]) << 32 | int(words[1])) & (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)

@@ -36,7 +36,7 @@ class ImageArrays:
         x = self.images[idx]
         x = x.double() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.double()
         if self.hflip:
-            flip = as_batch_random(generator, len(idx)).rand() < 0.5
+            flip = (as_batch_random(generator, len(idx)).rand() < 0.5).to(x.device)  # drawn on the CPU or the GPU
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x, self.labels[idx]
 

@@ -1,7 +1,11 @@
-"""Where and how the networks run: device, TF32, bf16 autocast and channels-last, bound in gin.
+"""Where and how the networks run: device, TF32, bf16 autocast, channels-last and where noise is drawn, bound in gin.
 
-Random draws (data order, augmentation, t, ε) always come from CPU generators and are then
-moved to the device, so a run's noise does not depend on the device it runs on.
+With ``noise = 'cpu'`` (the default) the per-sample draws of a step (augmentation, t, ε) come from
+the run's CPU generator and are moved to the device, so a run's noise does not depend on the device
+it runs on.  With ``noise = 'device'`` they are drawn on the device from a generator seeded by
+(seed, step) (:func:`tract_repro.common.batch_random.step_generator`): no host-to-device copy of
+the batch's noise each step, at the price of other numbers than a CPU run's.  The data order
+always comes from the CPU.
 """
 import contextlib
 
@@ -17,7 +21,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Device:
     """``name``: 'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available); GPU options are off by default."""
 
-    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False):
+    NOISE = ("cpu", "device")
+
+    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False, noise="cpu"):
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(name)
@@ -25,7 +31,11 @@ class Device:
             raise ConfigError(f"Device.name = {name!r} but CUDA is not available here: set Device.name = 'cpu' (or 'auto')")
         if autocast not in (None, *AUTOCAST_DTYPES):
             raise ConfigError(f"Device.autocast = {autocast!r}: choose None, {' or '.join(map(repr, AUTOCAST_DTYPES))}")
+        if noise not in self.NOISE:
+            raise ConfigError(f"Device.noise = {noise!r}: choose 'cpu' (the run's CPU generator) or 'device' "
+                              f"(drawn on the device, seeded by seed and step)")
         self.tf32, self.autocast_dtype, self.channels_last = bool(tf32), autocast, bool(channels_last)
+        self.noise = noise
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
@@ -54,7 +64,8 @@ class Device:
             torch.cuda.set_rng_state(state, self.device)
 
     def describe(self):
-        info = dict(device=str(self.device), tf32=self.tf32, autocast=self.autocast_dtype, channels_last=self.channels_last)
+        info = dict(device=str(self.device), tf32=self.tf32, autocast=self.autocast_dtype, channels_last=self.channels_last,
+                    noise=self.noise)
         if self.is_cuda:
             info["gpu"] = torch.cuda.get_device_name(self.device)
         return info

@@ -20,7 +20,7 @@ import gin
 import torch
 from tqdm import tqdm
 
-from tract_repro.common.batch_random import StepRandom
+from tract_repro.common.batch_random import StepRandom, step_generator
 from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256
 from tract_repro.common.lengths import parse_samples
@@ -235,7 +235,9 @@ class Run:
         """One optimisation step on the global batch at ``state.samples``: targets, backward, update."""
         o, state = self.o, self.state
         idx = self.order.indices(state.samples, o.batch_size)
-        draws = StepRandom(state.generator, o.batch_size)  # the step's random tensors, drawn for the whole global batch
+        generator = state.generator if self.dev.noise == "cpu" else \
+            step_generator(o.seed, state.samples // o.batch_size, self.dev.device)
+        draws = StepRandom(generator, o.batch_size)  # the step's random tensors, drawn for the whole global batch
         state.optimizer.zero_grad(set_to_none=True)
         loss = None
         for start, stop in self.micro_batches:
