@@ -81,8 +81,37 @@ def test_cuda_run_with_bf16_autocast_and_channels_last_trains(tmp_path):
     run, log = run_tiny(tmp_path, "bf16", "Device.name = 'cuda'\nDevice.tf32 = True\nDevice.autocast = 'bf16'\n"
                                           "Device.channels_last = True")
     info = json.loads((run / "run.json").read_text())
-    assert info["device"] | dict(gpu=None) == dict(device="cuda", tf32=True, autocast="bf16", channels_last=True, noise="cpu", gpu=None)
+    assert info["device"] | dict(gpu=None) == dict(device="cuda", tf32=True, autocast="bf16", channels_last=True, noise="cpu", compile=False, gpu=None)
     assert info["status"] == "complete" and len(log) == 16
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     weights = torch.load(run / "ema.pt", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_a_compiled_run_trains_like_the_eager_one_with_the_same_checkpoint_keys(tmp_path):
+    """Device.compile compiles the student's, the teacher's and the self-teacher's networks in place (here with the
+    aot_eager backend: TorchDynamo's graphs and AOT autograd without inductor's C++ code generation, which takes
+    minutes on this CPU): the same losses to float tolerance, and checkpoints with the eager run's keys."""
+    from tests.conftest import tiny_gin
+    from tract_repro import config
+    from tract_repro.training import checkpoint as ckpt
+    from tract_repro.training.loop import train
+
+    text = tiny_gin("train.method = @TeacherTraining()\nDevice.name = 'cpu'\ninference_ema_momentum.momentum = 0.9", total=64,
+                    extra="train.log_every = 16\ntrain.checkpoint_every = 64\ntrain.grid_every = None")
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in (False, True):
+        counters.clear()
+        config.parse([], [], text=text + ("\nDevice.compile = 'aot_eager'" if compiled else ""))
+        runs[compiled] = train(tmp_path / str(compiled))
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # TorchDynamo captured the networks' graphs
+    eager, compiled = (json.loads((runs[k] / "run.json").read_text()) for k in (False, True))
+    assert compiled["device"]["compile"] == "aot_eager" and eager["device"]["compile"] is False
+    losses = [[json.loads(l)["loss"] for l in (runs[k] / "metrics.jsonl").read_text().splitlines()] for k in (False, True)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    a, b = (ckpt.load(ckpt.list_checkpoints(runs[k] / "checkpoints")[-1]) for k in (False, True))
+    assert a["student"].keys() == b["student"].keys()
+    for name, value in a["student"].items():
+        torch.testing.assert_close(b["student"][name], value, rtol=1e-3, atol=1e-5)

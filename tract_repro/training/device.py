@@ -23,7 +23,7 @@ class Device:
 
     NOISE = ("cpu", "device")
 
-    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False, noise="cpu"):
+    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False, noise="cpu", compile=False):
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(name)
@@ -35,7 +35,10 @@ class Device:
             raise ConfigError(f"Device.noise = {noise!r}: choose 'cpu' (the run's CPU generator) or 'device' "
                               f"(drawn on the device, seeded by seed and step)")
         self.tf32, self.autocast_dtype, self.channels_last = bool(tf32), autocast, bool(channels_last)
-        self.noise = noise
+        if not isinstance(compile, (bool, str)):
+            raise ConfigError(f"Device.compile = {compile!r}: give True (torch.compile's inductor), False, or a "
+                              f"torch.compile backend name such as 'aot_eager'")
+        self.noise, self.compile = noise, compile
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
@@ -48,6 +51,18 @@ class Device:
         """Move a module to the device (channels-last memory format if asked)."""
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def compile_networks(self, *denoisers):
+        """``torch.compile`` each denoiser's network in place (``Module.compile``: its state-dict keys stay as they
+        are, so checkpoints do not change), if ``compile`` is set (True: the inductor backend; a string: that
+        backend).  The network compiled is the one the denoiser calls: ``net``, or an EDM wrapper's ``net.model``."""
+        if self.compile is False:
+            return
+        options = {} if self.compile is True else dict(backend=self.compile)
+        for denoiser in denoisers:
+            if denoiser is not None:
+                net = denoiser.net
+                getattr(net, "model", net).compile(**options)
 
     def autocast(self):
         """The mixed-precision context for network calls (a no-op without ``autocast``)."""
@@ -65,7 +80,7 @@ class Device:
 
     def describe(self):
         info = dict(device=str(self.device), tf32=self.tf32, autocast=self.autocast_dtype, channels_last=self.channels_last,
-                    noise=self.noise)
+                    noise=self.noise, compile=self.compile)
         if self.is_cuda:
             info["gpu"] = torch.cuda.get_device_name(self.device)
         return info

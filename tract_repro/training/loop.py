@@ -136,6 +136,7 @@ class Run:
         self.every = {k: parse_samples(v) if v else 0 for k, v in
                       dict(checkpoint=o.checkpoint_every, log=o.log_every, grid=o.grid_every).items()}
         self.state, self.info = self._build()
+        self.dev.compile_networks(self.state.student, self.state.nets.teacher, self.state.nets.self_teacher)
         self.order = EpochOrder(len(self.data), o.seed)
         self.files = RunDirectory(o.workdir, world.is_main, o.keep_checkpoints)
         if world.rank > 0:  # dropout: each rank its own stream; rank 0 keeps the single-process one
