@@ -503,3 +503,22 @@ def test_an_edm_w_input_starts_at_zero_so_the_student_equals_the_teacher_for_eve
         teacher(x, logsnr, Cond(labels, {"w": torch.zeros(4, dtype=torch.float64)}))
     with pytest.raises(ConfigError, match="evaluate --w"):
         student(x, logsnr, Cond(labels))
+
+
+@pytest.mark.parametrize("arch", ["adm", "song"])
+def test_fused_attention_equals_edms_explicit_attention(arch):
+    """EDMNet(fused_attention=True): every attention block through F.scaled_dot_product_attention, equal to EDM's
+    softmax(qᵀk/√c)·v to float32 tolerance, with the same weights."""
+    kwargs = dict(TINY_ADM) if arch == "adm" else dict(TINY_SONG, augment_dim=0)
+    arch_cls = DhariwalUNet if arch == "adm" else SongUNet
+    torch.manual_seed(0)
+    explicit = EDMNet(perturb_(arch_cls(**kwargs), std=0.05)).eval()
+    fused = EDMNet(arch_cls(**kwargs), fused_attention=True).eval()
+    fused.load_state_dict(explicit.state_dict())
+    assert any(getattr(m, "fused_attention", False) for m in fused.modules())
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    noise, labels = torch.tensor([0.1, 1.0, 3.0]), (torch.tensor([1, 4, 7]) if arch == "adm" else None)
+    with torch.no_grad():
+        a, b = explicit(x, noise, labels), fused(x, noise, labels)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a, explicit(x, noise * 2, labels))  # the inputs matter (the comparison is not vacuous)

@@ -182,7 +182,13 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class UNetBlock(nn.Module):
-    """EDM's residual block with optional up/down sampling and self-attention (edm-notes §1.3)."""
+    """EDM's residual block with optional up/down sampling and self-attention (edm-notes §1.3).
+
+    ``fused_attention`` (set by ``EDMNet.fused_attention``): attention through
+    ``F.scaled_dot_product_attention`` instead of EDM's explicit softmax(qᵀk/√c)·v, equal to float tolerance.
+    """
+
+    fused_attention = False
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, num_heads: int | None = None,
@@ -238,7 +244,11 @@ class UNetBlock(nn.Module):
             # qkv channel index = head·(3C/heads) + c·3 + j, j = 0/1/2 for q/k/v.
             t = self.qkv(self.norm2(h)).reshape(B * self.num_heads, C // self.num_heads, 3, H * W)
             q, k, v = t.unbind(2)
-            w = attention_weights(q, k)
-            a = torch.einsum("nqk,nck->ncq", w, v).reshape(B, C, H, W)
+            if self.fused_attention:  # PyTorch's fused kernel, in fp32 like EDM's logits
+                a = F.scaled_dot_product_attention(*(u.float().transpose(1, 2) for u in (q, k, v)))
+                a = a.transpose(1, 2).to(q.dtype).reshape(B, C, H, W)
+            else:
+                w = attention_weights(q, k)
+                a = torch.einsum("nqk,nck->ncq", w, v).reshape(B, C, H, W)
             h = (self.proj(a) + h) * self.skip_scale
         return h

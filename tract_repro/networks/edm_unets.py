@@ -337,15 +337,21 @@ class EDMNet(nn.Module):
     one-hot encoded here.  For a conditional net, ``None`` becomes a zero row of shape
     (1, label_dim), as EDMPrecond does.  Ignored by unconditional nets.
 
+    ``fused_attention``: attention blocks through PyTorch's scaled-dot-product attention (off by default, so that
+    existing results stay bit-identical; equal to EDM's explicit attention to float tolerance).
+
     ``extra_conditions``: names of extra scalar inputs (guidance's w), each embedded like the digits and PD
     UNets' (the sinusoidal features of 1000·value through Linear, SiLU, Linear with a zero-initialised last
     layer) and added where the class label joins the embedding; ``cond_emb`` holds them, so a teacher
     without them loads with those keys missing and the student starts equal to it.
     """
 
-    def __init__(self, model: nn.Module = gin.REQUIRED, extra_conditions=()):
+    def __init__(self, model: nn.Module = gin.REQUIRED, extra_conditions=(), fused_attention=False):
         super().__init__()
         self.model = model
+        for block in model.modules():  # PyTorch's scaled-dot-product attention in every attention block
+            if isinstance(block, UNetBlock):
+                block.fused_attention = bool(fused_attention)
         self.extra_conditions = tuple(extra_conditions)
         width = model.map_layer0.in_features
         self.cond_emb = nn.ModuleDict({n: embedding_mlp(width, model.extra_width, last_scale=0.0)
