@@ -81,7 +81,7 @@ def test_cuda_run_with_bf16_autocast_and_channels_last_trains(tmp_path):
     run, log = run_tiny(tmp_path, "bf16", "Device.name = 'cuda'\nDevice.tf32 = True\nDevice.autocast = 'bf16'\n"
                                           "Device.channels_last = True")
     info = json.loads((run / "run.json").read_text())
-    assert info["device"] | dict(gpu=None) == dict(device="cuda", tf32=True, autocast="bf16", channels_last=True, noise="cpu", compile=False, gpu=None)
+    assert info["device"] | dict(gpu=None) == dict(device="cuda", tf32=True, autocast="bf16", channels_last=True, noise="cpu", compile=False, precision="float64", gpu=None)
     assert info["status"] == "complete" and len(log) == 16
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     weights = torch.load(run / "ema.pt", weights_only=True)
@@ -115,3 +115,23 @@ def test_a_compiled_run_trains_like_the_eager_one_with_the_same_checkpoint_keys(
     assert a["student"].keys() == b["student"].keys()
     for name, value in a["student"].items():
         torch.testing.assert_close(b["student"][name], value, rtol=1e-3, atol=1e-5)
+
+
+def test_a_float32_target_run_trains_like_the_float64_one(tmp_path):
+    """Device.precision = 'float32': data, x_t and targets in float32 on the device; the losses follow the float64
+    run's to float32 tolerance (same draws), and run.json says which precision was used."""
+    from tests.conftest import tiny_gin
+    from tract_repro import config
+    from tract_repro.training.loop import train
+
+    text = tiny_gin("train.method = @TeacherTraining()\nDevice.name = 'cpu'\ninference_ema_momentum.momentum = 0.9",
+                    total=64, extra="train.log_every = 16\ntrain.checkpoint_every = 64\ntrain.grid_every = None")
+    runs = {}
+    for precision in ("float64", "float32"):
+        config.parse([], [], text=text + f"\nDevice.precision = '{precision}'")
+        runs[precision] = train(tmp_path / precision)
+    assert json.loads((runs["float32"] / "run.json").read_text())["device"]["precision"] == "float32"
+    losses = [[json.loads(l)["loss"] for l in (runs[k] / "metrics.jsonl").read_text().splitlines()] for k in runs]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4) and losses[1] != losses[0]
+    with pytest.raises(Exception, match="Device.precision"):
+        Device("cpu", precision="float16")

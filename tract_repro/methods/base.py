@@ -30,13 +30,15 @@ class Networks:
 
 
 def add_noise(x, alpha, sigma, generator):
-    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn on the CPU (float64) from ``generator``, then moved to x's device.
+    """x_t = α·x + σ·ε with ε ~ N(0, I) drawn (float64) from ``generator``, then moved to x's device and dtype.
 
     ``generator`` is the step's :class:`~tract_repro.common.batch_random.BatchRandom` (or a bare
     ``torch.Generator``, which draws for x alone).
     """
     eps = as_batch_random(generator, x.shape[0]).randn(x.shape[1:], dtype=torch.float64).to(x.device)
-    return alpha * x + sigma * eps
+    if x.dtype == torch.float64:
+        return alpha * x + sigma * eps
+    return alpha.to(x.dtype) * x + sigma.to(x.dtype) * eps.to(x.dtype)  # float32 targets (Device.precision)
 
 
 def noise_at(x, t, grid, generator):

@@ -6,6 +6,7 @@ EDM VE denoiser applies EDM's preconditioning behind the same call (method-spec 
 is a :class:`~tract_repro.networks.conditioning.Cond` (class labels and named extra inputs), or a
 tensor of class labels, or None.
 """
+import torch
 from torch import nn
 
 from tract_repro.common.errors import ConfigError
@@ -39,6 +40,8 @@ class VPDenoiser(nn.Module):
         alpha, sigma = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         extra = {"cond": {k: v.float() for k, v in cond.extra.items()}} if cond.extra else {}
         out = self.net(x_t.float(), logsnr.float(), cond.labels if self.conditional else None, **extra)
+        if x_t.dtype != torch.float64:  # float32 targets (Device.precision): α and σ rounded last
+            alpha, sigma = alpha.to(x_t.dtype), sigma.to(x_t.dtype)
         return self._to_x(x_t, out.to(x_t.dtype), alpha, sigma)
 
 

@@ -23,7 +23,10 @@ class Device:
 
     NOISE = ("cpu", "device")
 
-    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False, noise="cpu", compile=False):
+    PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+    def __init__(self, name="auto", tf32=False, autocast=None, channels_last=False, noise="cpu", compile=False,
+                 precision="float64"):
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(name)
@@ -38,7 +41,11 @@ class Device:
         if not isinstance(compile, (bool, str)):
             raise ConfigError(f"Device.compile = {compile!r}: give True (torch.compile's inductor), False, or a "
                               f"torch.compile backend name such as 'aot_eager'")
-        self.noise, self.compile = noise, compile
+        if precision not in self.PRECISIONS:
+            raise ConfigError(f"Device.precision = {precision!r}: choose 'float64' (every tensor of a target) or "
+                              f"'float32' (full-size tensors in float32; λ, α, σ and the DDIM coefficients in float64)")
+        self.noise, self.compile, self.precision = noise, compile, precision
+        self.dtype = self.PRECISIONS[precision]
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
@@ -80,7 +87,7 @@ class Device:
 
     def describe(self):
         info = dict(device=str(self.device), tf32=self.tf32, autocast=self.autocast_dtype, channels_last=self.channels_last,
-                    noise=self.noise, compile=self.compile)
+                    noise=self.noise, compile=self.compile, precision=self.precision)
         if self.is_cuda:
             info["gpu"] = torch.cuda.get_device_name(self.device)
         return info

@@ -243,7 +243,8 @@ class Run:
         loss = None
         for start, stop in self.micro_batches:
             rng = draws.slice(start, stop)
-            x, labels = (None if v is None else v.to(self.dev.device) for v in self.data.batch(idx[start:stop], rng))
+            x, labels = self.data.batch(idx[start:stop], rng)
+            x, labels = x.to(self.dev.device, self.dev.dtype), None if labels is None else labels.to(self.dev.device)
             with self.dev.autocast():
                 target = o.method(x, Cond(labels=labels), phase, state.nets, self.grid, rng)
             share = backward_share(target, state.student, o.batch_size, o.loss_reduction, self.dev.autocast)
