@@ -305,11 +305,7 @@ def expand_paper(tables):
                     raise ConfigError(f"experiments/{name}.yaml row {row['id']}: run {spec['run']!r} is not in its "
                                       f"paper_runs: add it there")
                 run = spec["run"]
-                chain = _trained_chain(run, trained, name)
-                for r in chain:
-                    config.parse([trained[r]["gin"]], paper_bindings(trained[r]))
-                    teachers[r] = dict(gin=trained[r]["gin"], bindings=paper_bindings(trained[r]), setup=setup_of_parsed(),
-                                       trains=True, teacher_run=trained[r].get("teacher_run"))
+                _add_trained(teachers, run, trained, name)
                 evaluations += [dict(table=name, row=_row_id(row, w), steps=spec["steps"], sampler=sampler_of(spec),
                                      setup=teachers[run]["setup"], target=run, **_w(w)) for w in ws]
                 continue
@@ -324,10 +320,7 @@ def expand_paper(tables):
                 continue
             teacher_run = spec.get("teacher_run")
             if teacher_run is not None:
-                for r in _trained_chain(teacher_run, trained, name):
-                    config.parse([trained[r]["gin"]], paper_bindings(trained[r]))
-                    teachers[r] = dict(gin=trained[r]["gin"], bindings=paper_bindings(trained[r]), setup=setup_of_parsed(),
-                                       trains=True, teacher_run=trained[r].get("teacher_run"))
+                _add_trained(teachers, teacher_run, trained, name)
             described = describe_run(gin_file, bindings)
             last = spec.get("phase", len(described[1]) - 1)
             previous = chain_phases(phases, lambda key, k, before, student: PaperPhase(
@@ -342,6 +335,16 @@ def _row_id(row, w):
 
 def _w(w):
     return {} if w is None else dict(w=w)
+
+
+def _add_trained(teachers, run, trained, table):
+    """Register a paper run the pipeline trains once, and the runs it stands on, in ``teachers``."""
+    from tract_repro import config
+
+    for r in _trained_chain(run, trained, table):
+        config.parse([trained[r]["gin"]], paper_bindings(trained[r]))
+        teachers[r] = dict(gin=trained[r]["gin"], bindings=paper_bindings(trained[r]), setup=setup_of_parsed(),
+                           trains=True, teacher_run=trained[r].get("teacher_run"))
 
 
 def _trained_chain(run, trained, table):
