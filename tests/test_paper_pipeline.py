@@ -132,8 +132,8 @@ def test_check_writes_identities_when_everything_is_there(tmp_path, monkeypatch)
     assert teacher["sha256"] == check.sha256(tmp_path / "teacher")
 
 
-def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
-    """A fresh copy of the repository with no data, teachers or Inception weights: the first stage stops."""
+def offline_copy(tmp_path):
+    """The repository's pipeline in a fresh git + DVC folder with no data, teachers or Inception weights; its env."""
     for item in ("gin", "experiments", "params.yaml", "dvc.yaml", "pipelines"):
         src = ROOT / item
         shutil.copytree(src, tmp_path / item) if src.is_dir() else shutil.copy(src, tmp_path / item)
@@ -141,6 +141,12 @@ def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
                PYTHONPATH=str(ROOT))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         assert subprocess.run(cmd, cwd=tmp_path, env=env).returncode == 0
+    return env
+
+
+def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
+    """A fresh copy of the repository with no data, teachers or Inception weights: the first stage stops."""
+    env = offline_copy(tmp_path)
     start = time.perf_counter()
     done = subprocess.run(["dvc", "repro", "table1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
@@ -159,13 +165,7 @@ def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
 
 def test_dvc_repro_guided_imagenet64_without_data_fails_fast_in_one_line(tmp_path):
     """Guided distillation trains its own teacher: offline, the check names the data and the Inception weights only."""
-    for item in ("gin", "experiments", "params.yaml", "dvc.yaml", "pipelines"):
-        src = ROOT / item
-        shutil.copytree(src, tmp_path / item) if src.is_dir() else shutil.copy(src, tmp_path / item)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
-               PYTHONPATH=str(ROOT))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        assert subprocess.run(cmd, cwd=tmp_path, env=env).returncode == 0
+    env = offline_copy(tmp_path)
     done = subprocess.run(["dvc", "repro", "guided_imagenet64"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0
