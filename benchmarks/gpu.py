@@ -8,7 +8,9 @@ Cases use the real code paths: a method's target plus the loop's optimisation st
 forward/backward, Adam, self-teacher and inference EMA updates), under the loop's Device
 options.  Networks are randomly initialised (speed does not depend on the weights).
 Option sets: fp32 (TF32 off), tf32, tf32+bf16 autocast, tf32+bf16+channels-last, and each with
-``+compile`` (Device.compile; the first steps pay the compilation and are not timed).
+``+compile`` (Device.compile; the first steps pay the compilation and are not timed); ``fp32+noise``
+(Device.noise = 'device'); ``tf32+bf16+fast`` (bf16, noise on the device, float32 targets) and its
+``+compile``.
 Prints one row per (case, options):
 
 - samples/s and ms/step;
@@ -58,6 +60,9 @@ OPTIONS = {
 }
 OPTIONS.update({f"{k}+compile": dict(v, compile=True) for k, v in list(OPTIONS.items())})
 OPTIONS["fp32+noise"] = dict(tf32=False, noise="device")  # noise drawn on the device (Device.noise)
+# every GPU-path option: bf16 networks, noise on the device, float32 targets (Device.precision), compiled networks
+OPTIONS["tf32+bf16+fast"] = dict(tf32=True, autocast="bf16", noise="device", precision="float32")
+OPTIONS["tf32+bf16+fast+compile"] = dict(OPTIONS["tf32+bf16+fast"], compile=True)
 
 
 IMAGENET64_UNET = dict(in_channels=3, resolution=64, channels=192, emb_channels=768, channel_mult=(1, 2, 3, 4),
@@ -112,7 +117,7 @@ def measure(case, options, batch, steps, device="cuda", peak_tflops=None):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(batch, *shape, dtype=torch.float64) * 2 - 1).to(dev.device)
+    x = (torch.rand(batch, *shape, dtype=torch.float64) * 2 - 1).to(dev.device, dev.dtype)
     labels = torch.randint(0, 1000, (batch,)).to(dev.device) if student.conditional else None
     if kind == "sample":
         student.eval()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One prepared device-machine check (issue "GPU throughput"): the CUDA tests, then the paper-scale steps
+# today (tf32+bf16) against every GPU-path option (noise on the device, float32 targets, compiled
+# networks), interleaved case by case.  Run from the repository root, e.g. through the device tool:
+#   bash benchmarks/gpu_session.sh            (rows also go to $OUT/gpu.json when OUT is set)
+set -u
+python -m pip install -q -e '.[test]' >/dev/null 2>&1 || true
+python -m pytest -q tests/test_device.py 2>&1 | tail -3
+OPTS="tf32+bf16 tf32+bf16+fast tf32+bf16+fast+compile tf32+bf16 tf32+bf16+fast"
+python benchmarks/gpu.py --steps 10 --only cifar10_tract cifar10_btd edm_cifar10_tract digits_tract \
+    --options $OPTS ${OUT:+--json "$OUT/gpu.json"}
+python benchmarks/gpu.py --steps 5 --only imagenet64_tract --batch 64 --options tf32+bf16 tf32+bf16+fast \
+    ${OUT:+--json "$OUT/gpu_imagenet64.json"}
