@@ -282,6 +282,11 @@ def test_fid_at_guidance_weights_of_a_guided_teacher(tmp_path, fake):
     assert [(r["w"], r["steps"], r["nfe"]) for r in metrics["results"]] == [(0, 1, 2), (0, 2, 4), (2, 1, 2), (2, 2, 4)]
     assert metrics["results"][0]["fid"] != metrics["results"][2]["fid"]  # guidance changes the samples
     assert (tmp_path / "g_2steps_w2.png").is_file()
+    from tract_repro.evaluation.generate import labels_from_seeds
+    assert fid.main(["sample", str(tmp_path / "teacher"), "--steps", "2", "--samples", "4", "--w", "1",
+                     "--out", str(tmp_path / "guided.npz"), "--device", "cpu"]) == 0
+    dump = np.load(tmp_path / "guided.npz")  # class-conditional: the labels asked for, as ADM's arr_1
+    assert np.array_equal(dump["arr_1"], labels_from_seeds(range(4), 10).numpy()) and dump["arr_0"].shape[0] == 4
     made = len(fake.made)
     plain = GUIDED_TEACHER.replace("TeacherTraining.p_uncond = 0.2", "")
     (tmp_path / "p.gin").write_text(plain)
@@ -289,3 +294,31 @@ def test_fid_at_guidance_weights_of_a_guided_teacher(tmp_path, fake):
     with pytest.raises(ValueError, match="takes no guidance weight"):
         fid.evaluate_fid(tmp_path / "plain", (1,), ref, (0,), 8, extractor_factory=fake, ws=(1.0,))
     assert len(fake.made) == made
+
+
+def test_a_sample_dump_holds_the_evaluations_samples_for_external_evaluators(tmp_path, tiny_run, capsys):
+    """`fid sample RUN --steps K --samples N --out FILE.npz --png DIR`: uint8 NHWC images (arr_0) exactly as the FID
+    protocol quantises the samples of seeds first..first + N − 1, their seeds, one PNG per sample; an existing file
+    or a non-empty folder is refused in one line and left as it was."""
+    from PIL import Image
+
+    from tract_repro.evaluation.generate import generate
+    from tract_repro.evaluation.runs import load_run
+
+    out, png = tmp_path / "s.npz", tmp_path / "png"
+    assert fid.main(["sample", str(tiny_run), "--steps", "2", "--samples", "5", "--first-seed", "3", "--out", str(out),
+                     "--png", str(png), "--device", "cpu"]) == 0
+    dump = np.load(out)
+    run = load_run(tiny_run, with_data=False)
+    expected = fid.quantise(generate(run.denoiser, run.grid, 2, range(3, 8), (1, 8, 8))).permute(0, 2, 3, 1).numpy()
+    assert dump["arr_0"].dtype == np.uint8 and dump["arr_0"].shape == (5, 8, 8, 1)
+    assert np.array_equal(dump["arr_0"], expected) and list(dump["seeds"]) == [3, 4, 5, 6, 7]
+    assert sorted(p.name for p in png.iterdir()) == [f"{s:06d}.png" for s in range(3, 8)]
+    assert np.array_equal(np.asarray(Image.open(png / "000004.png")), expected[1, :, :, 0])
+    before = out.read_bytes()
+    assert fid.main(["sample", str(tiny_run), "--steps", "2", "--samples", "5", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert fid.main(["sample", str(tiny_run), "--steps", "2", "--samples", "5", "--out", str(tmp_path / "t.npz"),
+                     "--png", str(png)]) == 2
+    assert fid.main(["sample", str(tiny_run), "--steps", "2", "--samples", "5", "--out", str(tmp_path / "t.zip")]) == 2
+    assert not (tmp_path / "t.npz").exists() and not (tmp_path / "t.zip").exists()

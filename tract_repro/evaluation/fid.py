@@ -261,6 +261,15 @@ def _device(name):
 def run(args):
     """Do what the parsed command line asks, in this process; raise ConfigError in one line on bad input."""
     device = _device(args.device)
+    if args.command == "sample":
+        from tract_repro.evaluation.dump import dump_samples
+
+        arrays = dump_samples(args.run, args.steps, args.samples, args.out, args.first_seed, args.sampler, args.w,
+                              args.png, args.batch, device)
+        print(f"{args.out}: {len(arrays['arr_0'])} samples {tuple(arrays['arr_0'].shape[1:])} uint8 NHWC, "
+              f"{args.steps} {args.sampler} steps, seeds {args.first_seed}..{args.first_seed + args.samples - 1}"
+              + (f"; PNGs in {args.png}" if args.png else ""))
+        return 0
     if args.command == "reference":
         if args.dataset == "cifar10" and args.source == "cleanfid":
             path = cifar10_reference(args.out, args.mode)
@@ -338,9 +347,18 @@ def _submit(argv, kind, cluster, gin_bindings, folder):
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m tract_repro.evaluation.fid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("evaluate", "reference"):
+    for name in ("evaluate", "reference", "sample"):
         p = sub.add_parser(name)
-        if name == "evaluate":
+        if name == "sample":  # a dump for external evaluators (ADM's evaluator, EDM's fid.py, clean-fid)
+            p.add_argument("run", help="a finished run directory")
+            p.add_argument("--steps", type=int, required=True, help="sampler step count K")
+            p.add_argument("--samples", type=int, required=True, help="number of samples, seeds first-seed, first-seed + 1, …")
+            p.add_argument("--first-seed", type=int, default=0)
+            p.add_argument("--out", required=True, help="FILE.npz: uint8 NHWC images (arr_0), labels (arr_1), seeds")
+            p.add_argument("--png", metavar="DIR", help="also one PNG per sample in this new folder")
+            p.add_argument("--sampler", choices=list(registry.SAMPLERS), default="ddim")
+            p.add_argument("--w", type=float, help="guidance weight (s = 1 + w elsewhere)")
+        elif name == "evaluate":
             p.add_argument("run", help="a finished run directory (ema.pt, config.gin, run.json)")
             p.add_argument("--steps", type=int, nargs="+", required=True, help="sampler step counts K")
             p.add_argument("--reference", required=True, help="reference statistics .npz (the `reference` command)")
