@@ -33,24 +33,25 @@ def check_outputs(out, png):
 def dump_samples(run_dir, steps, samples, out, first_seed=0, sampler="ddim", w=None, png=None, batch_size=500,
                  device="cpu"):
     """Write ``samples`` K-step samples of a finished run (its inference EMA) to ``out`` (and PNGs to ``png``)."""
-    from tract_repro.evaluation.fid import image_shape, quantise
     from tract_repro.evaluation.generate import generate_batches, labels_from_seeds
     from tract_repro.evaluation.metrics import conditioned
-    from tract_repro.evaluation.runs import load_run
+    from tract_repro.evaluation.runs import image_shape, load_run
+    from tract_repro.sampling import registry
+    from tract_repro.sampling.images import to_uint8
 
     if samples < 1 or steps < 1 or first_seed < 0:
         raise ConfigError(f"--samples {samples} --steps {steps} --first-seed {first_seed}: give at least one sample and "
                           f"one step, and a first seed of at least 0")
     check_outputs(out, png)
     run = load_run(run_dir, with_data=False)
-    registry_check(sampler, run.grid, steps)
+    registry.get(sampler).logsnrs(run.grid, steps)  # the sampler exists and takes K steps on this grid (one line)
     denoiser, extra, _ = conditioned(run, w)
     shape = image_shape(run.denoiser)
     classes = run.denoiser.net.num_classes if run.denoiser.conditional else 1
     device = torch.device(device)
     denoiser.to(device)
     seeds = range(first_seed, first_seed + samples)
-    images = torch.cat([quantise(x) for x in generate_batches(denoiser, run.grid.to(device), steps, seeds, shape, classes,
+    images = torch.cat([to_uint8(x) for x in generate_batches(denoiser, run.grid.to(device), steps, seeds, shape, classes,
                                                                batch_size, desc=f"{run.path.name} {steps} steps",
                                                                sampler=sampler, device=device, extra=extra)])
     nhwc = images.permute(0, 2, 3, 1).numpy()
@@ -68,9 +69,3 @@ def dump_samples(run_dir, steps, samples, out, first_seed=0, sampler="ddim", w=N
     write_atomic(out, lambda f: f.write(buffer.getvalue()))
     return arrays
 
-
-def registry_check(sampler, grid, steps):
-    """The sampler exists and can take ``steps`` steps on this run's grid (one line otherwise)."""
-    from tract_repro.sampling import registry
-
-    registry.get(sampler).logsnrs(grid, steps)

@@ -36,7 +36,9 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_atomic, write_json
 from tract_repro.evaluation import frechet, sources
 from tract_repro.evaluation.inception import inception_extractor
+from tract_repro.evaluation.runs import image_shape
 from tract_repro.sampling import registry
+from tract_repro.sampling.images import to_uint8 as quantise  # round(127.5·(x + 1)) to uint8, as every FID protocol
 
 FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
@@ -63,11 +65,6 @@ def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
             raise ConfigError(f"seed ranges {a.start}..{a.stop - 1} and {b.start}..{b.stop - 1} overlap: "
                              f"first seeds must be at least {samples} apart")
     return ranges
-
-
-def quantise(x):
-    """[−1, 1] floats → uint8 in [0, 255] (round(127.5·(x + 1)), as every FID protocol and the official code)."""
-    return torch.round(127.5 * (x.double() + 1)).clamp(0, 255).to(torch.uint8)
 
 
 class ImageFeatures:
@@ -146,14 +143,6 @@ def dataset_reference(out, images, features, dataset, batch_size=500):
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-
-def image_shape(denoiser):
-    """(C, H, W) of the images a run's network makes (PD UNet or EDM net)."""
-    net = denoiser.net
-    if hasattr(net, "img_resolution"):
-        return (net.img_channels, net.img_resolution, net.img_resolution)
-    return (net.in_channels, net.resolution, net.resolution)
-
 
 def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, mode=None, batch_size=500,
                  device="cpu", sampler="ddim", inception=None, extractor_factory=None, resize=None, out=None,

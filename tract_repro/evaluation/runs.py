@@ -45,3 +45,11 @@ def load_run(path, with_data=True):
     data = config.build("train.dataset") if with_data else None
     info = json.loads((path / "run.json").read_text())
     return FinishedRun(path, info, denoiser.eval().requires_grad_(False), grid, data, weights)
+
+
+def image_shape(denoiser):
+    """(C, H, W) of the images a run's network makes (PD UNet or EDM net)."""
+    net = denoiser.net
+    if hasattr(net, "img_resolution"):
+        return (net.img_channels, net.img_resolution, net.img_resolution)
+    return (net.in_channels, net.resolution, net.resolution)
