@@ -4,13 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) -m tract_repro.launch
 
-.PHONY: setup test digits digits-table1 digits-guided digits-sweep bench
+.PHONY: setup lock test digits digits-table1 digits-guided digits-sweep bench
 
-$(VENV)/.installed: pyproject.toml
+# Installs the pinned environment (requirements.lock), then the project itself without resolving again.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -e '.[test]'
+	$(VENV)/bin/pip install -r requirements.lock
+	$(VENV)/bin/pip install --no-deps -e '.[test]'
 	touch $@
+
+# Re-pin requirements.lock from an unpinned resolution of pyproject.toml (then run `make test`).
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e '.[test]'
+	{ sed -n '1,4p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 setup: $(VENV)/.installed
 
