@@ -243,6 +243,12 @@ def test_evaluation_at_guidance_weights(tmp_path, capsys):
     assert all(0 <= r["class_accuracy"] <= 1 and 1 <= r["digits_is"] <= 10 for r in rows)
     assert rows[0]["fidelity_rmse"] == 0 and rows[2]["fidelity_rmse"] == 0  # its own guided reference at each w
     assert (tmp_path / "teacher" / "eval" / "samples_2steps_w2.png").is_file()
+    per_w = tmp_path / "per_w" / "s0_w{w}.json"  # one metrics file (and class grid) per guidance weight
+    assert evaluate.main([str(tmp_path / "teacher"), "--steps", "2", "--w", "0", "2", "--out", str(per_w), *common]) == 0
+    for w, row in ((0, rows[1]), (2, rows[3])):
+        mine = __import__("json").loads((tmp_path / "per_w" / f"s0_w{w}.json").read_text())["results"]
+        assert mine == [row] and (tmp_path / "per_w" / f"s0_w{w}_2steps_w{w}_classes.png").is_file()
+    assert evaluate.main([str(tmp_path / "teacher"), "--steps", "2", "--out", str(per_w), *common]) == 2
     assert evaluate.main([str(tmp_path / "stage1"), "--steps", "2", "--w", "1", "5", *common]) == 0
     out = capsys.readouterr().out
     assert "it never saw w = 5" in out and "w 1  accuracy" in out

@@ -36,7 +36,7 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_atomic, write_json
 from tract_repro.evaluation import frechet, sources
 from tract_repro.evaluation.inception import inception_extractor
-from tract_repro.evaluation.runs import image_shape
+from tract_repro.evaluation.runs import image_shape, per_weight_outputs
 from tract_repro.sampling import registry
 from tract_repro.sampling.images import to_uint8 as quantise  # round(127.5·(x + 1)) to uint8, as every FID protocol
 
@@ -181,14 +181,13 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     extractor = factory(mode=mode, path=inception, device=str(device))  # built once
     features = ImageFeatures(extractor, mode, device, resize)
     probabilities = getattr(extractor, "probabilities", None)  # Inception's class head, if the mode's network has one
-    if out is not None and "{w}" in str(out) and None in ws:
-        raise ConfigError(f"--out {out}: a file per guidance weight ({{w}}) needs --w, e.g. --w 0 1 4")
-    template = str(out) if out else str(run.path / "eval" / "fid.json")
+    per_w = per_weight_outputs(out, ws)
+    single = Path(out) if out else run.path / "eval" / "fid.json"
     rows = []
     for w, k in [(w, k) for w in ws for k in steps]:
         denoiser, extra, calls = conditioned(run, w)
         name = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
-        out = Path(template if w is None else template.replace("{w}", f"{w:g}"))
+        out = per_w[w] if per_w else single
         fids, scores = [], []
         for r, seeds in enumerate(ranges):
             feats = []
@@ -219,12 +218,11 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                    inception=dict(path=str(weights_file), sha256=sha256(weights_file))
                    if weights_file.is_file() else None,
                    device=str(device), results=rows)
-    if "{w}" in template:  # one file per guidance weight
+    if per_w:  # one file per guidance weight
         for w in ws:
-            write_json(template.replace("{w}", f"{w:g}"), dict(metrics, results=[r for r in rows if r["w"] == w]),
-                       ensure_ascii=False)
+            write_json(per_w[w], dict(metrics, results=[r for r in rows if r["w"] == w]), ensure_ascii=False)
     else:
-        write_json(template, metrics, ensure_ascii=False)
+        write_json(single, metrics, ensure_ascii=False)
     return metrics
 
 

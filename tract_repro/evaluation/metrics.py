@@ -15,7 +15,7 @@ from tract_repro.common.files import sha256, write_json
 from tract_repro.evaluation import frechet
 from tract_repro.evaluation.classifier import load_classifier, split
 from tract_repro.evaluation.generate import generate, labels_from_seeds, rmse, teacher_reference
-from tract_repro.evaluation.runs import load_run
+from tract_repro.evaluation.runs import load_run, per_weight_outputs
 from tract_repro.networks.guidance import GuidedDenoiser, takes_input
 from tract_repro.sampling import registry
 from tract_repro.sampling.images import save_grid
@@ -55,8 +55,7 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     torch.set_num_threads(1 if workers > 1 else threads)
     if samples < 1 or any(k < 1 for k in steps):
         raise ConfigError(f"evaluation needs at least one sample and one step, got {samples} samples, steps {list(steps)}")
-    if out is not None and "{w}" in str(out) and None in ws:
-        raise ConfigError(f"--out {out}: a file per guidance weight ({{w}}) needs --w, e.g. --w 0 1 4")
+    per_w = per_weight_outputs(out, ws)
     run = load_run(run_dir)
     teacher_dir = Path(run.info["teacher"]).parent if run.info.get("teacher") else run.path
     teacher = run if teacher_dir == run.path else load_run(teacher_dir)
@@ -75,7 +74,7 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     labels = labels_from_seeds(seeds, classes) if classes > 1 else None
     rows = {}
     for w in ws:
-        out_w = None if out is None else Path(str(out) if w is None else str(out).replace("{w}", f"{w:g}"))
+        out_w = per_w[w] if per_w else None if out is None else Path(out)
         out_dir = out_w.parent if out_w else run.path / "eval"
         denoiser, extra, calls = conditioned(run, w)
         key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples, w)
@@ -103,9 +102,9 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,
                    reference=dict(run=str(teacher.path), sampler="ddim", steps=reference_steps),
                    digits_fd_noise_floor=floor, results=[r for w in ws for r in rows[w]])
-    if out is not None and "{w}" in str(out):  # one file per guidance weight
+    if per_w:  # one file per guidance weight
         for w in ws:
-            write_json(Path(str(out).replace("{w}", f"{w:g}")), dict(metrics, results=rows[w]))
+            write_json(per_w[w], dict(metrics, results=rows[w]))
     else:
         write_json(Path(out) if out else run.path / "eval" / "metrics.json", metrics)
     return metrics

@@ -53,3 +53,13 @@ def image_shape(denoiser):
     if hasattr(net, "img_resolution"):
         return (net.img_channels, net.img_resolution, net.img_resolution)
     return (net.in_channels, net.resolution, net.resolution)
+
+
+def per_weight_outputs(out, ws):
+    """{w: metrics file} for an ``--out`` that may hold ``{w}`` (one file per guidance weight, ``{w}`` → w), or None
+    when ``out`` names one file for every w; one line if ``{w}`` is asked for without guidance weights."""
+    if out is None or "{w}" not in str(out):
+        return None
+    if None in ws:
+        raise ConfigError(f"--out {out}: a file per guidance weight ({{w}}) needs --w, e.g. --w 0 1 4")
+    return {w: Path(str(out).replace("{w}", f"{w:g}")) for w in ws}
