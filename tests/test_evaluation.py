@@ -118,14 +118,14 @@ def test_classifier_accuracy_gate(tmp_path):
 
 
 def test_missing_inception_weights_fail_fast_in_one_line(tmp_path):
-    for mode in ("clean", "legacy_tensorflow", "legacy_pytorch"):
+    for protocol in ("tract", "clean", "edm"):
         start = time.perf_counter()
         with pytest.raises(MissingWeights) as info:
-            inception_extractor(mode=mode, path=str(tmp_path / "nowhere" / "inception.pt") if mode != "legacy_pytorch"
+            inception_extractor(protocol=protocol, path=str(tmp_path / "nowhere" / "inception.pt") if protocol != "tract"
                                 else str(tmp_path / "none.pth"))
         assert time.perf_counter() - start < 2
         message = str(info.value).splitlines()[0]  # gin may append call context on later lines
-        assert "fetch https://" in message and "put it" in message
+        assert "fetch https://" in message and "put it" in message and f"protocol {protocol}" in message
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # clean-fid's Inception is TorchScript
@@ -140,7 +140,7 @@ def test_torchscript_inception_path_is_used_when_present(tmp_path):
             return x.flatten(1)[:, :2048]
 
     torch.jit.script(Stub()).save(str(tmp_path / "inception-2015-12-05.pt"))
-    extractor = inception_extractor(mode="legacy_tensorflow", path=str(tmp_path))
+    extractor = inception_extractor(protocol="edm", path=str(tmp_path))
     feats = extractor(torch.rand(2, 3, 32, 32) * 255)
     assert feats.shape == (2, 2048)
 

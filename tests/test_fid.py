@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import TINY_NET
 from tract_repro import config, import_teacher
-from tract_repro.evaluation import fid, sources
+from tract_repro.evaluation import fid, protocols, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ class FakeExtractor:
 
     built = 0
 
-    def __init__(self, mode="clean", path=None, device="cpu"):
+    def __init__(self, protocol="tract", path=None, device="cpu"):
         type(self).built += 1
         self.calls = 0
         self.projection = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).double()
@@ -69,10 +69,10 @@ def tiny_run(tmp_path_factory):
     return tmp / "run"
 
 
-def reference(tmp_path, mode="clean", n=96, shape=(1, 8, 8)):
+def reference(tmp_path, protocol="tract", n=96, shape=(1, 8, 8)):
     images = torch.randint(0, 256, (n, *shape), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
-    features = fid.ImageFeatures(FakeExtractor(), mode, "cpu", resize=lambda a: a)
-    return fid.dataset_reference(tmp_path / f"ref_{mode}.npz", images, features, "fake-train", batch_size=32)
+    features = fid.ImageFeatures(FakeExtractor(), protocol, "cpu", resize=lambda a: a)
+    return fid.dataset_reference(tmp_path / f"ref_{protocol}.npz", images, features, "fake-train", batch_size=32)
 
 
 def test_default_seed_ranges_are_three_disjoint_ranges_of_50k():
@@ -96,10 +96,10 @@ def test_feature_network_is_built_once_per_evaluation(tiny_run, tmp_path, fake):
         assert row["fid_mean"] == pytest.approx(np.mean(row["fid"]))
         assert row["fid_std"] == pytest.approx(np.std(row["fid"], ddof=1))
         assert row["seed_ranges"] == [[0, 39], [40, 79], [80, 119]] and row["samples_per_range"] == 40
-        assert row["mode"] == "clean" and row["reference_sha256"] == fid.sha256(ref)
+        assert row["protocol"] == "tract" and row["reference_sha256"] == fid.sha256(ref)
         assert row["sampler"] == "ddim" and row["ema"] == "inference" and row["nfe"] == row["steps"]
     assert metrics["reference"]["sha256"] == fid.sha256(ref) and metrics["reference"]["dataset"] == "fake-train"
-    assert metrics["protocol"]["mode"] == "clean" and metrics["weights_sha256"]
+    assert metrics["protocol"]["name"] == "tract" and metrics["weights_sha256"]
     assert len({tuple(r["fid"]) for r in metrics["results"]}) == 2
 
 
@@ -115,17 +115,17 @@ def test_a_seed_range_scores_the_same_wherever_it_is_evaluated(tiny_run, tmp_pat
 
 
 def test_reference_statistics_say_what_they_come_from(tmp_path):
-    path = reference(tmp_path, mode="legacy_tensorflow")
+    path = reference(tmp_path, protocol="edm")
     (mu, sigma), meta = fid.load_reference(path)
     assert mu.shape == (5,) and sigma.shape == (5, 5)
-    assert meta["mode"] == "legacy_tensorflow" and meta["images"] == 96 and meta["dataset"] == "fake-train"
+    assert meta["protocol"] == "edm" and meta["images"] == 96 and meta["dataset"] == "fake-train"
     assert meta["shape"] == [1, 8, 8] and meta["sha256"] == fid.sha256(path)
 
 
-def test_mode_and_shape_must_match_the_reference(tiny_run, tmp_path, fake):
+def test_protocol_and_shape_must_match_the_reference(tiny_run, tmp_path, fake):
     ref = reference(tmp_path)
-    with pytest.raises(ValueError, match="mode 'clean', not 'legacy_pytorch'"):
-        fid.evaluate_fid(tiny_run, (1,), ref, (0,), 8, mode="legacy_pytorch", extractor_factory=fake)
+    with pytest.raises(ValueError, match="protocol 'tract', not 'clean'.*--protocol clean"):
+        fid.evaluate_fid(tiny_run, (1,), ref, (0,), 8, protocol="clean", extractor_factory=fake)
     other = reference(tmp_path, shape=(3, 8, 8))
     with pytest.raises(ValueError, match="use the reference of its dataset"):
         fid.evaluate_fid(tiny_run, (1,), other, (0,), 8, extractor_factory=fake)
@@ -135,15 +135,15 @@ def test_mode_and_shape_must_match_the_reference(tiny_run, tmp_path, fake):
 def test_cifar10_reference_is_cleanfids_precomputed_file_never_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "cleanfid_stats_folder", lambda: tmp_path / "stats")
     with pytest.raises(fid.MissingStatistics) as info:
-        fid.cifar10_reference(tmp_path / "ref.npz", mode="clean")
+        fid.cifar10_reference(tmp_path / "ref.npz", protocol="clean")
     message = str(info.value)
     assert "\n" not in message and "cifar10_clean_train_32.npz" in message
     assert f"put it in {tmp_path / 'stats'}/" in message and "https://www.cs.cmu.edu/~clean-fid/stats/" in message
     (tmp_path / "stats").mkdir()
     np.savez(tmp_path / "stats" / "cifar10_clean_train_32.npz", mu=np.zeros(3), sigma=np.eye(3))
-    path = fid.cifar10_reference(tmp_path / "ref.npz", mode="clean")
+    path = fid.cifar10_reference(tmp_path / "ref.npz", protocol="clean")
     (mu, sigma), meta = fid.load_reference(path)
-    assert np.array_equal(sigma, np.eye(3)) and meta["mode"] == "clean" and meta["dataset"] == "cifar10-train"
+    assert np.array_equal(sigma, np.eye(3)) and meta["protocol"] == "clean" and meta["dataset"] == "cifar10-train"
     assert meta["source"] == "clean-fid precomputed cifar10_clean_train_32.npz" and meta["shape"] == [3, 32, 32]
     assert meta["source_sha256"] == fid.sha256(tmp_path / "stats" / "cifar10_clean_train_32.npz")
 
@@ -154,8 +154,10 @@ def test_the_real_cleanfid_stats_folder_is_inside_the_installed_package():
     assert sources.cleanfid_stats_folder() == Path(cleanfid.__file__).parent / "stats"
 
 
-def test_offline_inception_stops_in_one_line_naming_file_and_folder(tiny_run, tmp_path):
-    ref = reference(tmp_path)
+@pytest.mark.parametrize("protocol,weights", [("tract", "pt_inception-2015-12-05-6726825d.pth"),
+                                              ("clean", "inception-2015-12-05.pt"), ("edm", "inception-2015-12-05.pt")])
+def test_offline_inception_stops_in_one_line_naming_file_and_folder(tiny_run, tmp_path, protocol, weights):
+    ref = reference(tmp_path, protocol)  # the evaluation takes its protocol from the reference statistics
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "tract_repro.evaluation.fid", "evaluate", str(tiny_run), "--steps", "1",
                            "--reference", str(ref), "--inception", str(tmp_path / "nowhere"), "--device", "cpu"],
@@ -164,7 +166,8 @@ def test_offline_inception_stops_in_one_line_naming_file_and_folder(tiny_run, tm
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert "inception-2015-12-05.pt" in lines[0] and f"{tmp_path / 'nowhere'}/" in lines[0] and "fetch https://" in lines[0]
+    assert f"{weights} (FID protocol {protocol})" in lines[0] and f"{tmp_path / 'nowhere'}/" in lines[0]
+    assert f"fetch https://" in lines[0] and lines[0].endswith(f"/{weights} and put it there")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # published-npz labels (irrelevant to FID statistics)
@@ -186,12 +189,12 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
     g = np.random.default_rng(0)
     np.savez(root / "train_data_batch_1.npz", data=g.integers(0, 256, (20, 12288), dtype=np.uint8),
              labels=g.integers(1, 1001, 20))
-    args = ["reference", "imagenet64", "--root", str(root), "--mode", "legacy_tensorflow", "--inception",
+    args = ["reference", "imagenet64", "--root", str(root), "--protocol", "edm", "--inception",
             str(tmp_path), "--device", "cpu", "--batch", "8", "--cache", str(tmp_path / "cache")]
     assert fid.main(args + ["--out", str(tmp_path / "a.npz")]) == 0
     (mu, sigma), meta = fid.load_reference(tmp_path / "a.npz")
     assert mu.shape == (2048,) and meta["images"] == 20 and meta["shape"] == [3, 64, 64]
-    assert meta["dataset"] == "imagenet64-npz-train" and meta["mode"] == "legacy_tensorflow"
+    assert meta["dataset"] == "imagenet64-npz-train" and meta["protocol"] == "edm"
     assert meta["source"] == "computed from the training-set loader"
     assert fid.main(args + ["--out", str(tmp_path / "b.npz")]) == 0
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
@@ -310,7 +313,8 @@ def test_a_sample_dump_holds_the_evaluations_samples_for_external_evaluators(tmp
                      "--png", str(png), "--device", "cpu"]) == 0
     dump = np.load(out)
     run = load_run(tiny_run, with_data=False)
-    expected = fid.quantise(generate(run.denoiser, run.grid, 2, range(3, 8), (1, 8, 8))).permute(0, 2, 3, 1).numpy()
+    x = generate(run.denoiser, run.grid, 2, range(3, 8), (1, 8, 8))
+    expected = protocols.get("tract").quantise(x).permute(0, 2, 3, 1).numpy()
     assert dump["arr_0"].dtype == np.uint8 and dump["arr_0"].shape == (5, 8, 8, 1)
     assert np.array_equal(dump["arr_0"], expected) and list(dump["seeds"]) == [3, 4, 5, 6, 7]
     assert sorted(p.name for p in png.iterdir()) == [f"{s:06d}.png" for s in range(3, 8)]
@@ -322,3 +326,7 @@ def test_a_sample_dump_holds_the_evaluations_samples_for_external_evaluators(tmp
                      "--png", str(png)]) == 2
     assert fid.main(["sample", str(tiny_run), "--steps", "2", "--samples", "5", "--out", str(tmp_path / "t.zip")]) == 2
     assert not (tmp_path / "t.npz").exists() and not (tmp_path / "t.zip").exists()
+    assert fid.main(["sample", str(tiny_run), "--steps", "2", "--samples", "5", "--first-seed", "3", "--out",
+                     str(tmp_path / "edm.npz"), "--protocol", "edm", "--device", "cpu"]) == 0  # EDM's quantiser
+    edm = (x.double().numpy() * 127.5 + 128).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(np.load(tmp_path / "edm.npz")["arr_0"], edm)

@@ -198,9 +198,9 @@ def test_the_guided_chain_trains_its_teacher_and_stage_1_then_distils_at_every_w
         e for e in evaluations if e["row"] == "btd_4steps@w0" and e["table"] == "guided_imagenet64")["target"]
 
 
-def fake_metrics(path, run, steps, fids, mode="clean"):
+def fake_metrics(path, run, steps, fids, protocol="tract"):
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [dict(steps=k, nfe=k, sampler="ddim", ema="inference", mode=mode, samples_per_range=50_000,
+    rows = [dict(steps=k, nfe=k, sampler="ddim", ema="inference", protocol=protocol, samples_per_range=50_000,
                  seed_ranges=[[0, 49_999], [50_000, 99_999], [100_000, 149_999]], reference_sha256="ab" * 32,
                  fid=f, fid_mean=sum(f) / len(f), fid_std=0.05) for k, f in zip(steps, fids)]
     path.write_text(json.dumps(dict(run=run, weights_sha256="cd" * 32, results=rows)))
@@ -269,7 +269,7 @@ def test_tiny_paper_chain_runs_with_dvc(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paper"]["teachers"]["imagenet64_pd"] = "ckpts/imagenet_original.pt"  # a state dict instead of Flax
     params["paper"].update(executor="inline", inception="ckpts/inception-2015-12-05.pt",
-                           fid={"samples": 12, "seed-ranges": [0, 12, 24], "mode": "clean", "batch": 6})
+                           fid={"samples": 12, "seed-ranges": [0, 12, 24], "protocol": "clean", "batch": 6})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     root = tmp_path / "data" / "imagenet64"
@@ -320,7 +320,7 @@ def test_tiny_paper_chain_runs_with_dvc(tmp_path):
     assert set(saved["rows"]) == {"one", "two"}
     for rid, steps in (("one", 1), ("two", 2)):
         r = saved["rows"][rid]
-        assert r["steps"] == steps and len(r["fid"]) == 3 and r["mode"] == "clean" and r["samples_per_range"] == 12
+        assert r["steps"] == steps and len(r["fid"]) == 3 and r["protocol"] == "clean" and r["samples_per_range"] == 12
         assert r["seed_ranges"] == [[0, 11], [12, 23], [24, 35]]
     reference = tmp_path / "runs" / "paper" / "fid_ref" / "imagenet64_pd.npz"
     assert saved["rows"]["one"]["reference_sha256"] == check.sha256(reference)

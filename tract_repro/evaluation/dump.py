@@ -1,7 +1,7 @@
 """Sample dumps for external evaluators: ``python -m tract_repro.evaluation.fid sample RUN --steps K --samples N --out FILE.npz``.
 
-The ``.npz`` holds ``arr_0``, the samples as uint8 NHWC (round(127.5·(x + 1)), as our FID protocol quantises
-them), ``arr_1``, their class labels (class-conditional runs), and ``seeds``: the layout of the ADM
+The ``.npz`` holds ``arr_0``, the samples as uint8 NHWC (quantised as ``--protocol`` does: ``tract`` and
+``clean`` round(127.5·(x + 1)), ``edm`` ⌊127.5·x + 128⌋), ``arr_1``, their class labels (class-conditional runs), and ``seeds``: the layout of the ADM
 evaluator's sample batches (``arr_0``), which EDM's ``fid.py`` and clean-fid read as well once the
 images are written out; ``--png DIR`` writes one PNG per sample, ``<seed>.png``, the folder EDM's
 ``fid.py calc --images`` and clean-fid's ``compute_fid(folder, …)`` take.  Sample i comes from seed
@@ -31,17 +31,18 @@ def check_outputs(out, png):
 
 
 def dump_samples(run_dir, steps, samples, out, first_seed=0, sampler="ddim", w=None, png=None, batch_size=500,
-                 device="cpu"):
+                 device="cpu", protocol="tract"):
     """Write ``samples`` K-step samples of a finished run (its inference EMA) to ``out`` (and PNGs to ``png``)."""
     from tract_repro.evaluation.generate import generate_batches, labels_from_seeds
     from tract_repro.evaluation.metrics import conditioned
     from tract_repro.evaluation.runs import image_shape, load_run
     from tract_repro.sampling import registry
-    from tract_repro.sampling.images import to_uint8
+    from tract_repro.evaluation.protocols import get as get_protocol
 
     if samples < 1 or steps < 1 or first_seed < 0:
         raise ConfigError(f"--samples {samples} --steps {steps} --first-seed {first_seed}: give at least one sample and "
                           f"one step, and a first seed of at least 0")
+    quantise = get_protocol(protocol).quantise
     check_outputs(out, png)
     run = load_run(run_dir, with_data=False)
     registry.get(sampler).logsnrs(run.grid, steps)  # the sampler exists and takes K steps on this grid (one line)
@@ -51,7 +52,7 @@ def dump_samples(run_dir, steps, samples, out, first_seed=0, sampler="ddim", w=N
     device = torch.device(device)
     denoiser.to(device)
     seeds = range(first_seed, first_seed + samples)
-    images = torch.cat([to_uint8(x) for x in generate_batches(denoiser, run.grid.to(device), steps, seeds, shape, classes,
+    images = torch.cat([quantise(x) for x in generate_batches(denoiser, run.grid.to(device), steps, seeds, shape, classes,
                                                                batch_size, desc=f"{run.path.name} {steps} steps",
                                                                sampler=sampler, device=device, extra=extra)])
     nhwc = images.permute(0, 2, 3, 1).numpy()

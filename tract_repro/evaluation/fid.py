@@ -1,21 +1,23 @@
-"""Image FID by the paper-scale protocol (method-spec §8), through clean-fid's features and statistics.
+"""Image FID by a named protocol (method-spec §8; :mod:`tract_repro.evaluation.protocols`), through clean-fid's
+features and statistics.
 
-    python -m tract_repro.evaluation.fid reference cifar10 --mode clean --out runs/paper/fid_ref/cifar10.npz
+    python -m tract_repro.evaluation.fid reference cifar10 --protocol tract --out runs/paper/fid_ref/cifar10.npz
     python -m tract_repro.evaluation.fid reference imagenet64 --root data/imagenet64 --out runs/paper/fid_ref/imagenet64.npz
     python -m tract_repro.evaluation.fid evaluate runs/paper/RUN --steps 1 2 --reference runs/paper/fid_ref/cifar10.npz
 
-**Protocol.** 50,000 samples for each of 3 disjoint seed ranges (0..49999, 50000..99999,
+**Seed ranges.** 50,000 samples for each of 3 disjoint seed ranges (0..49999, 50000..99999,
 100000..149999; one seed per sample, as EDM), FID per range against the training-set reference
-statistics, reported as mean ± std over the ranges (std with ddof = 1).  Samples are quantised to
-8 bits, resized as clean-fid's ``mode`` does (``clean``: PIL bicubic to 299; ``legacy_tensorflow``:
-inside the network; ``legacy_pytorch``: bilinear) and passed through the Inception network, which
-is built **once** per evaluation and reused for every batch, step count and seed range.
+statistics, reported as mean ± std over the ranges (std with ddof = 1) and their minimum.  **The
+protocol** (``tract``, the official TRACT code's and the default; ``clean``; ``edm``) decides the
+Inception weights, the resize to 299, the 8-bit quantiser and the headline (EDM's: the best range).
+The Inception network is built **once** per evaluation and reused for every batch, step count and seed range.
 
-**Reference statistics.** CIFAR-10 uses clean-fid's precomputed training-set statistics
-(``cifar10_<mode>_train_32.npz``), read from clean-fid's own stats folder and never downloaded;
-ImageNet 64 statistics are computed from our training-set loader (the same variant the runs train
-on) with the same extractor.  Either way they are saved as an ``.npz`` (``mu``, ``sigma`` and what
-they were computed from) and every result records that file's sha256 and the clean-fid mode.
+**Reference statistics.** CIFAR-10 uses clean-fid's precomputed training-set statistics of the
+protocol's network and input path (``cifar10_<clean-fid mode>_train_32.npz``), read from clean-fid's
+own stats folder and never downloaded; ImageNet 64 statistics are computed from our training-set
+loader (the same variant the runs train on) with the same extractor; ``--source file --file F.npz``
+imports published ones (EDM's ``fid-refs``).  Either way they are saved as an ``.npz`` (``mu``,
+``sigma`` and what they were computed from) and every result records that file's sha256 and the protocol.
 
 ``--executor local|slurm`` runs the work as a job and waits for it: launch's local executor, or a
 SLURM job of one task on one GPU with the ``slurm.*`` options of ``--cluster FILE.gin``
@@ -34,15 +36,13 @@ import torch
 from tract_repro.common.cli import command
 from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_atomic, write_json
-from tract_repro.evaluation import frechet, sources
+from tract_repro.evaluation import frechet, protocols, sources
 from tract_repro.evaluation.inception import inception_extractor
 from tract_repro.evaluation.runs import image_shape, per_weight_outputs
 from tract_repro.sampling import registry
-from tract_repro.sampling.images import to_uint8 as quantise  # round(127.5·(x + 1)) to uint8, as every FID protocol
 
 FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
-MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 IS_SPLITS = 10  # Inception Score: each seed range split in 10, the usual protocol
 STD_DDOF = 1
 JOBS = Path("runs/jobs")  # submitit/SLURM logs of submitted evaluations (runs/ is not version-controlled)
@@ -68,21 +68,20 @@ def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
 
 
 class ImageFeatures:
-    """clean-fid's feature path for in-memory uint8 images: the mode's resize, then the extractor.
+    """clean-fid's feature path for in-memory uint8 images: the protocol's resize, then the extractor.
 
     ``extractor`` (e.g. :func:`tract_repro.evaluation.inception.inception_extractor`'s result) maps a float
     batch (B, 3, H, W) in [0, 255] to (B, D) features.  It is built by the caller once and reused here for
-    every batch.  ``resize`` replaces clean-fid's resize for the mode (tests pass the identity).
+    every batch.  ``resize`` replaces the protocol's resize outside the network (tests pass the identity).
     """
 
-    def __init__(self, extractor, mode="clean", device="cpu", resize=None, workers=8):
+    def __init__(self, extractor, protocol="tract", device="cpu", resize=None, workers=8):
         from cleanfid.resize import build_resizer
 
-        if mode not in MODES:
-            raise ConfigError(f"clean-fid mode {mode!r}: choose one of {', '.join(MODES)}")
-        self.extractor, self.mode, self.device = extractor, mode, torch.device(device)
-        self.inside = resize is None and mode == "legacy_tensorflow"  # the network resizes inside
-        self.resize = resize if resize is not None else build_resizer(mode)
+        self.protocol = protocols.get(protocol).name
+        self.extractor, self.device = extractor, torch.device(device)
+        self.inside = resize is None and protocols.get(protocol).resize == "network"  # the network resizes inside
+        self.resize = resize if resize is not None else None if self.inside else build_resizer("clean")
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None  # PIL releases the GIL while resizing
 
     def __call__(self, images):
@@ -121,37 +120,59 @@ def load_reference(path):
     return (mu, sigma), meta
 
 
-def cifar10_reference(out, mode="clean"):
-    """Copy clean-fid's precomputed CIFAR-10 training-set statistics (never downloaded) to ``out``."""
-    missing = sources.missing_cleanfid_stats(mode)
+def cifar10_reference(out, protocol="tract"):
+    """Copy clean-fid's precomputed CIFAR-10 training-set statistics of the protocol's network and input path
+    (never downloaded) to ``out``."""
+    spec = protocols.get(protocol)
+    missing = sources.missing_cleanfid_stats(spec.name)
     if missing:
         raise MissingStatistics(missing)
-    name = sources.cleanfid_stats_name(mode=mode)
+    name = sources.cleanfid_stats_name(mode=spec.cleanfid_mode)
     source = sources.cleanfid_stats_folder() / name
     with np.load(source, allow_pickle=False) as z:
         mu, sigma = z["mu"], z["sigma"]
-    return save_reference(out, mu, sigma, mode=mode, dataset="cifar10-train", images=50_000, shape=(3, 32, 32),
-                          source=f"clean-fid precomputed {name}", source_sha256=sha256(source))
+    return save_reference(out, mu, sigma, protocol=spec.name, dataset="cifar10-train", images=50_000,
+                          shape=(3, 32, 32), source=f"clean-fid precomputed {name}", source_sha256=sha256(source))
+
+
+SHAPES = {"cifar10": (3, 32, 32), "imagenet64": (3, 64, 64)}
+
+
+def file_reference(out, file, protocol, dataset):
+    """Import published statistics (an .npz with ``mu`` and ``sigma``, e.g. EDM's fid-refs) measured with ``protocol``."""
+    file = Path(file)
+    if not file.is_file():
+        raise MissingStatistics(f"reference statistics {file} not found: fetch them (EDM's: https://nvlabs-fi-cdn."
+                                f"nvidia.com/edm/fid-refs/cifar10-32x32.npz or imagenet-64x64.npz) and put them there")
+    with np.load(file, allow_pickle=False) as z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            raise ConfigError(f"{file} holds {sorted(z.files)}, not mu and sigma: give reference statistics")
+        mu, sigma = z["mu"], z["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ConfigError(f"{file}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    return save_reference(out, mu, sigma, protocol=protocols.get(protocol).name, dataset=f"{dataset}-train",
+                          images=-1, shape=SHAPES[dataset], source=f"imported {file.name}", source_sha256=sha256(file))
 
 
 def dataset_reference(out, images, features, dataset, batch_size=500):
     """Statistics of every image of a uint8 (N, C, H, W) training set through ``features`` (an :class:`ImageFeatures`)."""
     feats = [features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     mu, sigma = frechet.statistics(np.concatenate(feats))
-    return save_reference(out, mu, sigma, mode=features.mode, dataset=dataset, images=len(images),
+    return save_reference(out, mu, sigma, protocol=features.protocol, dataset=dataset, images=len(images),
                           shape=tuple(images.shape[1:]), source="computed from the training-set loader")
 
 
 # ----------------------------------------------------------------------------------------- evaluation
 
-def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, mode=None, batch_size=500,
+def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, protocol=None, batch_size=500,
                  device="cpu", sampler="ddim", inception=None, extractor_factory=None, resize=None, out=None,
                  grid_samples=100, ws=(None,)):
     """FID of a finished run's inference-EMA samples at each guidance weight w in ``ws`` (None: unguided) and
     step count K, per seed range and mean ± std.
 
-    ``extractor_factory(mode=, path=, device=)`` builds the feature network (default: clean-fid's Inception
-    from local weights); it is called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.
+    ``protocol`` (default: the reference statistics') names the FID protocol.  ``extractor_factory(protocol=,
+    path=, device=)`` builds the feature network (default: the protocol's Inception from local weights); it is
+    called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.
     """
     from tract_repro.evaluation.generate import generate_batches
     from tract_repro.evaluation.metrics import conditioned
@@ -162,10 +183,11 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     if not steps or any(k < 1 for k in steps):
         raise ConfigError(f"FID needs step counts ≥ 1, got {list(steps)}")
     ref_stats, ref = load_reference(reference)
-    mode = mode or ref["mode"]
-    if ref["mode"] != mode:
-        raise ConfigError(f"reference statistics {reference} are clean-fid mode {ref['mode']!r}, not {mode!r}: "
-                         f"compute a reference in mode {mode!r}")
+    made_with = protocols.of_metadata(ref)
+    spec = protocols.get(protocol or (made_with.name if made_with else protocols.DEFAULT))
+    if made_with is not None and made_with != spec:
+        raise ConfigError(f"reference statistics {reference} are of FID protocol {made_with.name!r}, not {spec.name!r}: "
+                         f"compute a reference with --protocol {spec.name}")
     run = load_run(run_dir, with_data=False)
     shape = image_shape(run.denoiser)
     if "shape" in ref and tuple(ref["shape"]) != shape:
@@ -178,9 +200,9 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     grid = run.grid.to(device)
     classes = run.denoiser.net.num_classes if run.denoiser.conditional else 1
     factory = extractor_factory or inception_extractor
-    extractor = factory(mode=mode, path=inception, device=str(device))  # built once
-    features = ImageFeatures(extractor, mode, device, resize)
-    probabilities = getattr(extractor, "probabilities", None)  # Inception's class head, if the mode's network has one
+    extractor = factory(protocol=spec.name, path=inception, device=str(device))  # built once
+    features = ImageFeatures(extractor, spec.name, device, resize)
+    probabilities = getattr(extractor, "probabilities", None)  # Inception's class head, if the protocol's network has one
     per_w = per_weight_outputs(out, ws)
     single = Path(out) if out else run.path / "eval" / "fid.json"
     rows = []
@@ -196,24 +218,25 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                                                    sampler=sampler, device=device, extra=extra)):
                 if r == 0 and b == 0 and grid_samples:
                     save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{name}.png"), scale=2)
-                feats.append(features(quantise(x)))
+                feats.append(features(spec.quantise(x)))
             feats = np.concatenate(feats)
             fids.append(frechet.frechet_distance(frechet.statistics(feats), ref_stats))
             if probabilities is not None:
                 scores.append(inception_score(probabilities(feats)))
-        row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), sampler=sampler, ema="inference", mode=mode,
-                   seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
+        row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), sampler=sampler, ema="inference",
+                   protocol=spec.name, seed_ranges=[[s.start, s.stop - 1] for s in ranges], samples_per_range=samples,
                    reference_sha256=ref["sha256"], fid=fids, fid_mean=float(np.mean(fids)),
-                   fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None,
+                   fid_std=float(np.std(fids, ddof=STD_DDOF)) if len(fids) > 1 else None, fid_min=float(min(fids)),
+                   fid_headline=spec.headline(fids),
                    inception_score=scores or None, is_mean=float(np.mean(scores)) if scores else None,
                    is_std=float(np.std(scores, ddof=STD_DDOF)) if len(scores) > 1 else None)
         rows.append(row if w is None else dict(w=w, **row))
-    weights_file = sources.inception_file(mode, inception)
+    weights_file = sources.inception_file(spec.name, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
                    weights_sha256=sha256(run.weights), dataset=ref.get("dataset"),
                    sampler=registry.get(sampler).description, ema="inference",
-                   protocol=dict(samples_per_range=samples, seed_ranges=[[s.start, s.stop - 1] for s in ranges],
-                                 mode=mode, std_ddof=STD_DDOF, quantised="uint8, round(127.5·(x + 1))"),
+                   protocol=dict(spec.record(), samples_per_range=samples, std_ddof=STD_DDOF,
+                                 seed_ranges=[[s.start, s.stop - 1] for s in ranges]),
                    reference={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ref.items()},
                    inception=dict(path=str(weights_file), sha256=sha256(weights_file))
                    if weights_file.is_file() else None,
@@ -252,53 +275,59 @@ def run(args):
         from tract_repro.evaluation.dump import dump_samples
 
         arrays = dump_samples(args.run, args.steps, args.samples, args.out, args.first_seed, args.sampler, args.w,
-                              args.png, args.batch, device)
+                              args.png, args.batch, device, args.protocol)
         print(f"{args.out}: {len(arrays['arr_0'])} samples {tuple(arrays['arr_0'].shape[1:])} uint8 NHWC, "
               f"{args.steps} {args.sampler} steps, seeds {args.first_seed}..{args.first_seed + args.samples - 1}"
               + (f"; PNGs in {args.png}" if args.png else ""))
         return 0
     if args.command == "reference":
-        if args.dataset == "cifar10" and args.source == "cleanfid":
-            path = cifar10_reference(args.out, args.mode)
+        if args.source == "file":
+            path = file_reference(args.out, args.file, args.protocol, args.dataset)
+        elif args.dataset == "cifar10" and args.source == "cleanfid":
+            path = cifar10_reference(args.out, args.protocol)
         else:
-            missing = sources.missing_inception(args.mode, args.inception)
+            missing = sources.missing_inception(args.protocol, args.inception)
             if missing:
                 raise ConfigError(missing)
             from tract_repro.data.cifar10 import cifar10
             from tract_repro.data.imagenet64 import imagenet64
 
-            cached = Path(args.cache) / f"fid_ref_{_listing_key(args.dataset, args.root, args.mode)}.npz" \
+            cached = Path(args.cache) / f"fid_ref_{_listing_key(args.dataset, args.root, args.protocol)}.npz" \
                 if args.cache else None
-            if cached is not None and cached.is_file():  # the same files and mode: the same statistics
+            if cached is not None and cached.is_file():  # the same files and protocol: the same statistics
                 path = write_atomic(args.out, lambda f: f.write(Path(cached).read_bytes()))
             else:
                 loader = cifar10 if args.dataset == "cifar10" else imagenet64
                 data = loader(root=args.root, split="train", hflip=False)
-                features = ImageFeatures(inception_extractor(mode=args.mode, path=args.inception, device=device),
-                                         args.mode, device)  # built once for the whole training set
+                features = ImageFeatures(inception_extractor(protocol=args.protocol, path=args.inception, device=device),
+                                         args.protocol, device)  # built once for the whole training set
                 path = dataset_reference(args.out, data.images, features, data.name, args.batch)
                 if cached is not None:
                     write_atomic(cached, lambda f: f.write(Path(path).read_bytes()))
         _, meta = load_reference(path)
-        print(f"{path}: {meta['dataset']} ({meta['images']} images), clean-fid mode {meta['mode']}, sha256 {meta['sha256'][:16]}…")
+        images = f"{meta['images']} images" if meta["images"] >= 0 else "imported"
+        print(f"{path}: {meta['dataset']} ({images}), FID protocol {meta['protocol']}, sha256 {meta['sha256'][:16]}…")
         return 0
-    missing = sources.missing_inception(args.mode or load_reference(args.reference)[1]["mode"], args.inception)
+    made_with = protocols.of_metadata(load_reference(args.reference)[1])
+    missing = sources.missing_inception(args.protocol or (made_with.name if made_with else protocols.DEFAULT),
+                                        args.inception)
     if missing:
         raise ConfigError(missing)
-    metrics = evaluate_fid(args.run, args.steps, args.reference, args.seed_ranges, args.samples, args.mode,
+    metrics = evaluate_fid(args.run, args.steps, args.reference, args.seed_ranges, args.samples, args.protocol,
                            args.batch, device, args.sampler, args.inception, out=args.out, ws=args.w or (None,))
     for row in metrics["results"]:
         guided = f"w {row['w']:g}  " if "w" in row else ""
+        best = f", best {row['fid_min']:.3f}" if protocols.get(row["protocol"]).best_of_ranges else ""
         print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  {guided}FID {row['fid_mean']:.3f} ± "
-              f"{row['fid_std'] or 0:.3f} over {len(row['fid'])} seed ranges of {row['samples_per_range']} "
-              f"({row['mode']})")
+              f"{row['fid_std'] or 0:.3f}{best} over {len(row['fid'])} seed ranges of {row['samples_per_range']} "
+              f"(protocol {row['protocol']})")
     return 0
 
 
-def _listing_key(dataset, root, mode):
-    """A digest of a dataset folder's file names and sizes and the mode: the identity of its statistics."""
+def _listing_key(dataset, root, protocol):
+    """A digest of a dataset folder's file names and sizes and the protocol: the identity of its statistics."""
     files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in Path(root).rglob("*") if p.is_file())
-    return hashlib.sha256(json.dumps([dataset, mode, files]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([dataset, protocol, files]).encode()).hexdigest()[:16]
 
 
 def _job(argv):
@@ -345,6 +374,8 @@ def _parser():
             p.add_argument("--png", metavar="DIR", help="also one PNG per sample in this new folder")
             p.add_argument("--sampler", choices=list(registry.SAMPLERS), default="ddim")
             p.add_argument("--w", type=float, help="guidance weight (s = 1 + w elsewhere)")
+            p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT,
+                           help="whose 8-bit quantiser (tract: round(127.5·(x + 1)); edm: ⌊127.5·x + 128⌋)")
         elif name == "evaluate":
             p.add_argument("run", help="a finished run directory (ema.pt, config.gin, run.json)")
             p.add_argument("--steps", type=int, nargs="+", required=True, help="sampler step counts K")
@@ -355,15 +386,20 @@ def _parser():
                            help="guidance weights (a guided teacher or a w-conditioned student); s = 1 + w elsewhere")
             p.add_argument("--samples", type=int, default=SAMPLES, help="samples per seed range")
             p.add_argument("--seed-ranges", type=int, nargs="+", default=list(FIRST_SEEDS), help="first seed of each range")
-            p.add_argument("--mode", choices=MODES, help="clean-fid mode (default: the reference's)")
+            p.add_argument("--protocol", choices=list(protocols.PROTOCOLS),
+                           help="FID protocol: tract (the official TRACT code's), clean (clean-fid's) or edm (EDM's); "
+                                "default: the reference statistics'")
         else:
             p.add_argument("dataset", choices=["cifar10", "imagenet64"])
             p.add_argument("--out", required=True, help="where to write the .npz")
-            p.add_argument("--mode", choices=MODES, default="clean")
+            p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT,
+                           help="FID protocol whose network computes the statistics")
             p.add_argument("--root", help="dataset root (data/cifar10, data/imagenet64) for statistics from our loader")
-            p.add_argument("--source", choices=["cleanfid", "loader"], default="cleanfid",
-                           help="cifar10: clean-fid's precomputed statistics (default) or our loader")
-            p.add_argument("--cache", help="folder keeping loader statistics by dataset files and mode, so that "
+            p.add_argument("--source", choices=["cleanfid", "loader", "file"], default="cleanfid",
+                           help="cifar10: clean-fid's precomputed statistics (default) or our loader; any dataset: "
+                                "published statistics from --file")
+            p.add_argument("--file", help="with --source file: an .npz with mu and sigma (e.g. EDM's fid-refs)")
+            p.add_argument("--cache", help="folder keeping loader statistics by dataset files and protocol, so that "
                                            "two references of the same data compute once")
         p.add_argument("--batch", type=int, default=500, help="images per network call")
         p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
@@ -396,7 +432,10 @@ def _inline(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    if args.command == "reference" and (args.dataset == "imagenet64" or args.source == "loader") and not args.root:
+    if args.command == "reference" and args.source == "file" and not args.file:
+        raise ConfigError("reference --source file needs --file F.npz (statistics with mu and sigma)")
+    if args.command == "reference" and args.source != "file" and (args.dataset == "imagenet64" or args.source == "loader") \
+            and not args.root:
         raise ConfigError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")
     if args.executor == "inline":
         return run(args)

@@ -1,20 +1,20 @@
-"""The Inception feature extractor for FID, through clean-fid, failing fast when offline (method-spec §8).
+"""The Inception feature extractor of each FID protocol, from local weights only (method-spec §8).
 
-clean-fid's modes: ``clean`` and ``legacy_tensorflow`` use the TorchScript port of the TF
-Inception (``inception-2015-12-05.pt``); ``legacy_pytorch`` uses pytorch-fid's weights,
-closest to the official TRACT code.  We never let clean-fid download: the weights must be
-where clean-fid keeps them (or at a path bound in gin), or we stop with one line.
+``tract``: pytorch-fid's Inception as the official TRACT code calls it (input in [−1, 1], bilinear resize to 299
+inside, no further normalisation).  ``clean`` and ``edm``: clean-fid's wrapper of NVIDIA's TorchScript TF-Inception
+(``inception-2015-12-05.pt``, the network of EDM's ``fid.py``), resizing inside the network for ``edm``.  Nothing is
+downloaded: a missing file stops with one line naming it and where to fetch it.
 """
 from pathlib import Path
 
 import gin
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tract_repro.common.errors import ConfigError
-from tract_repro.evaluation.sources import (  # noqa: F401  (re-exported names)
-    PYTORCH_FID_NAME, PYTORCH_FID_URL, TORCHSCRIPT_NAME, TORCHSCRIPT_URL, default_torchscript_dir,
-)
+from tract_repro.evaluation import protocols
+from tract_repro.evaluation.sources import PYTORCH_FID_URL, TORCHSCRIPT_URL, inception_file
 
 
 class MissingWeights(ConfigError):
@@ -22,33 +22,31 @@ class MissingWeights(ConfigError):
 
 
 @gin.configurable
-def inception_extractor(mode="clean", path=None, device="cpu"):
-    """clean-fid's feature extractor for ``mode``, built from local weights only; [0, 255] NCHW → (N, 2048)."""
+def inception_extractor(protocol="tract", path=None, device="cpu"):
+    """The protocol's feature network: a float batch (B, 3, H, W) in [0, 255] → (B, 2048) pool features.
+
+    The ``clean`` protocol expects its batch already resized to 299 (see ``fid.ImageFeatures``); the others resize
+    inside.  TorchScript extractors also carry ``probabilities`` (the class head, for the Inception Score).
+    """
+    spec = protocols.get(protocol)
+    device = torch.device(device)
+    weights = inception_file(protocol, path)
+    if not weights.is_file():
+        url = TORCHSCRIPT_URL if spec.weights == "torchscript" else PYTORCH_FID_URL
+        raise MissingWeights(f"Inception weights {weights} (FID protocol {protocol}) not found (offline): fetch {url} "
+                             f"and put it there, or point --inception (paper.inception) at its folder")
+    if spec.weights == "pytorch_fid":
+        return pytorch_fid_extractor(weights, device)
     from cleanfid.inception_torchscript import InceptionV3W
 
-    device = torch.device(device)
-    if mode in ("clean", "legacy_tensorflow"):
-        folder = Path(path).parent if path and Path(path).suffix == ".pt" else Path(path or default_torchscript_dir())
-        weights = folder / TORCHSCRIPT_NAME
-        if not weights.is_file():
-            raise MissingWeights(f"Inception weights {weights} not found (offline): fetch {TORCHSCRIPT_URL} and put it "
-                                 f"there, or set inception_extractor.path")
-        model = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow")).to(device).eval()
+    model = InceptionV3W(str(weights.parent), download=False, resize_inside=spec.resize == "network").to(device).eval()
 
-        def extract(x):
-            return model(x.to(device))
-        head = getattr(model.base, "output", None)  # the 1008-class layer on the same 2048 pool features
-        if head is not None:
-            extract.probabilities = class_probabilities(head.weight.detach().double().cpu().numpy())
-        return extract
-    if mode == "legacy_pytorch":
-        hub = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_NAME
-        weights = Path(path) if path else hub
-        if not weights.is_file():
-            raise MissingWeights(f"pytorch-fid Inception weights {weights} not found (offline): fetch {PYTORCH_FID_URL} "
-                                 f"and put it at {hub}, or set inception_extractor.path")
-        return _pytorch_fid_extractor(weights, device)
-    raise ConfigError(f"inception_extractor.mode = {mode!r}: choose 'clean', 'legacy_tensorflow' or 'legacy_pytorch'")
+    def extract(x):
+        return model(x.to(device))
+    head = getattr(model.base, "output", None)  # the 1008-class layer on the same 2048 pool features
+    if head is not None:
+        extract.probabilities = class_probabilities(head.weight.detach().double().cpu().numpy())
+    return extract
 
 
 def class_probabilities(weight):
@@ -62,15 +60,26 @@ def class_probabilities(weight):
     return probabilities
 
 
-def _pytorch_fid_extractor(weights, device):
-    """clean-fid's pytorch-fid Inception with weights loaded from a local file (weights_only)."""
+def pytorch_fid_network(weights):
+    """pytorch-fid's FID Inception (pool3 block) with its weights read from a local file (weights_only), taking
+    299² input in [−1, 1] (no resize, no normalisation inside: clean-fid's copy of it resizes nowhere)."""
     from cleanfid import inception_pytorch
 
     original = inception_pytorch.load_state_dict_from_url
     inception_pytorch.load_state_dict_from_url = lambda *a, **k: torch.load(weights, map_location="cpu", weights_only=True)
     try:
-        model = inception_pytorch.InceptionV3(output_blocks=[3], resize_input=False).to(device).eval()
+        return inception_pytorch.InceptionV3(output_blocks=[3], resize_input=False, normalize_input=False).eval()
     finally:
         inception_pytorch.load_state_dict_from_url = original
-    return lambda x: model(x.to(device) / 255)[0].squeeze(-1).squeeze(-1)
 
+
+def pytorch_fid_extractor(weights, device):
+    """[0, 255] floats → x/127.5 − 1 → bilinear to 299 (align_corners=False) → pytorch-fid's Inception → (B, 2048):
+    the official code's InceptionV3(resize_input=True, normalize_input=False) on its [−1, 1] samples."""
+    model = pytorch_fid_network(Path(weights)).to(device)
+
+    def extract(x):
+        with torch.no_grad():
+            x = F.interpolate(x.to(device) / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False)
+            return model(x)[0].flatten(1)
+    return extract

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 from tract_repro.common.errors import ConfigError
+from tract_repro.evaluation import protocols
 
 
 TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -30,21 +31,31 @@ def torch_hub_checkpoints():
     return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
-def inception_file(mode="clean", path=None):
-    """The weights file the Inception extractor of clean-fid ``mode`` reads, given an optional file or folder."""
-    if mode == "legacy_pytorch":
-        return Path(path) if path else torch_hub_checkpoints() / PYTORCH_FID_NAME
-    folder = Path(path).parent if path and Path(path).suffix == ".pt" else Path(path or default_torchscript_dir())
-    return folder / TORCHSCRIPT_NAME
+def inception_file(protocol="tract", path=None):
+    """The Inception weights file FID ``protocol`` reads, given an optional file or folder (``paper.inception``).
+
+    ``tract`` reads pytorch-fid's ``.pth`` (default: torch.hub's checkpoints), ``clean`` and ``edm`` the TorchScript
+    ``.pt`` (default: where clean-fid keeps it).  A folder holds either by its usual name; a file of the other kind
+    points at its folder.
+    """
+    torchscript = protocols.get(protocol).weights == "torchscript"
+    name = TORCHSCRIPT_NAME if torchscript else PYTORCH_FID_NAME
+    if path is None:
+        return default_torchscript_dir() / name if torchscript else torch_hub_checkpoints() / name
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        return path if (path.suffix == ".pt") == torchscript else path.parent / name
+    return path / name
 
 
-def missing_inception(mode="clean", path=None):
-    """None, or one line: which Inception weights file is missing, in which folder, and where to fetch it."""
-    weights = inception_file(mode, path)
+def missing_inception(protocol="tract", path=None):
+    """None, or one line: which Inception weights file the protocol misses, in which folder, and where to fetch it."""
+    weights = inception_file(protocol, path)
     if weights.is_file():
         return None
-    url = PYTORCH_FID_URL if mode == "legacy_pytorch" else TORCHSCRIPT_URL
-    return f"Inception weights {weights.name} not found in {weights.parent}/ (offline): fetch {url} and put it there"
+    url = TORCHSCRIPT_URL if weights.name == TORCHSCRIPT_NAME else PYTORCH_FID_URL
+    return (f"Inception weights {weights.name} (FID protocol {protocol}) not found in {weights.parent}/ (offline): "
+            f"fetch {url} and put it there")
 
 
 def cleanfid_stats_folder():
@@ -60,9 +71,10 @@ def cleanfid_stats_name(dataset="cifar10", mode="clean", split="train", res=32):
     return f"{dataset}_{mode}_{split}_{res}.npz".lower()
 
 
-def missing_cleanfid_stats(mode="clean"):
-    """None, or one line: clean-fid's CIFAR-10 training-set statistics for ``mode``, where to fetch and put them."""
-    name, folder = cleanfid_stats_name(mode=mode), cleanfid_stats_folder()
+def missing_cleanfid_stats(protocol="tract"):
+    """None, or one line: clean-fid's CIFAR-10 training-set statistics for ``protocol`` (those of its clean-fid mode,
+    the same network and input path), where to fetch and put them."""
+    name, folder = cleanfid_stats_name(mode=protocols.get(protocol).cleanfid_mode), cleanfid_stats_folder()
     if (folder / name).is_file():
         return None
     return (f"clean-fid's CIFAR-10 training-set statistics {name} not found (offline): fetch {CLEANFID_STATS_URL}/{name} "

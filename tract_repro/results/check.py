@@ -1,12 +1,12 @@
 """Fail fast when a paper-scale setup's inputs are missing: ONE line naming what to fetch and where to put it.
 
     python -m tract_repro.results.check cifar10_pd --data data/cifar10 --teacher ckpts/cifar_original \\
-        --inception ckpts/inception-2015-12-05.pt --mode clean --out runs/paper/checks/cifar10_pd
+        --inception ckpts/inception --protocol tract --out runs/paper/checks/cifar10_pd
 
 A *setup* is a dataset with a teacher: ``cifar10_pd``, ``cifar10_edm``, ``imagenet64_pd``,
 ``imagenet64_edm``; or, for guided distillation, a dataset whose guided teacher the pipeline trains itself
-(``cifar10_guided``, ``imagenet64_guided``: no teacher file to fetch).  The check looks for the training data, the teacher file, the Inception
-weights, (CIFAR-10) clean-fid's precomputed training-set statistics, the executor options file and
+(``cifar10_guided``, ``imagenet64_guided``: no teacher file to fetch).  The check looks for the training data, the teacher file, the FID
+protocol's Inception weights, (CIFAR-10) clean-fid's precomputed training-set statistics of that protocol, the executor options file and
 (``--executor slurm``) SLURM's sbatch, and reports everything missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
 files and sizes) and ``OUT/teacher.json`` (the teacher's sha256): the identities that the
 reference-statistics and training stages of dvc.yaml depend on.  It imports no torch, so a
@@ -60,7 +60,7 @@ def data_files(dataset, root):
                   f"{IMAGENET64_URL} into {root}/")
 
 
-def check(setup, data, teacher, inception, mode="clean", executor="inline", cluster=None):
+def check(setup, data, teacher, inception, protocol="tract", executor="inline", cluster=None):
     """(problems, data identity, teacher identity) of a setup; problems is a list of one-line instructions."""
     if setup not in SETUPS:
         raise ConfigError(f"unknown setup {setup!r}: choose {', '.join(SETUPS)}")
@@ -69,8 +69,8 @@ def check(setup, data, teacher, inception, mode="clean", executor="inline", clus
     problems = [problem] if problem else []
     if what is not None and (teacher is None or not Path(teacher).is_file()):
         problems.append(f"{what} {teacher} not found: {fetch.format(path=teacher)}")
-    for missing in (sources.missing_inception(mode, inception),
-                    sources.missing_cleanfid_stats(mode) if dataset == "cifar10" else None):
+    for missing in (sources.missing_inception(protocol, inception),
+                    sources.missing_cleanfid_stats(protocol) if dataset == "cifar10" else None):
         if missing:
             problems.append(missing)
     if cluster is not None and not Path(cluster).is_file():
@@ -94,13 +94,13 @@ def main(argv=None):
     parser.add_argument("--data", required=True, help="dataset root, e.g. data/cifar10")
     parser.add_argument("--teacher", help="teacher file, e.g. ckpts/cifar_original (not for the *_guided setups)")
     parser.add_argument("--inception", required=True, help="Inception weights file or folder")
-    parser.add_argument("--mode", default="clean", help="clean-fid mode of the evaluations")
+    parser.add_argument("--protocol", default="tract", help="FID protocol of the evaluations (tract, clean, edm)")
     parser.add_argument("--executor", default="inline", help="where the stages run (slurm needs sbatch on PATH)")
     parser.add_argument("--cluster", help="the executor options file the stages pass to the launcher")
     parser.add_argument("--out", required=True, help="folder for data.json and teacher.json")
     args = parser.parse_args(argv)
     try:
-        problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.mode, args.executor,
+        problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.protocol, args.executor,
                                         args.cluster)
     except (ConfigError, OSError) as exc:  # an unreadable input is one more missing input
         problems = [one_line(exc)]

@@ -18,6 +18,7 @@ import matplotlib
 import pandas as pd
 from tabulate import tabulate
 
+from tract_repro.evaluation import protocols
 from tract_repro.results.experiments import eval_file, read_evaluations
 
 matplotlib.use("Agg")
@@ -240,8 +241,10 @@ def paper_records(table, eval_dir="results/paper/eval"):
             hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"] and r.get("w") == evaluation.get("w")]
             if hit:
                 r = hit[0]
-                records.append(dict(row=row["id"], w=evaluation.get("w"), sampler=r["sampler"], nfe=r["nfe"], mode=r["mode"],
-                                    fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"], is_mean=r.get("is_mean"),
+                spec = protocols.of_metadata(r) or protocols.get(protocols.DEFAULT)
+                records.append(dict(row=row["id"], w=evaluation.get("w"), sampler=r["sampler"], nfe=r["nfe"],
+                                    protocol=spec.name, fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"],
+                                    fid_headline=spec.headline(r["fid"]), is_mean=r.get("is_mean"),
                                     is_std=r.get("is_std"), samples_per_range=r["samples_per_range"],
                                     seed_ranges=r["seed_ranges"], run=metrics["run"], weights_sha256=metrics["weights_sha256"]))
     return records
@@ -249,8 +252,8 @@ def paper_records(table, eval_dir="results/paper/eval"):
 
 def render_paper(table, records):
     """results/<table>.md at paper scale: FID and IS per (row, w), beside the paper's values."""
-    frame = pd.DataFrame.from_records(records, columns=["row", "w", "sampler", "nfe", "mode", "fid_mean", "fid_std",
-                                                        "is_mean", "is_std", "samples_per_range"])
+    frame = pd.DataFrame.from_records(records, columns=["row", "w", "sampler", "nfe", "protocol", "fid_mean", "fid_std",
+                                                        "fid_headline", "is_mean", "is_std", "samples_per_range"])
     ws = (table.get("paper") or {}).get("w") or []
     by = {(r.row, float(r.w)): r for r in frame.itertuples()}
     out = [f"# {table['title']}\n",
@@ -263,8 +266,9 @@ def render_paper(table, records):
             p = row.get("paper") or {}
             paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')})"
             cells = [by.get((row["id"], float(w))) for w in ws]
-            shown = [("" if c is None or pd.isna(getattr(c, f"{metric}_mean")) else
-                      _cell(getattr(c, f"{metric}_mean"), getattr(c, f"{metric}_std"), 2)) for c in cells]
+            head = "fid_headline" if metric == "fid" else "is_mean"  # FID: the protocol's headline (EDM: best range)
+            shown = [("" if c is None or pd.isna(getattr(c, head)) else
+                      _cell(getattr(c, head), getattr(c, f"{metric}_std"), 2)) for c in cells]
             lines.append([row["label"], paper if metric == "fid" else "", *shown])
         out += [f"## {title}\n", tabulate(lines, headers=["row", "paper" if metric == "fid" else "",
                                                           *[f"w = {w:g}" for w in ws]], tablefmt="github"), ""]
@@ -272,9 +276,10 @@ def render_paper(table, records):
         out.append("Nothing measured at paper scale yet: `dvc repro " + table["table"] + "` on a cluster with the data "
                    "(README, Paper scale).")
     else:
-        modes = ", ".join(sorted(set(frame["mode"])))
-        out.append(f"FID and IS: mean ± std over 3 seed ranges of {int(frame.samples_per_range.iloc[0]):,} samples "
-                   f"(clean-fid {modes}; IS over 10 splits of each range); {len(frame)} of the table's cells measured.")
+        used = "; ".join(f"FID protocol {p}: {protocols.get(p).description}" for p in sorted(set(frame["protocol"])))
+        out.append(f"FID (the protocol's headline: the mean, or EDM's best range) ± std and IS mean ± std over 3 seed "
+                   f"ranges of {int(frame.samples_per_range.iloc[0]):,} samples ({used}; IS over 10 splits of each "
+                   f"range); {len(frame)} of the table's cells measured.")
     out.append("Paper values: `guided-notes.md` (S: reliable secondary source); unknown cells say so in "
                f"`experiments/{table['table']}.yaml`. Regenerate with `dvc repro {table['table']}`.")
     return "\n".join(out) + "\n"

@@ -23,9 +23,9 @@ def check_stage(setup):
     return dict(cmd=f"python -m tract_repro.results.check {setup} --data ${{paper.data.{dataset}}} "
                     + (f"--teacher ${{paper.teachers.{setup}}} " if fetched else "")
                     + f"--inception ${{paper.inception}} "
-                    f"--mode ${{paper.fid.mode}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}",
+                    f"--protocol ${{paper.fid.protocol}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}",
                 params=[f"paper.data.{dataset}", *([f"paper.teachers.{setup}"] if fetched else []), "paper.inception",
-                        "paper.fid.mode", "paper.executor", "paper.cluster"],
+                        "paper.fid.protocol", "paper.executor", "paper.cluster"],
                 outs=[{f"{out}/data.json": {"cache": False}}, {f"{out}/teacher.json": {"cache": False}}],
                 always_changed=True)
 
@@ -35,13 +35,13 @@ def reference_stage(setup):
     dataset = SETUPS[setup][0]
     out = f"{FID_REF}/{setup}.npz"
     if dataset == "cifar10":
-        cmd = f"python -m tract_repro.evaluation.fid reference cifar10 --mode ${{paper.fid.mode}} --out {out}"
-        params = ["paper.fid.mode"]
+        cmd = f"python -m tract_repro.evaluation.fid reference cifar10 --protocol ${{paper.fid.protocol}} --out {out}"
+        params = ["paper.fid.protocol"]
     else:
         cmd = (f"python -m tract_repro.evaluation.fid reference {dataset} --root ${{paper.data.{dataset}}} "
-               f"--mode ${{paper.fid.mode}} --inception ${{paper.inception}} --batch ${{paper.fid.batch}} "
+               f"--protocol ${{paper.fid.protocol}} --inception ${{paper.inception}} --batch ${{paper.fid.batch}} "
                f"--cache {PAPER_RUNS}/cache --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}")
-        params = [f"paper.data.{dataset}", "paper.fid.mode", "paper.fid.batch", "paper.inception", "paper.executor",
+        params = [f"paper.data.{dataset}", "paper.fid.protocol", "paper.fid.batch", "paper.inception", "paper.executor",
                   "paper.cluster"]
     return dict(cmd=cmd, deps=[f"{CHECKS}/{setup}/data.json"], params=params, outs=[out])
 

@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from tract_repro.common.cli import command
 from tract_repro.common.files import write_json, write_text
+from tract_repro.evaluation import protocols
 from tract_repro.results.experiments import PAPER_EVAL, eval_file, load_tables, load_yaml, paper_eval_file, read_evaluations
 from tract_repro.common.lengths import parse_samples
 
@@ -113,8 +114,10 @@ def paper_scores(table, eval_dir=PAPER_EVAL):
         hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"]]
         if hit:
             r = hit[0]
-            out[row["id"]] = dict(fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"], steps=r["steps"], nfe=r["nfe"],
-                                  sampler=r["sampler"], mode=r["mode"], samples_per_range=r["samples_per_range"],
+            spec = protocols.of_metadata(r) or protocols.get(protocols.DEFAULT)
+            out[row["id"]] = dict(fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"], fid_min=min(r["fid"]),
+                                  fid_headline=spec.headline(r["fid"]), steps=r["steps"], nfe=r["nfe"],
+                                  sampler=r["sampler"], protocol=spec.name, samples_per_range=r["samples_per_range"],
                                   seed_ranges=r["seed_ranges"], reference_sha256=r["reference_sha256"],
                                   run=metrics["run"], weights_sha256=metrics["weights_sha256"])
     return out
@@ -122,14 +125,16 @@ def paper_scores(table, eval_dir=PAPER_EVAL):
 
 def paper_orderings(table, scores):
     """For each claimed pair (a better than b) at paper scale: True, False, or None when either is missing."""
-    return [dict(better=a, worse=b, holds=bool(scores[a]["fid_mean"] < scores[b]["fid_mean"])
+    return [dict(better=a, worse=b, holds=bool(scores[a]["fid_headline"] < scores[b]["fid_headline"])
                  if a in scores and b in scores else None) for a, b in table["ordering"]["pairs"]]
 
 
 def _fmt_paper(value):
     if isinstance(value, dict):
         std = f" ± {value['fid_std']:.2f}" if value.get("fid_std") is not None else ""
-        return f"{value['fid_mean']:.2f}{std} ({value['mode']})"
+        if protocols.get(value["protocol"]).best_of_ranges:  # EDM's headline: the best range, mean ± std beside it
+            return f"{value['fid_min']:.2f} best, {value['fid_mean']:.2f}{std} ({value['protocol']})"
+        return f"{value['fid_mean']:.2f}{std} ({value['protocol']})"
     return f"{value:.2f}"
 
 
@@ -188,8 +193,9 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
     measured = [v for v in (paper_scale or {}).values() if isinstance(v, dict)]
     if measured:
         held_paper = [o for o in paper_order or [] if o["holds"] is not None]
-        ranges = {(len(v["fid"]), v["samples_per_range"], v["mode"]) for v in measured}
-        lines.append("Paper scale: FID mean ± std over " + ", ".join(f"{n} seed ranges of {k:,} samples (clean-fid {m})"
+        ranges = {(len(v["fid"]), v["samples_per_range"], v["protocol"]) for v in measured}
+        lines.append("Paper scale: FID mean ± std over " + ", ".join(f"{n} seed ranges of {k:,} samples (FID protocol "
+                                                                  f"{m}: {protocols.get(m).description})"
                                                                   for n, k, m in sorted(ranges))
                      + f", against the training-set reference statistics; {len(measured)} rows measured"
                      + (f"; {sum(o['holds'] for o in held_paper)} of {len(held_paper)} claimed pairwise orderings hold."
