@@ -86,12 +86,17 @@ def test_tract_protocol_is_the_official_pytorch_fid_path(pytorch_fid_weights):
     from tract_repro.evaluation.inception import pytorch_fid_network
 
     batch = images()
-    ours = fid.ImageFeatures(inception_extractor("tract", str(pytorch_fid_weights.parent)), "tract", workers=1)(batch)
+    extractor = inception_extractor("tract", str(pytorch_fid_weights.parent))
+    ours = fid.ImageFeatures(extractor, "tract", workers=1)(batch)
     direct_net = pytorch_fid_network(pytorch_fid_weights)
     with torch.no_grad():
         x = F.interpolate(batch.float() / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False)
         direct = direct_net(x)[0].flatten(1).numpy()
     assert ours.shape == (4, 2048) and np.allclose(ours, direct, rtol=1e-5, atol=1e-5)
+    # the Inception Score's class probabilities: softmax(pool features · fcᵀ), the file's own 1008-class layer
+    logits = direct.astype(np.float64) @ torch.load(pytorch_fid_weights, weights_only=True)["fc.weight"].double().numpy().T
+    p = extractor.probabilities(direct)
+    assert np.allclose(p, np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
     # clean-fid's legacy_pytorch: its own resizer on the uint8 HWC array, then [0, 1] → normalised inside the network
     original = inception_pytorch.load_state_dict_from_url
     inception_pytorch.load_state_dict_from_url = lambda *a, **k: torch.load(pytorch_fid_weights, weights_only=True)

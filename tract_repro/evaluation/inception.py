@@ -26,7 +26,7 @@ def inception_extractor(protocol="tract", path=None, device="cpu"):
     """The protocol's feature network: a float batch (B, 3, H, W) in [0, 255] → (B, 2048) pool features.
 
     The ``clean`` protocol expects its batch already resized to 299 (see ``fid.ImageFeatures``); the others resize
-    inside.  TorchScript extractors also carry ``probabilities`` (the class head, for the Inception Score).
+    inside.  Each also carries ``probabilities`` (its class head on the same features, for the Inception Score).
     """
     spec = protocols.get(protocol)
     device = torch.device(device)
@@ -51,7 +51,7 @@ def inception_extractor(protocol="tract", path=None, device="cpu"):
 
 def class_probabilities(weight):
     """features (N, 2048) → softmax(features · Wᵀ) over the Inception classes, without the output bias (as StyleGAN's
-    and the original TF Inception Score compute it).  pytorch-fid's weights have no class head: no IS there."""
+    and the original TF Inception Score compute it)."""
     def probabilities(features):
         logits = np.asarray(features, dtype=np.float64) @ weight.T
         logits -= logits.max(1, keepdims=True)
@@ -62,11 +62,13 @@ def class_probabilities(weight):
 
 def pytorch_fid_network(weights):
     """pytorch-fid's FID Inception (pool3 block) with its weights read from a local file (weights_only), taking
-    299² input in [−1, 1] (no resize, no normalisation inside: clean-fid's copy of it resizes nowhere)."""
+    299² input in [−1, 1] (no resize, no normalisation inside: clean-fid's copy of it resizes nowhere).
+    ``weights`` is the file or its already loaded state dict."""
     from cleanfid import inception_pytorch
 
+    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
     original = inception_pytorch.load_state_dict_from_url
-    inception_pytorch.load_state_dict_from_url = lambda *a, **k: torch.load(weights, map_location="cpu", weights_only=True)
+    inception_pytorch.load_state_dict_from_url = lambda *a, **k: state
     try:
         return inception_pytorch.InceptionV3(output_blocks=[3], resize_input=False, normalize_input=False).eval()
     finally:
@@ -75,11 +77,15 @@ def pytorch_fid_network(weights):
 
 def pytorch_fid_extractor(weights, device):
     """[0, 255] floats → x/127.5 − 1 → bilinear to 299 (align_corners=False) → pytorch-fid's Inception → (B, 2048):
-    the official code's InceptionV3(resize_input=True, normalize_input=False) on its [−1, 1] samples."""
-    model = pytorch_fid_network(Path(weights)).to(device)
+    the official code's InceptionV3(resize_input=True, normalize_input=False) on its [−1, 1] samples.  The file's
+    1008-class layer (``fc``, on the same pool features) gives the Inception Score's probabilities."""
+    state = torch.load(Path(weights), map_location="cpu", weights_only=True)
+    model = pytorch_fid_network(state).to(device)
 
     def extract(x):
         with torch.no_grad():
             x = F.interpolate(x.to(device) / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False)
             return model(x)[0].flatten(1)
+    if "fc.weight" in state:
+        extract.probabilities = class_probabilities(state["fc.weight"].double().numpy())
     return extract
