@@ -330,3 +330,48 @@ def test_a_sample_dump_holds_the_evaluations_samples_for_external_evaluators(tmp
                      str(tmp_path / "edm.npz"), "--protocol", "edm", "--device", "cpu"]) == 0  # EDM's quantiser
     edm = (x.double().numpy() * 127.5 + 128).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     assert np.array_equal(np.load(tmp_path / "edm.npz")["arr_0"], edm)
+
+
+def test_fid_extrapolated_to_n_samples_is_the_official_codes_estimate():
+    """FD_n = FD_k + (FD_{k/2} − FD_k)·(k/n − 1), FD_{k/2} the median over 5 random halves; exact at n = k; from
+    samples of the reference distribution itself it lands nearer the true 0 than the k-sample FD does."""
+    from tract_repro.evaluation import frechet
+
+    g = np.random.default_rng(1)
+    feats = g.normal(size=(400, 6))
+    ref = (np.zeros(6), np.eye(6))
+    full = frechet.frechet_distance(frechet.statistics(feats), ref)
+    assert frechet.extrapolated_distance(feats, ref, n=400) == pytest.approx(full, abs=1e-12)
+    rng = np.random.default_rng(0)
+    halves = [frechet.frechet_distance(frechet.statistics(feats[rng.permutation(400)[:200]]), ref) for _ in range(5)]
+    expected = full + (sorted(halves)[2] - full) * (400 / 50_000 - 1)
+    assert frechet.extrapolated_distance(feats, ref) == pytest.approx(expected, abs=1e-12)
+    assert abs(frechet.extrapolated_distance(feats, ref)) < full
+
+
+def test_the_sanity_check_says_pass_or_fail_in_one_line(tiny_run, tmp_path, fake, capsys):
+    """`fid sanity RUN --steps K… --expect K:LO-HI…`: FID of seeds 0..N − 1 extrapolated to 50k, each against its
+    range, PASS or FAIL in one line with every number; malformed or missing ranges are refused before any work."""
+    from tract_repro.evaluation.sanity import sanity_check
+
+    ref = reference(tmp_path)
+    kwargs = dict(batch_size=16, extractor_factory=fake, resize=lambda a: a)
+    passed, line = sanity_check(tiny_run, ref, [2, 4], ["2:0-1000", "4:0-1000"], 32, tmp_path / "ok.json", **kwargs)
+    saved = json.loads((tmp_path / "ok.json").read_text())
+    checks = saved["sanity"]["checks"]
+    assert passed and line.startswith("sanity PASS: ") and "\n" not in line and saved["sanity"]["passed"]
+    assert [c["steps"] for c in checks] == [2, 4] and all(f"{c['fid_extrapolated']:.2f}" in line for c in checks)
+    assert saved["results"][0]["seed_ranges"] == [[0, 31]] and saved["results"][0]["extrapolated_to"] == 50_000
+    value = checks[0]["fid_extrapolated"]
+    passed, line = sanity_check(tiny_run, ref, [2], [f"2:{value + 1:.3f}-{value + 2:.3f}"], 32, tmp_path / "bad.json",
+                                **kwargs)
+    assert not passed and line.startswith("sanity FAIL") and "∉" in line and "Inception" in line
+    assert not json.loads((tmp_path / "bad.json").read_text())["sanity"]["passed"]
+    for expect in (["2:5-1"], ["two:1-5"], ["4:1-5"]):  # LO ≥ HI, not K:LO-HI, no range for K = 2
+        argv = ["sanity", str(tiny_run), "--reference", str(ref), "--steps", "2", "--samples", "8", "--expect", *expect,
+                "--out", str(tmp_path / "x.json"), "--device", "cpu"]
+        assert fid.main(argv) == 2 and not (tmp_path / "x.json").exists()
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    argv = ["sanity", str(tiny_run), "--reference", str(ref), "--steps", "2", "--expect", "2:1-5", "--inception",
+            str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.json"), "--device", "cpu"]
+    assert fid.main(argv) == 2 and "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err

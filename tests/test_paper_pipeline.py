@@ -108,6 +108,8 @@ def test_params_name_the_protocol():
     paper = yaml.safe_load((ROOT / "params.yaml").read_text())["paper"]
     assert paper["executor"] == "slurm"
     assert paper["fid"]["samples"] == 50_000 and paper["fid"]["seed-ranges"] == [0, 50_000, 100_000]
+    assert paper["fid"]["protocol"] == "tract"  # the official TRACT code's FID, to compare with the paper's numbers
+    assert paper["sanity"]["cifar10"]["samples"] == 10_000 and paper["sanity"]["cifar10"]["steps"] == [64, 1024]
     assert paper["data"] == {"cifar10": "data/cifar10", "imagenet64": "data/imagenet64"}
     assert set(paper["teachers"]) == {s for s, (_, fetched, _) in check.SETUPS.items() if fetched}  # *_guided: trained here
 
@@ -117,12 +119,16 @@ def test_check_writes_identities_when_everything_is_there(tmp_path, monkeypatch)
 
     monkeypatch.setattr(sources, "cleanfid_stats_folder", lambda: tmp_path / "stats")
     args = ["cifar10_pd", "--data", str(tmp_path / "cifar10"), "--teacher", str(tmp_path / "teacher"),
-            "--inception", str(tmp_path / "inception-2015-12-05.pt"), "--out", str(tmp_path / "out")]
+            "--inception", str(tmp_path), "--out", str(tmp_path / "out")]
     assert check.main(args) == 2
     for i in range(1, 6):
         (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
         (tmp_path / "cifar10" / "cifar-10-batches-py" / f"data_batch_{i}").write_bytes(b"x" * i)
-    for path in (tmp_path / "teacher", tmp_path / "inception-2015-12-05.pt", tmp_path / "stats" / "cifar10_clean_train_32.npz"):
+    problems = check.check("cifar10_pd", tmp_path / "cifar10", tmp_path / "teacher", tmp_path)[0]
+    assert any("pt_inception-2015-12-05-6726825d.pth (FID protocol tract)" in p for p in problems)
+    assert any("cifar10_legacy_pytorch_train_32.npz" in p for p in problems)  # the tract protocol's statistics
+    for path in (tmp_path / "teacher", tmp_path / "pt_inception-2015-12-05-6726825d.pth",
+                 tmp_path / "stats" / "cifar10_legacy_pytorch_train_32.npz"):
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"weights")
     assert check.main(args) == 0
@@ -144,11 +150,13 @@ def offline_copy(tmp_path):
     return env
 
 
-def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
-    """A fresh copy of the repository with no data, teachers or Inception weights: the first stage stops."""
+@pytest.mark.parametrize("target", ["table1", "sanity_cifar10"])
+def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path, target):
+    """A fresh copy of the repository with no data, teachers or Inception weights: the first stage stops (a table,
+    or the teacher's hour-long sanity check)."""
     env = offline_copy(tmp_path)
     start = time.perf_counter()
-    done = subprocess.run(["dvc", "repro", "table1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["dvc", "repro", target], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
     assert done.returncode != 0
     errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
@@ -156,7 +164,7 @@ def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path):
     line = errors[0]
     for needed in ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "data/cifar10",
                    "gsutil cp gs://gresearch/diffusion-distillation/cifar_original ckpts/cifar_original",
-                   "inception-2015-12-05.pt", "cifar10_clean_train_32.npz"):
+                   "pt_inception-2015-12-05-6726825d.pth", "cifar10_legacy_pytorch_train_32.npz"):
         assert needed in line, needed
     assert "Running stage 'paper_check_cifar10_pd'" in done.stdout and "paper_run_" not in done.stdout
     assert not (tmp_path / "runs" / "paper" / "checks" / "cifar10_pd" / "data.json").exists()
@@ -171,7 +179,8 @@ def test_dvc_repro_guided_imagenet64_without_data_fails_fast_in_one_line(tmp_pat
     assert done.returncode != 0
     errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, done.stdout + done.stderr
-    assert "train_data_batch_*.npz" in errors[0] and "data/imagenet64" in errors[0] and "inception-2015-12-05.pt" in errors[0]
+    assert "train_data_batch_*.npz" in errors[0] and "data/imagenet64" in errors[0]
+    assert "pt_inception-2015-12-05-6726825d.pth" in errors[0]
     assert "gsutil" not in errors[0] and ".pkl" not in errors[0] and len(errors[0].split("; ")) == 2  # no teacher to fetch
     assert "Running stage 'paper_check_imagenet64_guided'" in done.stdout and "paper_train_" not in done.stdout
 

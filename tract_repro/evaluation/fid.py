@@ -166,13 +166,14 @@ def dataset_reference(out, images, features, dataset, batch_size=500):
 
 def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, protocol=None, batch_size=500,
                  device="cpu", sampler="ddim", inception=None, extractor_factory=None, resize=None, out=None,
-                 grid_samples=100, ws=(None,)):
+                 grid_samples=100, ws=(None,), extrapolate_to=None):
     """FID of a finished run's inference-EMA samples at each guidance weight w in ``ws`` (None: unguided) and
     step count K, per seed range and mean ± std.
 
     ``protocol`` (default: the reference statistics') names the FID protocol.  ``extractor_factory(protocol=,
     path=, device=)`` builds the feature network (default: the protocol's Inception from local weights); it is
-    called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.
+    called exactly once.  Writes ``out`` (JSON) and a PNG grid per K beside it.  ``extrapolate_to = n`` adds each
+    range's FID extrapolated to n samples (:func:`frechet.extrapolated_distance`, the official code's estimate).
     """
     from tract_repro.evaluation.generate import generate_batches
     from tract_repro.evaluation.metrics import conditioned
@@ -210,7 +211,7 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
         denoiser, extra, calls = conditioned(run, w)
         name = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
         out = per_w[w] if per_w else single
-        fids, scores = [], []
+        fids, scores, extrapolated = [], [], []
         for r, seeds in enumerate(ranges):
             feats = []
             for b, x in enumerate(generate_batches(denoiser, grid, k, seeds, shape, classes, batch_size,
@@ -221,6 +222,8 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                 feats.append(features(spec.quantise(x)))
             feats = np.concatenate(feats)
             fids.append(frechet.frechet_distance(frechet.statistics(feats), ref_stats))
+            if extrapolate_to:
+                extrapolated.append(frechet.extrapolated_distance(feats, ref_stats, extrapolate_to))
             if probabilities is not None:
                 scores.append(inception_score(probabilities(feats)))
         row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), sampler=sampler, ema="inference",
@@ -230,6 +233,8 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                    fid_headline=spec.headline(fids),
                    inception_score=scores or None, is_mean=float(np.mean(scores)) if scores else None,
                    is_std=float(np.std(scores, ddof=STD_DDOF)) if len(scores) > 1 else None)
+        if extrapolate_to:
+            row.update(extrapolated_to=extrapolate_to, fid_extrapolated=extrapolated)
         rows.append(row if w is None else dict(w=w, **row))
     weights_file = sources.inception_file(spec.name, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
@@ -271,6 +276,13 @@ def _device(name):
 def run(args):
     """Do what the parsed command line asks, in this process; raise ConfigError in one line on bad input."""
     device = _device(args.device)
+    if args.command == "sanity":
+        from tract_repro.evaluation.sanity import sanity_check
+
+        passed, line = sanity_check(args.run, args.reference, args.steps, args.expect, args.samples, args.out,
+                                    protocol=args.protocol, batch_size=args.batch, device=device, inception=args.inception)
+        print(line)
+        return 0 if passed else 1
     if args.command == "sample":
         from tract_repro.evaluation.dump import dump_samples
 
@@ -308,7 +320,7 @@ def run(args):
         images = f"{meta['images']} images" if meta["images"] >= 0 else "imported"
         print(f"{path}: {meta['dataset']} ({images}), FID protocol {meta['protocol']}, sha256 {meta['sha256'][:16]}…")
         return 0
-    made_with = protocols.of_metadata(load_reference(args.reference)[1])
+    made_with = protocols.of_metadata(load_reference(args.reference)[1])  # evaluate
     missing = sources.missing_inception(args.protocol or (made_with.name if made_with else protocols.DEFAULT),
                                         args.inception)
     if missing:
@@ -363,9 +375,18 @@ def _submit(argv, kind, cluster, gin_bindings, folder):
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m tract_repro.evaluation.fid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("evaluate", "reference", "sample"):
+    for name in ("evaluate", "reference", "sample", "sanity"):
         p = sub.add_parser(name)
-        if name == "sample":  # a dump for external evaluators (ADM's evaluator, EDM's fid.py, clean-fid)
+        if name == "sanity":  # a teacher's FID from 10k samples against expected ranges, before a long run
+            p.add_argument("run", help="a finished (e.g. imported teacher) run directory")
+            p.add_argument("--reference", required=True, help="reference statistics .npz (the `reference` command)")
+            p.add_argument("--steps", type=int, nargs="+", default=[64, 1024], help="DDIM step counts")
+            p.add_argument("--samples", type=int, default=10_000, help="samples, seeds 0..samples − 1")
+            p.add_argument("--expect", nargs="+", required=True, metavar="K:LO-HI",
+                           help="expected FID range per step count (extrapolated to 50k samples), e.g. 64:3.0-6.5")
+            p.add_argument("--out", required=True, help="the check's metrics JSON")
+            p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), help="default: the reference statistics'")
+        elif name == "sample":  # a dump for external evaluators (ADM's evaluator, EDM's fid.py, clean-fid)
             p.add_argument("run", help="a finished run directory")
             p.add_argument("--steps", type=int, required=True, help="sampler step count K")
             p.add_argument("--samples", type=int, required=True, help="number of samples, seeds first-seed, first-seed + 1, …")

@@ -14,6 +14,8 @@ from tract_repro.results.stages import EVALUATIONS, LAUNCH, gin_deps, index, quo
 
 CHECKS = f"{PAPER_RUNS}/checks"
 FID_REF = f"{PAPER_RUNS}/fid_ref"
+#: sanity_<dataset>: (setup, imported teacher run) whose FID params.yaml's paper.sanity.<dataset> checks
+SANITY = {"cifar10": ("cifar10_pd", "cifar10_teacher")}
 
 
 def check_stage(setup):
@@ -127,6 +129,20 @@ def paper_eval_stage(target, setup, requests):
                 params=["paper.fid", "paper.inception", "paper.executor", "paper.cluster"], metrics=metrics, outs=pngs)
 
 
+def sanity_stage(dataset, steps):
+    """``dvc repro sanity_<dataset>``: the imported teacher's FID from 10k samples at 64 and 1024 DDIM steps against
+    the expected ranges (:mod:`tract_repro.evaluation.sanity`), about an hour on one GPU, PASS or FAIL in one line."""
+    setup, teacher = SANITY[dataset]
+    out = f"results/paper/sanity_{dataset}.json"
+    return dict(cmd=f"python -m tract_repro.evaluation.fid sanity {PAPER_RUNS}/{teacher} --reference {FID_REF}/{setup}.npz "
+                    f"${{paper.sanity.{dataset}}} --inception ${{paper.inception}} --executor ${{paper.executor}} "
+                    f"--cluster ${{paper.cluster}} --out {out}",
+                deps=[f"{PAPER_RUNS}/{teacher}", f"{FID_REF}/{setup}.npz"],
+                params=[f"paper.sanity.{dataset}", "paper.inception", "paper.executor", "paper.cluster"],
+                metrics=[{out: {"cache": False}}], outs=[{out.replace(".json", f"_{k}steps.png"): {"cache": False}}
+                                                         for k in steps])
+
+
 def build_paper(tables, paper, digits_tables=()):
     """The paper-scale stages; ``digits_tables`` own results/<table>.md (the paper stage then updates it in place)."""
     for key in ("executor", "cluster", "inception", "data", "teachers", "fid"):
@@ -152,6 +168,9 @@ def build_paper(tables, paper, digits_tables=()):
         entry["requests"].setdefault((e["sampler"], e.get("w")), set()).add(e["steps"])
     for target in sorted(wanted):
         stages[f"paper_eval_{target}"] = paper_eval_stage(target, wanted[target]["setup"], wanted[target]["requests"])
+    for dataset, (setup, teacher) in SANITY.items():
+        if dataset in paper.get("sanity", {}) and f"paper_import_{teacher}" in stages:
+            stages[f"sanity_{dataset}"] = sanity_stage(dataset, paper["sanity"][dataset]["steps"])
     for name in tables:
         rows = [e for e in evaluations if e["table"] == name]
         if not rows:
