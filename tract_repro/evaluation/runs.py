@@ -37,14 +37,21 @@ def load_run(path, with_data=True):
         how = (f"finish it with `python -m tract_repro.launch {saved} --workdir {path}`" if saved.is_file()
                else f"train it with `python -m tract_repro.launch <its gin files> --workdir {path}`")
         raise ConfigError(f"{path} is not a finished run (no ema.pt): {how}, then evaluate it")
-    config.parse(text=saved.read_text())
-    schedule = config.build("train.schedule", CosineSchedule)
-    grid = TimeGrid(schedule, config.query("train.T", 1024))
-    denoiser = build_denoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
+    denoiser, grid = rebuild(saved.read_text())
     denoiser.load_state_dict(ckpt.load(weights))
     data = config.build("train.dataset") if with_data else None
     info = json.loads((path / "run.json").read_text())
     return FinishedRun(path, info, denoiser.eval().requires_grad_(False), grid, data, weights)
+
+
+def rebuild(config_text):
+    """(denoiser, grid) of a run's saved configuration, the network freshly initialised; gin is left parsed with it
+    (so ``train.dataset`` and the network's bindings can be read next)."""
+    config.parse(text=config_text)
+    schedule = config.build("train.schedule", CosineSchedule)
+    grid = TimeGrid(schedule, config.query("train.T", 1024))
+    denoiser = build_denoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
+    return denoiser, grid
 
 
 def image_shape(denoiser):
