@@ -21,7 +21,8 @@ LAYERS = [
     ["launching"],   # jobs: forked seeds, submitit local and SLURM executors, warm starts, process exit
     ["evaluation"],  # samples → digits-FD, FID, teacher fidelity
     ["results"],     # experiments → DVC pipeline → results tables
-    ["launch", "evaluate", "warm", "import_teacher"],  # the commands users type, each a thin main
+    ["exporting"],   # finished runs → safetensors, model cards, diffusers pipelines
+    ["launch", "evaluate", "warm", "import_teacher", "export"],  # the commands users type, each a thin main
 ]
 
 

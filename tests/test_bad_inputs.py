@@ -111,6 +111,11 @@ CASES = [
                                                   "--workdir", "{ws}/new"], "cannot be read", files={"w.pt": "text\n"}),
     Case("import into a run", "import_teacher", ["{ws}/t.gin", "--gin", "import_teacher.weights = '{ws}/run/ema.pt'",
                                                  "--workdir", "{ws}/run"], "already holds files"),
+    # --- export
+    Case("export into a non-empty folder", "export", ["{ws}/run", "--out", "{ws}/run"], "is not empty: choose a new folder"),
+    Case("export an unfinished run", "export", ["{ws}/half", "--out", "{ws}/new"], "finish it with `python -m tract_repro.launch"),
+    Case("export a non-evaluation", "export", ["{ws}/run", "--out", "{ws}/new", "--metrics", "{ws}/m.json"],
+         "not an evaluation file", files={"m.json": "{}\n"}),
     # --- classifier, results
     Case("classifier binding", "evaluation.classifier", ["--workdir", "{ws}/cls", "--gin", "train_classifier.bogus = 1"], "bogus"),
     Case("tables unknown table", "results.tables", ["nope"], "no experiments/nope.yaml"),
