@@ -6,6 +6,8 @@ head, the step counts the model was distilled for and how guidance reaches it.  
 K + 1 grid indices T, T − T/K, …, 0 of K DDIM steps (K must divide T), exactly as tract-repro's ``ddim``
 sampler does.  The step itself is written out in ``pipeline.py``.
 """
+import operator
+
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
@@ -35,8 +37,12 @@ class TractDDIMScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps, device=None):
         """The grid indices T, T − T/K, …, 0 of K steps; K must divide T."""
         K, T = num_inference_steps, self.config.T
-        if not isinstance(K, int) or K < 1 or T % K:
-            raise ValueError(f"num_inference_steps={K!r}: K must divide T = {T}, one of {self.valid_steps()} "
+        try:
+            K = operator.index(K)  # an int, or numpy's, torch's
+        except TypeError:
+            K = None
+        if K is None or K < 1 or T % K:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: K must divide T = {T}, one of {self.valid_steps()} "
                              f"(distilled for {list(self.config.distilled_steps)})")
         self.num_inference_steps = K
         self.timesteps = torch.arange(T, -1, -(T // K))
