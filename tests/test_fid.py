@@ -352,7 +352,7 @@ def test_fid_extrapolated_to_n_samples_is_the_official_codes_estimate():
 def test_the_sanity_check_says_pass_or_fail_in_one_line(tiny_run, tmp_path, fake, capsys):
     """`fid sanity RUN --steps K… --expect K:LO-HI…`: FID of seeds 0..N − 1 extrapolated to 50k, each against its
     range, PASS or FAIL in one line with every number; malformed or missing ranges are refused before any work."""
-    from tract_repro.evaluation.sanity import sanity_check
+    from tract_repro.evaluation.fid import sanity_check
 
     ref = reference(tmp_path)
     kwargs = dict(batch_size=16, extractor_factory=fake, resize=lambda a: a)

@@ -36,7 +36,7 @@ import torch
 from tract_repro.common.cli import command
 from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_atomic, write_json
-from tract_repro.evaluation import frechet, protocols, sources
+from tract_repro.evaluation import frechet, protocols, sanity, sources
 from tract_repro.evaluation.inception import inception_extractor
 from tract_repro.evaluation.runs import image_shape, per_weight_outputs
 from tract_repro.sampling import registry
@@ -254,6 +254,26 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     return metrics
 
 
+def sanity_check(run_dir, reference, steps, expect, samples, out, protocol=None, batch_size=500, device="cpu",
+                 inception=None, extractor_factory=None, resize=None):
+    """(passed, one line): a run's FID from seeds 0..samples − 1 at each K in ``steps``, extrapolated to 50k samples,
+    against ``expect`` (``K:LO-HI`` strings); the metrics and the verdict go to ``out`` (:mod:`.sanity`)."""
+    ranges = sanity.parse_expectations(expect, steps)
+    if samples < 2:
+        raise ConfigError(f"--samples {samples}: the sanity check needs at least 2 samples (10000 is usual)")
+    made_with = protocols.of_metadata(load_reference(reference)[1])
+    missing = None if extractor_factory else sources.missing_inception(
+        protocol or (made_with.name if made_with else protocols.DEFAULT), inception)
+    if missing:
+        raise ConfigError(missing)
+    metrics = evaluate_fid(run_dir, steps, reference, (0,), samples, protocol, batch_size, device, inception=inception,
+                           extractor_factory=extractor_factory, resize=resize, out=out,
+                           extrapolate_to=sanity.EXTRAPOLATE_TO)
+    passed, line, record = sanity.verdict(metrics, ranges, samples)
+    write_json(out, dict(metrics, sanity=record), ensure_ascii=False)
+    return passed, line
+
+
 def inception_score(p, splits=IS_SPLITS):
     """IS = exp(E_x KL(p(y|x) ‖ p(y))) from class probabilities (N, C), averaged over ``splits`` equal parts of the
     samples, as Salimans et al. (2016) and StyleGAN's metric compute it (10 splits)."""
@@ -277,8 +297,6 @@ def run(args):
     """Do what the parsed command line asks, in this process; raise ConfigError in one line on bad input."""
     device = _device(args.device)
     if args.command == "sanity":
-        from tract_repro.evaluation.sanity import sanity_check
-
         passed, line = sanity_check(args.run, args.reference, args.steps, args.expect, args.samples, args.out,
                                     protocol=args.protocol, batch_size=args.batch, device=device, inception=args.inception)
         print(line)

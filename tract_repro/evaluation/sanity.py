@@ -4,18 +4,16 @@
         --reference runs/paper/fid_ref/cifar10_pd.npz --steps 64 1024 --samples 10000 \\
         --expect 64:3.0-6.5 1024:1.5-4.0 --out results/paper/sanity_cifar10.json
 
-It samples ``samples`` images per DDIM step count (seeds 0..samples − 1), computes their FID by the reference's
-protocol and extrapolates it to 50,000 samples as the official TRACT code's ``approximate_fid`` does (FID grows
-as c/N at small N, so 10k samples alone would read about a point high).  Each extrapolated FID is compared with
-its expected range; one line says PASS or FAIL with every number (exit status 0 or 1), and ``--out`` keeps them.
+``fid.sanity_check`` samples ``samples`` images per DDIM step count (seeds 0..samples − 1), computes their FID by
+the reference's protocol and extrapolates it to 50,000 samples as the official TRACT code's ``approximate_fid`` does
+(FID(N) ≈ FID∞ + c/N, so 10k samples alone read high).  This module judges the numbers: each extrapolated FID
+against its expected range; one line says PASS or FAIL with every number (exit status 0 or 1).
 ``dvc repro sanity_cifar10`` runs it on the imported PD teacher with the ranges of params.yaml (``paper.sanity``):
 about an hour on one GPU, where a wrong data folder, teacher file or Inception shows as a FID far off.
 """
 import re
 
 from tract_repro.common.errors import ConfigError
-from tract_repro.common.files import write_json
-from tract_repro.evaluation import protocols, sources
 
 EXTRAPOLATE_TO = 50_000
 
@@ -35,21 +33,8 @@ def parse_expectations(texts, steps):
     return ranges
 
 
-def sanity_check(run_dir, reference, steps, expect, samples, out, protocol=None, batch_size=500, device="cpu",
-                 inception=None, extractor_factory=None, resize=None):
-    """(passed, one line) for a run's FID at each K in ``steps`` against ``expect`` (``K:LO-HI`` strings)."""
-    from tract_repro.evaluation.fid import evaluate_fid, load_reference
-
-    ranges = parse_expectations(expect, steps)
-    if samples < 2:
-        raise ConfigError(f"--samples {samples}: the sanity check needs at least 2 samples (10000 is usual)")
-    made_with = protocols.of_metadata(load_reference(reference)[1])
-    name = protocol or (made_with.name if made_with else protocols.DEFAULT)
-    missing = sources.missing_inception(name, inception) if extractor_factory is None else None
-    if missing:
-        raise ConfigError(missing)
-    metrics = evaluate_fid(run_dir, steps, reference, (0,), samples, protocol, batch_size, device, inception=inception,
-                           extractor_factory=extractor_factory, resize=resize, out=out, extrapolate_to=EXTRAPOLATE_TO)
+def verdict(metrics, ranges, samples):
+    """(passed, one line, the record saved beside the metrics) for an evaluation with ``extrapolate_to``."""
     checks = []
     for row in metrics["results"]:
         lo, hi = ranges[row["steps"]]
@@ -57,12 +42,9 @@ def sanity_check(run_dir, reference, steps, expect, samples, out, protocol=None,
         checks.append(dict(steps=row["steps"], fid=row["fid"][0], fid_extrapolated=value, expected=[lo, hi],
                            passed=bool(lo <= value <= hi)))
     passed = all(c["passed"] for c in checks)
-    write_json(out, dict(metrics, sanity=dict(passed=passed, samples=samples, extrapolated_to=EXTRAPOLATE_TO,
-                                              checks=checks)), ensure_ascii=False)
     shown = "; ".join(f"{c['steps']} steps {c['fid_extrapolated']:.2f} {'∈' if c['passed'] else '∉'} "
                       f"[{c['expected'][0]:g}, {c['expected'][1]:g}] ({c['fid']:.2f} at {samples:,})" for c in checks)
-    verdict = "PASS" if passed else "FAIL (check the data folder, the teacher file and the Inception weights " \
-                                    "before a long run)"
-    return passed, (f"sanity {verdict}: {metrics['run']} FID ({metrics['protocol']['name']} protocol, extrapolated to "
-                    f"{EXTRAPOLATE_TO:,} samples): {shown}")
-
+    said = "PASS" if passed else "FAIL (check the data folder, the teacher file and the Inception weights before a long run)"
+    line = (f"sanity {said}: {metrics['run']} FID ({metrics['protocol']['name']} protocol, extrapolated to "
+            f"{EXTRAPOLATE_TO:,} samples): {shown}")
+    return passed, line, dict(passed=passed, samples=samples, extrapolated_to=EXTRAPOLATE_TO, checks=checks)
