@@ -200,8 +200,8 @@ class Run:
             raise problem if problem is not None else ConfigError(message)
         if path is not None:
             self.state.load_state_dict(state if state is not None else ckpt.load(path), path, self.dev, self.world)
-            if self.world.is_main:
-                self.files.metrics.truncate(self.state.samples)
+        if self.world.is_main:  # records of a run killed before its first checkpoint go too
+            self.files.metrics.truncate(self.state.samples)
         self.world.check_in_sync([self.state.student], "at the start")
         self.files.start(self.info, self.o.config_text)
 
