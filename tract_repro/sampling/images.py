@@ -13,6 +13,14 @@ def to_uint8(x):
 
 def save_grid(x, path, ncol=None, scale=1, pad=1):
     """Tile images (N, C, H, W) in [−1, 1] into one PNG, each upscaled ``scale``× (nearest)."""
+    array = grid_image(x, ncol, scale, pad).permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    return write_atomic(path, lambda f: image.save(f, format="PNG"))
+
+
+def grid_image(x, ncol=None, scale=1, pad=1):
+    """The picture :func:`save_grid` writes, as a uint8 tensor (C, H, W): images (N, C, H, W) in [−1, 1]
+    tiled ``ncol`` to a row (default √N), each upscaled ``scale``× (nearest), on white with ``pad`` pixels between."""
     n, c, h, w = x.shape
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
@@ -24,6 +32,4 @@ def save_grid(x, path, ncol=None, scale=1, pad=1):
     for k in range(n):
         r, q = divmod(k, ncol)
         canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img[k]
-    array = canvas.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if c == 1 else array)
-    return write_atomic(path, lambda f: image.save(f, format="PNG"))
+    return canvas

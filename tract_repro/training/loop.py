@@ -41,6 +41,7 @@ from tract_repro.training.optim import adam, bound_inference_ema_label, learning
 from tract_repro.training.run_files import RunDirectory
 from tract_repro.training.state import TrainingState, inference_emas
 from tract_repro.training.step import LossDiverged, apply_update, backward_share
+from tract_repro.training.tensorboard import Off, open_board
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Options:
     checkpoint_every: object
     keep_checkpoints: int
     log_every: object
+    tensorboard: bool
     grid_every: object
     grid_size: int
     grid_scale: int
@@ -86,7 +88,7 @@ class Options:
 def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIRED, schedule=CosineSchedule,
           T=1024, parameterisation="v", teacher=None, batch_size=128, accumulate=1, total=None, phase_lengths=None,
           grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
-          checkpoint_every="64K", keep_checkpoints=2, log_every="8K", grid_every=None, grid_size=100,
+          checkpoint_every="64K", keep_checkpoints=2, log_every="8K", tensorboard=True, grid_every=None, grid_size=100,
           grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, extra_inference_emas=(), device=None,
           optimizer=adam, lr_schedule=learning_rate, pace=None, config_text=None):
     """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
@@ -104,6 +106,8 @@ def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIR
     whose gradients add up to the full-batch step (to float rounding).  ``pace`` (a
     :class:`~tract_repro.launching.pacing.Pace`, set by the launcher for forked seeds) is told each step.
     ``config_text`` (the configuration as given) is written to ``config.gin`` once the run has been checked.
+    ``tensorboard`` logs what ``metrics.jsonl`` records and the sample grids to ``<workdir>/tensorboard/`` too
+    (:mod:`tract_repro.training.tensorboard`; rank 0, if tensorboard is installed).
     Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
     """
     options = Options(**dict(locals(), workdir=Path(workdir), device=device if device is not None else Device()))
@@ -139,6 +143,7 @@ class Run:
         self.dev.compile_networks(self.state.student, self.state.nets.teacher, self.state.nets.self_teacher)
         self.order = EpochOrder(len(self.data), o.seed)
         self.files = RunDirectory(o.workdir, world.is_main, o.keep_checkpoints)
+        self.board = Off()  # the TensorBoard log, opened once the run has resumed
         if world.rank > 0:  # dropout: each rank its own stream; rank 0 keeps the single-process one
             torch.manual_seed(distributed.rank_seed(o.seed, world.rank))
 
@@ -204,12 +209,26 @@ class Run:
             self.files.metrics.truncate(self.state.samples)
         self.world.check_in_sync([self.state.student], "at the start")
         self.files.start(self.info, self.o.config_text)
+        self.board = self.resumed_board()
+
+    def resumed_board(self):
+        """The TensorBoard log, without what a killed run logged after the checkpoint resumed from.  At the
+        end of the span the final grid comes after the final checkpoint: that step is purged and logged again."""
+        samples, at_end = self.state.samples, self.state.samples >= self.end
+        board = open_board(self.files.tensorboard, samples if at_end else samples + 1,
+                           enabled=self.o.tensorboard and self.world.is_main)
+        if at_end and self.files.metrics.last_record is not None:
+            board.scalars(self.files.metrics.last_record)
+        return board
 
     def train(self):
         """Lock the run directory, resume, and train to the end; returns the workdir."""
         with self.files.locked(), preemption.stop_on_signals():
-            self.resume()
-            self.steps()
+            try:
+                self.resume()
+                self.steps()
+            finally:  # a stop request, a failure or the end: the log keeps what was logged
+                self.board.close()
         return self.o.workdir
 
     def steps(self):
@@ -274,6 +293,7 @@ class Run:
             self.tick = now
             if self.world.is_main:
                 files.metrics.write(record)
+                self.board.scalars(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", phase=phase.index)
         grid_due = crossed(before, samples, every["grid"]) or phase.end <= samples < self.end
         if grid_due and phase.student_steps <= self.o.grid_max_steps:  # many-step grids belong to evaluation
@@ -290,6 +310,7 @@ class Run:
         every_rank = self.world.gather((rng_torch, rng_device))
         self.world.check_in_sync([self.state.student, self.state.inference_ema.module], f"at sample {self.state.samples}")
         if self.world.is_main:
+            self.board.flush()  # what is logged up to a checkpoint survives a kill: a resume only purges what follows
             self.files.save_checkpoint(self.state.state_dict(rng_torch, rng_device, every_rank))
 
     def save_samples(self, name, student_steps):
@@ -302,6 +323,7 @@ class Run:
         with self.dev.autocast():
             x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond).cpu()
         self.files.save_grid(name, x.clamp(-1, 1), o.grid_scale)
+        self.board.grid(student_steps, self.state.samples, x.clamp(-1, 1), o.grid_scale)
 
     def finish(self):
         """ema.pt and the completed run.json; no rank returns before the run directory is complete."""

@@ -1,8 +1,9 @@
 """The run-directory writer: everything a run leaves in its folder, written by rank 0 alone.
 
 ``config.gin`` (the configuration as given), ``operative_config.gin`` (every value used),
-``run.json``, ``metrics.jsonl``, ``checkpoints/ckpt_<samples>.pt``, ``samples/*.png`` and, when
-finished, ``ema.pt`` (the inference EMA's denoiser weights).  While a trainer runs in it the folder
+``run.json``, ``metrics.jsonl``, ``checkpoints/ckpt_<samples>.pt``, ``samples/*.png``,
+``tensorboard/`` (:mod:`tract_repro.training.tensorboard`) and, when finished, ``ema.pt`` (the
+inference EMA's denoiser weights).  While a trainer runs in it the folder
 is locked (``.lock``, an OS lock that dies with its holder): a second trainer is refused in one line.
 Nothing is written before the run's configuration has been checked.
 """
@@ -30,6 +31,10 @@ class RunDirectory:
     @property
     def checkpoints(self):
         return self.path / "checkpoints"
+
+    @property
+    def tensorboard(self):
+        return self.path / "tensorboard"
 
     def checkpoint_path(self, samples):
         return ckpt.checkpoint_path(self.checkpoints, samples)
@@ -102,6 +107,7 @@ class MetricsLog:
     def __init__(self, path):
         self.path = Path(path)
         self.sums, self.count, self.last_samples_flushed = {}, 0, 0
+        self.last_record = None  # the newest record in the file
 
     def add(self, **values):
         for k, v in values.items():
@@ -118,7 +124,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.last_samples_flushed = record["samples"]
+        self.last_samples_flushed, self.last_record = record["samples"], record
 
     def truncate(self, samples):
         """On resume: keep only records up to the checkpoint's sample count."""
@@ -126,7 +132,8 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["samples"] <= samples]
         write_json_lines(self.path, kept)
-        self.last_samples_flushed = json.loads(kept[-1])["samples"] if kept else 0
+        self.last_record = json.loads(kept[-1]) if kept else None
+        self.last_samples_flushed = self.last_record["samples"] if kept else 0
 
 
 def write_json_lines(path, lines):
