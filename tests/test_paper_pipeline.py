@@ -232,7 +232,7 @@ def test_table_stage_writes_the_paper_scale_column(tmp_path, monkeypatch, expans
     claimed = {(o["better"], o["worse"]): o["holds"] for o in saved["orderings"]}
     assert claimed[("mu_s_0.5", "mu_s_0")] is True and claimed[("mu_s_0.5", "mu_s_0.99")] is None
     text = (tmp_path / "results" / "table3.md").read_text()
-    assert "5.30 ± 0.05 (clean)" in text and "3 seed ranges of 50,000 samples (clean-fid clean)" in text
+    assert "5.30 ± 0.05 (tract)" in text and "3 seed ranges of 50,000 samples (FID protocol tract: official TRACT" in text
     assert "2 of 2 claimed pairwise orderings hold" in text and "`dvc repro table3`" in text
     assert not (tmp_path / "results" / "digits").exists()  # paper mode leaves the digits outputs alone
 

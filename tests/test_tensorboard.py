@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.summary.writer import event_file_writer
+pytest.importorskip("tensorboard", reason="tensorboard is an optional extra: pip install 'tract-repro[tensorboard]'")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.summary.writer import event_file_writer  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter
 
 from tests.conftest import bitwise_equal, tiny_gin
