@@ -182,7 +182,7 @@ def crash():
     raise Crash("killed")
 
 
-@pytest.mark.parametrize("how", ["sigkill", "crash", "stop", "crash before the first checkpoint",
+@pytest.mark.parametrize("how", ["sigkill", "crash", "stop", "stop between records", "crash before the first checkpoint",
                                  "crash after the final checkpoint"])
 def test_an_interrupted_and_resumed_run_logs_what_an_uninterrupted_one_does(tmp_path, teacher, straight, monkeypatch,
                                                                           how):
@@ -203,16 +203,17 @@ def test_an_interrupted_and_resumed_run_logs_what_an_uninterrupted_one_does(tmp_
         with pytest.raises(Crash):
             run(workdir, teacher)
     else:
-        at_batch(monkeypatch, {"crash": 23, "crash before the first checkpoint": 6, "stop": 24}[how],
-                 preemption.request_stop if how == "stop" else crash)  # a stop at a record: a stop between records loses its means
-        with pytest.raises(preemption.Stopped if how == "stop" else Crash):
+        stop = how.startswith("stop")  # between records, the checkpoint keeps the interval's sums so far
+        at_batch(monkeypatch, {"crash": 23, "crash before the first checkpoint": 6, "stop": 24, "stop between records": 23}[how],
+                 preemption.request_stop if stop else crash)
+        with pytest.raises(preemption.Stopped if stop else Crash):
             run(workdir, teacher)
     monkeypatch.undo()
 
     found = ckpt.list_checkpoints(interrupted / "checkpoints")
     resumed_at = int(found[-1].stem.split("_")[1]) if found else 0
     before = scalars(log(interrupted))["train/loss"]
-    assert resumed_at == {"crash before the first checkpoint": 0, "stop": 384,
+    assert resumed_at == {"crash before the first checkpoint": 0, "stop": 384, "stop between records": 368,
                           "crash after the final checkpoint": 512}.get(how, 256)
     if how in ("crash", "crash before the first checkpoint", "crash after the final checkpoint"):
         # the log, closed on the way out, holds what came after the checkpoint: the resume must purge it

@@ -203,10 +203,14 @@ class Run:
         path, message = self.world.broadcast((path, None if problem is None else str(problem)))
         if message is not None:
             raise problem if problem is not None else ConfigError(message)
+        own = state is not None  # this run's checkpoint (not the previous phase's final one)
         if path is not None:
-            self.state.load_state_dict(state if state is not None else ckpt.load(path), path, self.dev, self.world)
+            state = state if own else ckpt.load(path)
+            self.state.load_state_dict(state, path, self.dev, self.world)
         if self.world.is_main:  # records of a run killed before its first checkpoint go too
             self.files.metrics.truncate(self.state.samples)
+            if own and "metrics_partial" in state:  # a stop between records: the interval's sums so far
+                self.files.metrics.restore(state["metrics_partial"])
         self.world.check_in_sync([self.state.student], "at the start")
         self.files.start(self.info, self.o.config_text)
         self.board = self.resumed_board()
@@ -311,7 +315,8 @@ class Run:
         self.world.check_in_sync([self.state.student, self.state.inference_ema.module], f"at sample {self.state.samples}")
         if self.world.is_main:
             self.board.flush()  # what is logged up to a checkpoint survives a kill: a resume only purges what follows
-            self.files.save_checkpoint(self.state.state_dict(rng_torch, rng_device, every_rank))
+            self.files.save_checkpoint(dict(self.state.state_dict(rng_torch, rng_device, every_rank),
+                                            metrics_partial=self.files.metrics.partial()))
 
     def save_samples(self, name, student_steps):
         """A grid of the inference EMA's ``student_steps``-step DDIM samples, seeds 0..grid_size − 1."""

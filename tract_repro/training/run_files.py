@@ -126,6 +126,14 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         self.last_samples_flushed, self.last_record = record["samples"], record
 
+    def partial(self):
+        """The sums of the interval not yet written (a checkpoint keeps them, so that a run stopped between two
+        records writes the next one as an uninterrupted run does)."""
+        return dict(sums=dict(self.sums), count=self.count)
+
+    def restore(self, partial):
+        self.sums, self.count = dict(partial["sums"]), int(partial["count"])
+
     def truncate(self, samples):
         """On resume: keep only records up to the checkpoint's sample count."""
         if not self.path.is_file():
