@@ -15,6 +15,22 @@ UNet.num_res_blocks = 1
 UNet.attn_resolutions = ()
 UNet.norm_groups = 4
 """
+TINY_NET_ARGS = dict(in_channels=1, resolution=8, channels=8, emb_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(), norm_groups=4)  # TINY_NET as keyword arguments
+
+
+def random_teacher(tmp_path_factory, net=TINY_NET_ARGS):
+    """A randomly initialised tiny v-teacher saved as teacher.pt (distillation does not care that it is untrained)."""
+    import torch
+
+    from tract_repro.diffusion.schedules import CosineSchedule
+    from tract_repro.networks.denoiser import build_denoiser
+    from tract_repro.networks.unet import UNet
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(build_denoiser(UNet(**net), CosineSchedule(), "v").state_dict(), path)
+    return path
 
 
 def tiny_gin(method_lines, *, total=1024, T=64, extra=""):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import bitwise_equal, tiny_gin
+from tests.conftest import bitwise_equal, random_teacher, tiny_gin
 from tract_repro import config
 from tract_repro.data.arrays import ImageArrays
 from tract_repro.common.batch_random import StepRandom, as_batch_random
@@ -19,16 +19,12 @@ from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods import TRACT, TeacherTraining
 from tract_repro.methods.base import Networks
 from tract_repro.methods.phases import plan_phases
-from tract_repro.networks.denoiser import build_denoiser
-from tract_repro.networks.unet import UNet
 from tract_repro.training import checkpoint as ckpt
 from tract_repro.training.device import Device
 from tract_repro.training.distributed import batch_slices, process_group
 from tract_repro.training.loop import train
 
 GRID = TimeGrid(CosineSchedule(), 64)
-TEACHER_NET = dict(in_channels=1, resolution=8, channels=8, emb_channels=16, channel_mult=(1, 2),  # conftest's TINY_NET
-                   num_res_blocks=1, attn_resolutions=(), norm_groups=4)
 # TRACT with two phases (a phase boundary), the official 'sum' reduction so that clipping at 1.0 is active
 RUN = tiny_gin("train.method = @TRACT()\nTRACT.schedule = (64, 8, 1)\ntrain.teacher = 'TEACHER'\n"
                "train.loss_reduction = 'sum'\ninference_ema_momentum.momentum = 0.9\nDevice.name = 'cpu'",
@@ -157,11 +153,7 @@ def test_gradients_are_summed_over_ranks_and_out_of_step_ranks_are_caught():
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A randomly initialised tiny teacher (the distillation maths does not care that it is untrained)."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_denoiser(UNet(**TEACHER_NET), CosineSchedule(), "v").state_dict(), path)
-    return path
+    return random_teacher(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

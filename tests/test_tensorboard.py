@@ -16,20 +16,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.summary.writer import event_file_writer  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter
 
-from tests.conftest import bitwise_equal, tiny_gin
+from tests.conftest import bitwise_equal, random_teacher, tiny_gin
 from tract_repro import config
 from tract_repro.data.arrays import ImageArrays
-from tract_repro.diffusion.schedules import CosineSchedule
-from tract_repro.networks.denoiser import build_denoiser
-from tract_repro.networks.unet import UNet
 from tract_repro.training import checkpoint as ckpt
 from tract_repro.training import preemption
 from tract_repro.training.loop import train
 from tract_repro.training.run_files import RunDirectory
 from tract_repro.training.tensorboard import open_board
 
-TINY_NET = dict(in_channels=1, resolution=8, channels=8, emb_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attn_resolutions=(), norm_groups=4)  # conftest's TINY_NET
 # TRACT 64 → 8 → 1: two phases of 256 samples (16 steps of 16), a record every 64 samples, a checkpoint every 128,
 # a grid every 128 (the phase end's at 256, the final one at 512), dropout so that a resume must restore RNG states.
 RUN = tiny_gin("train.method = @TRACT()\nTRACT.schedule = (64, 8, 1)\ntrain.teacher = 'TEACHER'\n"
@@ -44,11 +39,7 @@ class Crash(Exception):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A randomly initialised tiny teacher (distillation does not care that it is untrained)."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_denoiser(UNet(**TINY_NET), CosineSchedule(), "v").state_dict(), path)
-    return path
+    return random_teacher(tmp_path_factory)
 
 
 def run(workdir, teacher, extra=""):
