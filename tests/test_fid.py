@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import TINY_NET
 from tract_repro import config, import_teacher
-from tract_repro.evaluation import fid, protocols, sources
+from tract_repro.evaluation import fid, inception, protocols, references, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,8 @@ def tiny_run(tmp_path_factory):
 
 def reference(tmp_path, protocol="tract", n=96, shape=(1, 8, 8)):
     images = torch.randint(0, 256, (n, *shape), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
-    features = fid.ImageFeatures(FakeExtractor(), protocol, "cpu", resize=lambda a: a)
-    return fid.dataset_reference(tmp_path / f"ref_{protocol}.npz", images, features, "fake-train", batch_size=32)
+    features = inception.ImageFeatures(FakeExtractor(), protocol, "cpu", resize=lambda a: a)
+    return references.dataset_reference(tmp_path / f"ref_{protocol}.npz", images, features, "fake-train", batch_size=32)
 
 
 def test_default_seed_ranges_are_three_disjoint_ranges_of_50k():
@@ -116,7 +116,7 @@ def test_a_seed_range_scores_the_same_wherever_it_is_evaluated(tiny_run, tmp_pat
 
 def test_reference_statistics_say_what_they_come_from(tmp_path):
     path = reference(tmp_path, protocol="edm")
-    (mu, sigma), meta = fid.load_reference(path)
+    (mu, sigma), meta = references.load_reference(path)
     assert mu.shape == (5,) and sigma.shape == (5, 5)
     assert meta["protocol"] == "edm" and meta["images"] == 96 and meta["dataset"] == "fake-train"
     assert meta["shape"] == [1, 8, 8] and meta["sha256"] == fid.sha256(path)
@@ -134,15 +134,15 @@ def test_protocol_and_shape_must_match_the_reference(tiny_run, tmp_path, fake):
 
 def test_cifar10_reference_is_cleanfids_precomputed_file_never_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "cleanfid_stats_folder", lambda: tmp_path / "stats")
-    with pytest.raises(fid.MissingStatistics) as info:
-        fid.cifar10_reference(tmp_path / "ref.npz", protocol="clean")
+    with pytest.raises(references.MissingStatistics) as info:
+        references.cifar10_reference(tmp_path / "ref.npz", protocol="clean")
     message = str(info.value)
     assert "\n" not in message and "cifar10_clean_train_32.npz" in message
     assert f"put it in {tmp_path / 'stats'}/" in message and "https://www.cs.cmu.edu/~clean-fid/stats/" in message
     (tmp_path / "stats").mkdir()
     np.savez(tmp_path / "stats" / "cifar10_clean_train_32.npz", mu=np.zeros(3), sigma=np.eye(3))
-    path = fid.cifar10_reference(tmp_path / "ref.npz", protocol="clean")
-    (mu, sigma), meta = fid.load_reference(path)
+    path = references.cifar10_reference(tmp_path / "ref.npz", protocol="clean")
+    (mu, sigma), meta = references.load_reference(path)
     assert np.array_equal(sigma, np.eye(3)) and meta["protocol"] == "clean" and meta["dataset"] == "cifar10-train"
     assert meta["source"] == "clean-fid precomputed cifar10_clean_train_32.npz" and meta["shape"] == [3, 32, 32]
     assert meta["source_sha256"] == fid.sha256(tmp_path / "stats" / "cifar10_clean_train_32.npz")
@@ -192,7 +192,7 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
     args = ["reference", "imagenet64", "--root", str(root), "--protocol", "edm", "--inception",
             str(tmp_path), "--device", "cpu", "--batch", "8", "--cache", str(tmp_path / "cache")]
     assert fid.main(args + ["--out", str(tmp_path / "a.npz")]) == 0
-    (mu, sigma), meta = fid.load_reference(tmp_path / "a.npz")
+    (mu, sigma), meta = references.load_reference(tmp_path / "a.npz")
     assert mu.shape == (2048,) and meta["images"] == 20 and meta["shape"] == [3, 64, 64]
     assert meta["dataset"] == "imagenet64-npz-train" and meta["protocol"] == "edm"
     assert meta["source"] == "computed from the training-set loader"
@@ -205,7 +205,7 @@ def test_imagenet64_reference_from_our_loader_through_the_cli(tmp_path):
                            "--executor", "local", "--gin", "local_executor.gpus_per_node = 0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    (mu_d, sigma_d), meta_d = fid.load_reference(tmp_path / "jobs" / "d.npz")
+    (mu_d, sigma_d), meta_d = references.load_reference(tmp_path / "jobs" / "d.npz")
     assert np.array_equal(mu_d, mu) and np.array_equal(sigma_d, sigma) and meta_d["images"] == 20
     folder = ROOT / fid.job_folder(tmp_path / "jobs" / "d.npz")
     assert folder.is_dir() and folder.parent == ROOT / "runs" / "jobs"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tract_repro.evaluation import fid, frechet, protocols, sources
+from tract_repro.evaluation import fid, frechet, inception, protocols, references, sources
 from tract_repro.evaluation.inception import inception_extractor
 from tract_repro.results import tables
 
@@ -87,7 +87,7 @@ def test_tract_protocol_is_the_official_pytorch_fid_path(pytorch_fid_weights):
 
     batch = images()
     extractor = inception_extractor("tract", str(pytorch_fid_weights.parent))
-    ours = fid.ImageFeatures(extractor, "tract", workers=1)(batch)
+    ours = inception.ImageFeatures(extractor, "tract", workers=1)(batch)
     direct_net = pytorch_fid_network(pytorch_fid_weights)
     with torch.no_grad():
         x = F.interpolate(batch.float() / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False)
@@ -120,14 +120,14 @@ def test_clean_and_edm_protocols_feed_the_torchscript_inception_as_their_codes_d
     edm: the uint8 image straight into the network, which resizes inside (EDM's detector, return_features=True)."""
     net = torch.jit.load(str(torchscript_folder / sources.TORCHSCRIPT_NAME)).eval()
     batch = images(3)
-    clean = fid.ImageFeatures(inception_extractor("clean", str(torchscript_folder)), "clean", workers=1)(batch)
+    clean = inception.ImageFeatures(inception_extractor("clean", str(torchscript_folder)), "clean", workers=1)(batch)
     resized = np.stack([np.stack([np.asarray(Image.fromarray(channel.astype(np.float32), mode="F")
                                               .resize((299, 299), resample=Image.BICUBIC)) for channel in image])
                         for image in batch.numpy()]).clip(0, 255)
     with torch.no_grad():
         direct_clean = net.layers((torch.from_numpy(resized).float() - 128) / 128).numpy()
         direct_edm = net(batch.float(), return_features=True).numpy()
-    edm = fid.ImageFeatures(inception_extractor("edm", str(torchscript_folder)), "edm", workers=1)(batch)
+    edm = inception.ImageFeatures(inception_extractor("edm", str(torchscript_folder)), "edm", workers=1)(batch)
     assert np.allclose(clean, direct_clean, rtol=1e-5, atol=1e-5)
     assert np.allclose(edm, direct_edm, rtol=1e-6, atol=1e-6)
     assert not np.allclose(clean, edm, atol=1e-3)  # the two resizes do differ
@@ -168,7 +168,7 @@ def test_published_statistics_are_imported_with_their_protocol(tmp_path, capsys)
     out = tmp_path / "ref.npz"
     assert fid.main(["reference", "cifar10", "--protocol", "edm", "--source", "file", "--file",
                      str(tmp_path / "cifar10-32x32.npz"), "--out", str(out)]) == 0
-    (mu, sigma), meta = fid.load_reference(out)
+    (mu, sigma), meta = references.load_reference(out)
     assert np.array_equal(sigma, a @ a.T) and meta["protocol"] == "edm" and meta["shape"] == [3, 32, 32]
     assert meta["source_sha256"] == fid.sha256(tmp_path / "cifar10-32x32.npz")
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
@@ -182,7 +182,7 @@ def test_published_statistics_are_imported_with_their_protocol(tmp_path, capsys)
 
 def test_statistics_and_results_of_clean_fid_modes_read_as_their_protocols(tmp_path):
     """Reference statistics written before protocols had names (clean-fid ``mode``) still say how they were made."""
-    fid.save_reference(tmp_path / "old.npz", np.zeros(3), np.eye(3), mode="legacy_pytorch", dataset="cifar10-train")
-    assert protocols.of_metadata(fid.load_reference(tmp_path / "old.npz")[1]).name == "tract"
+    references.save_reference(tmp_path / "old.npz", np.zeros(3), np.eye(3), mode="legacy_pytorch", dataset="cifar10-train")
+    assert protocols.of_metadata(references.load_reference(tmp_path / "old.npz")[1]).name == "tract"
     assert protocols.of_metadata(dict(mode="legacy_tensorflow")).name == "edm"
     assert protocols.of_metadata(json.loads(json.dumps(dict(protocol=protocols.get("clean").record())))).name == "clean"

@@ -12,8 +12,8 @@ protocol** (``tract``, the official TRACT code's and the default; ``clean``; ``e
 Inception weights, the resize to 299, the 8-bit quantiser and the headline (EDM's: the best range).
 The Inception network is built **once** per evaluation and reused for every batch, step count and seed range.
 
-**Reference statistics.** CIFAR-10 uses clean-fid's precomputed training-set statistics of the
-protocol's network and input path (``cifar10_<clean-fid mode>_train_32.npz``), read from clean-fid's
+**Reference statistics** (:mod:`tract_repro.evaluation.references`).  CIFAR-10 uses clean-fid's
+precomputed training-set statistics of the protocol's network and input path (``cifar10_<clean-fid mode>_train_32.npz``), read from clean-fid's
 own stats folder and never downloaded; ImageNet 64 statistics are computed from our training-set
 loader (the same variant the runs train on) with the same extractor; ``--source file --file F.npz``
 imports published ones (EDM's ``fid-refs``).  Either way they are saved as an ``.npz`` (``mu``,
@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,8 @@ from tract_repro.common.cli import command
 from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_atomic, write_json
 from tract_repro.evaluation import frechet, protocols, sanity, sources
-from tract_repro.evaluation.inception import inception_extractor
+from tract_repro.evaluation.inception import ImageFeatures, inception_extractor
+from tract_repro.evaluation.references import cifar10_reference, dataset_reference, file_reference, load_reference
 from tract_repro.evaluation.runs import image_shape, per_weight_outputs
 from tract_repro.sampling import registry
 
@@ -46,10 +46,6 @@ SAMPLES = 50_000
 IS_SPLITS = 10  # Inception Score: each seed range split in 10, the usual protocol
 STD_DDOF = 1
 JOBS = Path("runs/jobs")  # submitit/SLURM logs of submitted evaluations (runs/ is not version-controlled)
-
-
-class MissingStatistics(ConfigError):
-    """Reference statistics are not on disk."""
 
 
 def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
@@ -65,101 +61,6 @@ def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
             raise ConfigError(f"seed ranges {a.start}..{a.stop - 1} and {b.start}..{b.stop - 1} overlap: "
                              f"first seeds must be at least {samples} apart")
     return ranges
-
-
-class ImageFeatures:
-    """clean-fid's feature path for in-memory uint8 images: the protocol's resize, then the extractor.
-
-    ``extractor`` (e.g. :func:`tract_repro.evaluation.inception.inception_extractor`'s result) maps a float
-    batch (B, 3, H, W) in [0, 255] to (B, D) features.  It is built by the caller once and reused here for
-    every batch.  ``resize`` replaces the protocol's resize outside the network (tests pass the identity).
-    """
-
-    def __init__(self, extractor, protocol="tract", device="cpu", resize=None, workers=8):
-        from cleanfid.resize import build_resizer
-
-        self.protocol = protocols.get(protocol).name
-        self.extractor, self.device = extractor, torch.device(device)
-        self.inside = resize is None and protocols.get(protocol).resize == "network"  # the network resizes inside
-        self.resize = resize if resize is not None else None if self.inside else build_resizer("clean")
-        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None  # PIL releases the GIL while resizing
-
-    def __call__(self, images):
-        """(B, C, H, W) uint8 → (B, D) float features, as clean-fid's generator path computes them."""
-        from cleanfid.fid import get_batch_features
-
-        if images.dtype != torch.uint8:
-            raise ConfigError(f"ImageFeatures takes uint8 images, got {images.dtype}: quantise first")
-        if self.inside:
-            batch = images.float()
-        else:
-            arrays = list(images.permute(0, 2, 3, 1).numpy())
-            resized = list(self.pool.map(self.resize, arrays)) if self.pool else [self.resize(a) for a in arrays]
-            batch = torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2).astype(np.float32))
-        return get_batch_features(batch, self.extractor, self.device)
-
-
-# ------------------------------------------------------------------------------------------ reference
-
-def save_reference(path, mu, sigma, **meta):
-    """Reference statistics as an .npz (mu, sigma, and strings/ints saying what they come from), written atomically."""
-    return write_atomic(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                                                 **{k: np.asarray(v) for k, v in meta.items()}))
-
-
-def load_reference(path):
-    """(μ, Σ), metadata (with the file's sha256) of reference statistics written by :func:`save_reference`."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingStatistics(f"reference statistics {path} not found: compute them with "
-                                f"`python -m tract_repro.evaluation.fid reference ...` (dvc repro runs that stage)")
-    with np.load(path, allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]
-        meta = {k: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k not in ("mu", "sigma")}
-    meta.update(path=str(path), sha256=sha256(path))
-    return (mu, sigma), meta
-
-
-def cifar10_reference(out, protocol="tract"):
-    """Copy clean-fid's precomputed CIFAR-10 training-set statistics of the protocol's network and input path
-    (never downloaded) to ``out``."""
-    spec = protocols.get(protocol)
-    missing = sources.missing_cleanfid_stats(spec.name)
-    if missing:
-        raise MissingStatistics(missing)
-    name = sources.cleanfid_stats_name(mode=spec.cleanfid_mode)
-    source = sources.cleanfid_stats_folder() / name
-    with np.load(source, allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]
-    return save_reference(out, mu, sigma, protocol=spec.name, dataset="cifar10-train", images=50_000,
-                          shape=(3, 32, 32), source=f"clean-fid precomputed {name}", source_sha256=sha256(source))
-
-
-SHAPES = {"cifar10": (3, 32, 32), "imagenet64": (3, 64, 64)}
-
-
-def file_reference(out, file, protocol, dataset):
-    """Import published statistics (an .npz with ``mu`` and ``sigma``, e.g. EDM's fid-refs) measured with ``protocol``."""
-    file = Path(file)
-    if not file.is_file():
-        raise MissingStatistics(f"reference statistics {file} not found: fetch them (EDM's: https://nvlabs-fi-cdn."
-                                f"nvidia.com/edm/fid-refs/cifar10-32x32.npz or imagenet-64x64.npz) and put them there")
-    with np.load(file, allow_pickle=False) as z:
-        if "mu" not in z.files or "sigma" not in z.files:
-            raise ConfigError(f"{file} holds {sorted(z.files)}, not mu and sigma: give reference statistics")
-        mu, sigma = z["mu"], z["sigma"]
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ConfigError(f"{file}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
-    return save_reference(out, mu, sigma, protocol=protocols.get(protocol).name, dataset=f"{dataset}-train",
-                          images=-1, shape=SHAPES[dataset], source=f"imported {file.name}", source_sha256=sha256(file))
-
-
-def dataset_reference(out, images, features, dataset, batch_size=500):
-    """Statistics of every image of a uint8 (N, C, H, W) training set through ``features`` (an :class:`ImageFeatures`)."""
-    feats = [features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    mu, sigma = frechet.statistics(np.concatenate(feats))
-    return save_reference(out, mu, sigma, protocol=features.protocol, dataset=dataset, images=len(images),
-                          shape=tuple(images.shape[1:]), source="computed from the training-set loader")
 
 
 # ----------------------------------------------------------------------------------------- evaluation

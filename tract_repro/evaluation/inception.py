@@ -5,6 +5,7 @@ inside, no further normalisation).  ``clean`` and ``edm``: clean-fid's wrapper o
 (``inception-2015-12-05.pt``, the network of EDM's ``fid.py``), resizing inside the network for ``edm``.  Nothing is
 downloaded: a missing file stops with one line naming it and where to fetch it.
 """
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gin
@@ -25,7 +26,7 @@ class MissingWeights(ConfigError):
 def inception_extractor(protocol="tract", path=None, device="cpu"):
     """The protocol's feature network: a float batch (B, 3, H, W) in [0, 255] → (B, 2048) pool features.
 
-    The ``clean`` protocol expects its batch already resized to 299 (see ``fid.ImageFeatures``); the others resize
+    The ``clean`` protocol expects its batch already resized to 299 (see :class:`ImageFeatures`); the others resize
     inside.  Each also carries ``probabilities`` (its class head on the same features, for the Inception Score).
     """
     spec = protocols.get(protocol)
@@ -89,3 +90,35 @@ def pytorch_fid_extractor(weights, device):
     if "fc.weight" in state:
         extract.probabilities = class_probabilities(state["fc.weight"].double().numpy())
     return extract
+
+
+class ImageFeatures:
+    """clean-fid's feature path for in-memory uint8 images: the protocol's resize, then the extractor.
+
+    ``extractor`` (e.g. :func:`tract_repro.evaluation.inception.inception_extractor`'s result) maps a float
+    batch (B, 3, H, W) in [0, 255] to (B, D) features.  It is built by the caller once and reused here for
+    every batch.  ``resize`` replaces the protocol's resize outside the network (tests pass the identity).
+    """
+
+    def __init__(self, extractor, protocol="tract", device="cpu", resize=None, workers=8):
+        from cleanfid.resize import build_resizer
+
+        self.protocol = protocols.get(protocol).name
+        self.extractor, self.device = extractor, torch.device(device)
+        self.inside = resize is None and protocols.get(protocol).resize == "network"  # the network resizes inside
+        self.resize = resize if resize is not None else None if self.inside else build_resizer("clean")
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None  # PIL releases the GIL while resizing
+
+    def __call__(self, images):
+        """(B, C, H, W) uint8 → (B, D) float features, as clean-fid's generator path computes them."""
+        from cleanfid.fid import get_batch_features
+
+        if images.dtype != torch.uint8:
+            raise ConfigError(f"ImageFeatures takes uint8 images, got {images.dtype}: quantise first")
+        if self.inside:
+            batch = images.float()
+        else:
+            arrays = list(images.permute(0, 2, 3, 1).numpy())
+            resized = list(self.pool.map(self.resize, arrays)) if self.pool else [self.resize(a) for a in arrays]
+            batch = torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2).astype(np.float32))
+        return get_batch_features(batch, self.extractor, self.device)
