@@ -14,7 +14,7 @@ from tract_repro.methods.ema import EMA, momentum_from_residual
 from tract_repro.methods.phases import check_schedule, phase_at, plan_phases
 from tract_repro.methods.tract import tract_indices
 from tract_repro.common.lengths import parse_samples
-from tract_repro.training.optim import inference_ema_momentum, learning_rate
+from tract_repro.training.optim import InferenceEMA, learning_rate
 
 T = 1024
 GRID = TimeGrid(CosineSchedule(), T)
@@ -221,14 +221,16 @@ def test_ema_is_bias_corrected():
 def test_inference_ema_from_residual():
     """μ_I = r^(1/n): the official README run (96M, batch 256, 2 phases) gives 0.99996487."""
     phases = plan_phases((1024, 32, 1), total="96M")
-    mu = inference_ema_momentum(phases[0], 256, residual=1e-3)
+    mu = InferenceEMA(residual=1e-3).for_phase(phases[0], 256)
     assert mu == pytest.approx(0.99996487, abs=1e-8)
     assert mu ** (48 * 2**20 / 256) == pytest.approx(1e-3, rel=1e-9)
-    assert inference_ema_momentum(phases[0], 256, momentum=0.99995) == 0.99995
+    assert InferenceEMA(momentum=0.99995).for_phase(phases[0], 256) == 0.99995
     assert momentum_from_residual(0.25, 2) == 0.5
     with pytest.raises(ValueError, match="set inference_ema_momentum"):
-        inference_ema_momentum(phases[0], 256)
-    assert inference_ema_momentum(phases[0], 256, momentum=0.9, residual=1e-3) == 0.9  # fixed μ_I wins
+        InferenceEMA()
+    fixed = InferenceEMA(momentum=0.9, residual=1e-3)  # fixed μ_I wins
+    assert fixed.for_phase(phases[0], 256) == 0.9 and fixed == InferenceEMA(momentum=0.9)
+    assert (fixed.label, fixed.setting) == ("momentum=0.9", {"momentum": 0.9})  # a number from gin to the checkpoint
 
 
 def test_learning_rate_warmup_and_linear_decay():

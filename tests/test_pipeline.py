@@ -115,13 +115,13 @@ def test_identical_phases_are_shared_across_rows_and_tables(in_repo):
     first = phases[where[mu_i_rows[0]]].previous
     assert all(phases[where[row]].previous is first for row in mu_i_rows)
     assert len({where[row] for row in mu_i_rows}) == 5
-    assert first.ema_labels == {"residual=0.001", "residual=3.73e-86", "residual=2.89e-09", "residual=5.38e-05", "residual=0.14"}
+    assert {s.label for s in first.ema_settings} == {"residual=0.001", "residual=3.73e-86", "residual=2.89e-09", "residual=5.38e-05", "residual=0.14"}
     bindings = first.stage_bindings()
     assert "inference_ema_momentum.residual = 0.001" in bindings and not any(b.startswith("INFERENCE_EMA") for b in bindings)
     assert "train.extra_inference_emas = [{'residual': 0.14}, {'residual': 2.89e-09}, {'residual': 3.73e-86}, " \
            "{'residual': 5.38e-05}]" in bindings
     # a run's final phase keeps μ_I in its identity: single-phase rows with different μ_I are different runs
-    assert all(not p.ema_labels for p in phases.values() if p.key in {e["target"] for e in evaluations})
+    assert all(not p.ema_settings for p in phases.values() if p.key in {e["target"] for e in evaluations})
     # Table 6's 24M per phase is Table 5's four-phase row (96M over 4 phases)
     assert where[("table6", "sched_4096_512_64_8_1")] == where[("table5", "sched_4096_512_64_8_1")]
     assert all(p.index == 0 or p.previous is not None for p in phases.values())

@@ -11,16 +11,13 @@ into place when complete, into a ``--workdir`` that does not exist yet (or is em
 import leaves nothing behind.
 """
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 from tract_repro import config
 from tract_repro.common.cli import command
 from tract_repro.common.errors import ConfigError
-from tract_repro.common.files import write_text
-from tract_repro.diffusion.schedules import CosineSchedule
-from tract_repro.networks.denoiser import build_denoiser
+from tract_repro.common.files import atomic_folder, write_text
+from tract_repro.config.runs import rebuild
 from tract_repro.training.teacher import import_teacher
 
 
@@ -44,20 +41,16 @@ def main(argv=None):
                           "\"import_teacher.weights = 'ckpts/cifar_original'\"")
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise ConfigError(f"{workdir} already holds files (a run or another import): import into a new --workdir")
-    schedule = config.build("train.schedule", CosineSchedule)
-    parameterisation = config.query("train.parameterisation", "v")
-    denoiser = build_denoiser(config.build("train.network"), schedule, parameterisation)
-    process = dict(T=config.query("train.T", 1024), parameterisation=parameterisation,
-                   noise_schedule=type(schedule).__name__)
-    staging = workdir.with_name(f".{workdir.name}.importing{os.getpid()}")
+    run = rebuild(text, workdir, with_data=False)  # the network and grid the saved config.gin will rebuild
+    denoiser = run.denoiser
+    process = dict(T=run.options.T, parameterisation=run.options.parameterisation,
+                   noise_schedule=type(run.grid.schedule).__name__)
     try:
-        import_teacher(staging, denoiser, process)
-        write_text(staging / "config.gin", text)  # a directory with config.gin and ema.pt is a finished import
-        if workdir.is_dir():
-            workdir.rmdir()  # empty, checked above
-        staging.rename(workdir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # only ours: left only if the import failed
+        with atomic_folder(workdir) as staging:  # a folder with config.gin and ema.pt is a finished import
+            import_teacher(staging, denoiser, process)
+            write_text(staging / "config.gin", text)
+    except FileExistsError:
+        raise ConfigError(f"{workdir} was written to meanwhile: import into a new --workdir") from None
     print(f"imported {config.query('import_teacher.weights')} → {workdir}")
     return 0
 

@@ -1,9 +1,11 @@
-"""Files written atomically, and file digests (no torch import, so quick checks stay quick).
+"""Files and folders written atomically, and file digests (no torch import, so quick checks stay quick).
 
 Every file the project writes for a user (checkpoints, ema.pt, run.json, metrics, reference
-statistics, tables) goes through :func:`write_atomic`: a crash leaves the old file or the new one,
-never a torn one.
+statistics, ImageNet batches, tables) goes through :func:`write_atomic`: a crash leaves the old file
+or the new one, never a torn one.  A folder written as a whole (an export, an imported teacher) is
+filled by :func:`atomic_folder` and appears complete or not at all.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +37,31 @@ def write_atomic(path, write, mode="wb", durable=False):
         finally:
             os.close(dir_fd)
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a new hidden folder beside ``path`` to fill; it is renamed to ``path`` when the block ends.
+
+    An empty folder at ``path`` is replaced; any other file or folder there is left as it is and
+    FileExistsError raised.  On any failure the hidden folder is removed, and nothing else.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # ours: a partial folder of a process with this pid that died
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            raise FileExistsError(f"{path} holds files") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text(path, text):

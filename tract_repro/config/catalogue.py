@@ -13,6 +13,7 @@ import tract_repro.methods  # noqa: F401
 import tract_repro.networks.edm_unets  # noqa: F401
 import tract_repro.networks.unet  # noqa: F401
 import tract_repro.training.loop  # noqa: F401
+import tract_repro.training.options  # noqa: F401  (train.*)
 import tract_repro.training.teacher  # noqa: F401
 import tract_repro.config.executors  # noqa: F401  (slurm.*, local_executor.*: may appear in any config)
 from tract_repro.sampling.heun import heun_sampler, heun_teacher_step

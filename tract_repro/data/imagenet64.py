@@ -10,8 +10,8 @@ Variants (method-spec §8; reference statistics must come from the same one, so 
 Converter (decodes the JPEGs once): ``python -m tract_repro.data.imagenet64 --from-folder DIR --out ROOT``.
 """
 import argparse
-import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tract_repro.common.cli import command
 from tract_repro.common.errors import ConfigError
+from tract_repro.common.files import write_atomic
 from tract_repro.data.arrays import ImageArrays
 from tract_repro.data.cifar10 import DatasetNotFoundError
 
@@ -183,11 +185,8 @@ def imagenet64(root="data/imagenet64", split="train", source="npz", hflip=None, 
 
 
 def _save(path, **arrays):
-    """np.savez to a temporary name, then rename: a crash never leaves a loadable half file."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    """np.savez written atomically: a crash never leaves a loadable half file."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def convert(folder, out, split="train", per_file=PER_FILE, workers=1):
@@ -210,8 +209,9 @@ def convert(folder, out, split="train", per_file=PER_FILE, workers=1):
         print(f"wrote {out / name}: {len(chunk)} images", flush=True)
 
 
+@command
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tract_repro.data.imagenet64", description=__doc__.splitlines()[0])
     parser.add_argument("--from-folder", required=True, help="DIR holding <split>/<wnid>/*.JPEG")
     parser.add_argument("--out", required=True, help="ROOT for the npz batches")
     parser.add_argument("--split", default="train", choices=["train", "val"])
@@ -219,7 +219,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="decoding threads")
     args = parser.parse_args(argv)
     convert(args.from_folder, args.out, args.split, args.per_file, args.workers)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

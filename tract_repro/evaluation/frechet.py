@@ -3,6 +3,8 @@ import numpy as np
 import torch
 from cleanfid import fid as cleanfid
 
+from tract_repro.sampling.images import to_uint8
+
 
 def statistics(features):
     """(μ, Σ) of features (N, D) in float64, Σ unbiased (as clean-fid)."""
@@ -36,7 +38,7 @@ def custom_features(images, feature_fn, batch_size=500):
     """
     chunks = []
     for i in range(0, len(images), batch_size):
-        batch = torch.round(127.5 * (images[i:i + batch_size].double() + 1)).clamp(0, 255).float()
+        batch = to_uint8(images[i:i + batch_size]).float()
         chunks.append(cleanfid.get_batch_features(batch, feature_fn, torch.device("cpu")))
     return np.concatenate(chunks)
 

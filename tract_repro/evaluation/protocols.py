@@ -27,13 +27,9 @@ class Protocol:
 
     def quantise(self, x):
         """Samples in [−1, 1] (B, C, H, W) → uint8, as this protocol's reference code writes its images."""
-        import torch
-
-        if self.quantiser == "edm":  # generate.py: (x·127.5 + 128).clip(0, 255).to(uint8), i.e. truncation
-            return torch.floor(127.5 * x.double() + 128).clamp(0, 255).to(torch.uint8)
         from tract_repro.sampling.images import to_uint8
 
-        return to_uint8(x)
+        return to_uint8(x, self.quantiser)
 
     def headline(self, fids):
         """The number a table shows for per-range FIDs: the minimum (EDM's "best of three") or the mean."""

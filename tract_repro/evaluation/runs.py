@@ -1,15 +1,13 @@
-"""Rebuild a finished run's inference-EMA denoiser from the configuration saved beside it."""
+"""A finished run: its inference-EMA denoiser rebuilt from the configuration saved beside it, and its record."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tract_repro import config
 from tract_repro.common.errors import ConfigError
+from tract_repro.config.runs import rebuild
 from tract_repro.diffusion.grid import TimeGrid
-from tract_repro.diffusion.schedules import CosineSchedule
-from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.training import checkpoint as ckpt
 
 
@@ -21,6 +19,7 @@ class FinishedRun:
     grid: TimeGrid
     data: object
     weights: Path
+    options: object = None  # the run's resolved training Options (train.*)
 
 
 def load_run(path, with_data=True):
@@ -37,21 +36,10 @@ def load_run(path, with_data=True):
         how = (f"finish it with `python -m tract_repro.launch {saved} --workdir {path}`" if saved.is_file()
                else f"train it with `python -m tract_repro.launch <its gin files> --workdir {path}`")
         raise ConfigError(f"{path} is not a finished run (no ema.pt): {how}, then evaluate it")
-    denoiser, grid = rebuild(saved.read_text())
-    denoiser.load_state_dict(ckpt.load(weights))
-    data = config.build("train.dataset") if with_data else None
+    run = rebuild(saved.read_text(), path, with_data)
+    run.denoiser.load_state_dict(ckpt.load(weights))
     info = json.loads((path / "run.json").read_text())
-    return FinishedRun(path, info, denoiser.eval().requires_grad_(False), grid, data, weights)
-
-
-def rebuild(config_text):
-    """(denoiser, grid) of a run's saved configuration, the network freshly initialised; gin is left parsed with it
-    (so ``train.dataset`` and the network's bindings can be read next)."""
-    config.parse(text=config_text)
-    schedule = config.build("train.schedule", CosineSchedule)
-    grid = TimeGrid(schedule, config.query("train.T", 1024))
-    denoiser = build_denoiser(config.build("train.network"), schedule, config.query("train.parameterisation", "v"))
-    return denoiser, grid
+    return FinishedRun(path, info, run.denoiser.eval().requires_grad_(False), run.grid, run.data, weights, run.options)
 
 
 def image_shape(denoiser):

@@ -10,13 +10,13 @@ a format that does not apply to the run, a missing package, an evaluation file o
 written into a hidden sibling folder, which is renamed to ``--out`` at the end, so a failure leaves nothing.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
 from tract_repro.common.errors import ConfigError
-from tract_repro.common.files import sha256
-from tract_repro.evaluation.runs import FinishedRun, load_run, rebuild
+from tract_repro.common.files import atomic_folder, sha256
+from tract_repro.config.runs import rebuild
+from tract_repro.evaluation.runs import FinishedRun, load_run
 from tract_repro.exporting.card import evaluations, render
 from tract_repro.exporting.diffusers_format import check_run, components, write as write_diffusers
 from tract_repro.exporting.weights import load as load_weights, require, run_metadata, save as save_weights
@@ -51,26 +51,18 @@ def export_run(run_dir, fmt="safetensors", out=None, metrics=(), search=Path("re
     if fmt == "diffusers":
         parts = components(run)
     meta = run_metadata(run, ema_sha256)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        if parts is None:
-            save_weights(run.denoiser.state_dict(), tmp / WEIGHTS[fmt], meta)
-        else:
-            write_diffusers(tmp, *parts, meta)
-        shutil.copyfile(run.path / "config.gin", tmp / "config.gin")
-        shutil.copyfile(run.path / "run.json", tmp / "run.json")
-        text = render(run, fmt, ema_sha256, WEIGHTS[fmt], sha256(tmp / WEIGHTS[fmt]), found)
-        (tmp / "README.md").write_text(text)
-        try:
-            os.replace(tmp, out)  # atomic; an empty folder at ``out`` is replaced, a non-empty one refuses
-        except OSError:
-            raise ConfigError(f"--out {out} was written to meanwhile: choose a new folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(out) as tmp:
+            if parts is None:
+                save_weights(run.denoiser.state_dict(), tmp / WEIGHTS[fmt], meta)
+            else:
+                write_diffusers(tmp, *parts, meta)
+            shutil.copyfile(run.path / "config.gin", tmp / "config.gin")
+            shutil.copyfile(run.path / "run.json", tmp / "run.json")
+            text = render(run, fmt, ema_sha256, WEIGHTS[fmt], sha256(tmp / WEIGHTS[fmt]), found)
+            (tmp / "README.md").write_text(text)
+    except FileExistsError:
+        raise ConfigError(f"--out {out} was written to meanwhile: choose a new folder") from None
     return out, found
 
 
@@ -83,12 +75,13 @@ def load_exported(folder):
         raise ConfigError(f"{folder} is not an export (no config.gin and model.safetensors): write one with "
                           f"`python -m tract_repro.export RUN --out {folder}`")
     require("safetensors", "safetensors")
-    denoiser, grid = rebuild((folder / "config.gin").read_text())
+    run = rebuild((folder / "config.gin").read_text(), folder, with_data=False)
     state, _ = load_weights(folder / present[0])
     try:
-        denoiser.load_state_dict(state)
+        run.denoiser.load_state_dict(state)
     except RuntimeError:
         raise ConfigError(f"{folder / present[0]} does not fit the network of {folder / 'config.gin'}: export the run "
                           f"again") from None
     info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    return FinishedRun(folder, info, denoiser.eval().requires_grad_(False), grid, None, folder / present[0])
+    return FinishedRun(folder, info, run.denoiser.eval().requires_grad_(False), run.grid, None, folder / present[0],
+                       run.options)

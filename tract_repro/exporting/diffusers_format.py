@@ -4,21 +4,19 @@ What maps and what does not.  Our networks do not map 1:1 onto diffusers' ``UNet
 (:mod:`tract_repro.networks.unet`, which the Google PD checkpoints are read into as well) takes the log-SNR λ as
 its time input through u = arctan(exp(−λ/2))/(π/2), sums its class and guidance-weight embeddings into the
 time embedding, and lays its blocks out in its own way.  So ``unet/`` is a diffusers ModelMixin/ConfigMixin
-component (``shipped/tract_unet.py``) that builds our network from the keyword arguments of the run's gin
-bindings, its weights stored as diffusers stores any model's (``diffusion_pytorch_model.safetensors``, keys
+component (``shipped/tract_unet.py``) that builds our network from the keyword arguments the run's network was
+built with (``UNet.init_kwargs``), its weights stored as diffusers stores any model's (``diffusion_pytorch_model.safetensors``, keys
 ``net.*`` as in our denoiser's state dict).  diffusers' DDIMScheduler does not fit either (its timestep grid and
 its float32 step are not the run's), so ``scheduler/`` holds the run's grid (λ, α, σ at i = 0..T) as data and
 ``pipeline.py`` writes out our K-step DDIM loop (clipped x̂, float64), which reproduces ``registry.sample('ddim',
 …)`` from the same noise.  Only VP runs with the PD UNet have this layout; EDM VE runs export as safetensors.
 """
-import inspect
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from tract_repro import config
 from tract_repro.common.errors import ConfigError
 from tract_repro.exporting.card import default_steps, guidance_mode
 from tract_repro.exporting.weights import save as save_weights
@@ -41,19 +39,14 @@ def check_run(run):
 
 
 def network_kwargs(run):
-    """The PD UNet's constructor arguments, read from the run's gin bindings (unbound ones at their defaults)."""
-    config.parse(text=(run.path / "config.gin").read_text())
-    selector = config.query("train.network").scoped_selector
+    """The PD UNet's constructor arguments, as the run's network was built with them, in JSON."""
     kwargs = {}
-    for name, p in inspect.signature(UNet.__init__).parameters.items():
-        if name == "self":
-            continue
-        value = config.query(f"{selector}.{name}", p.default)
+    for name, value in run.denoiser.net.init_kwargs.items():
         value = list(value) if isinstance(value, tuple) else value
         try:
             json.dumps(value)
         except TypeError:
-            raise ConfigError(f"{selector}.{name} = {value!r} cannot be written to a diffusers config: use "
+            raise ConfigError(f"UNet.{name} = {value!r} cannot be written to a diffusers config: use "
                               f"--format safetensors") from None
         kwargs[name] = value
     return kwargs

@@ -25,6 +25,8 @@ import socket
 import sys
 from pathlib import Path
 
+from tract_repro.common.cli import command
+
 ENV = "TRACT_WARM"  # the server's socket, set in CMD's environment
 # What the entry points import, not the entry points themselves: `python -m X` runs X as a fresh
 # __main__, so a server that had imported X (and registered its gin configurables) could not serve it.
@@ -296,6 +298,7 @@ def _accept(listener, mine, loaded, children, selector, closing):
         _kill(pid)
 
 
+@command
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:

@@ -53,7 +53,32 @@ def randint(low, high, n, generator):
 
 
 class Method(abc.ABC):
-    """Base of every method: a step schedule and a target function."""
+    """The contract between a method and the one training loop: a step schedule and a target function.
+
+    A method implements :meth:`steps` and :meth:`__call__` (a subclass without either cannot be
+    made), and may override the class attributes below and :meth:`check`.  These are everything the
+    loop, the run's record (``run.json``) and evaluation read of a method; nothing else is read.
+    """
+
+    @abc.abstractmethod
+    def steps(self, T):
+        """The step schedule S = (S₀, …, S_P) on a grid of T steps."""
+
+    @abc.abstractmethod
+    def __call__(self, x, cond, phase, nets, grid, generator):
+        """The Target for a batch x (float64) in ``phase``.
+
+        ``generator`` is a :class:`~tract_repro.common.batch_random.BatchRandom` for the samples of x
+        (or a bare ``torch.Generator``): draw every random tensor from it, one row per sample, and
+        draw the same sequence whatever the data, so that x may be any slice of a larger batch.
+        """
+
+    def __new__(cls, *args, **kwargs):
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:  # ABC's own TypeError, as the one line a command prints, naming the fix
+            raise ConfigError(f"method {cls.__name__} does not implement {' and '.join(missing)} of the Method contract: "
+                              f"define them (docs/architecture.md, 'A method')")
+        return super().__new__(cls)
 
     #: whether the run needs a teacher (a previous run) to start from
     needs_teacher = True
@@ -66,6 +91,15 @@ class Method(abc.ABC):
     #: (w_min, w_max): the student and its teacher take a guidance weight w, drawn per sample (stage 2
     #: of guided distillation: the same w for every teacher, self-teacher and student call), or None
     guidance = None
+    #: label-dropout probability of a guided teacher's training (0: an unguided model)
+    p_uncond = 0.0
+    #: the loss weighting w(λ) of a diffusion loss, or None (it names the known divergences in errors)
+    weight_fn = None
+
+    @property
+    def guided(self):
+        """Whether the run involves classifier-free guidance: a guided teacher, or a w-conditioned student."""
+        return self.p_uncond > 0 or self.w_range is not None
 
     def check(self, student, data):
         """Raise a one-line ConfigError if this method cannot train ``student`` on ``data``."""
@@ -114,16 +148,3 @@ def guidance_range(value, owner):
     if not 0 <= w_min <= w_max:
         raise ConfigError(f"{owner}.guidance = {value!r}: give 0 ≤ w_min ≤ w_max, e.g. (0, 4)")
     return w_min, w_max
-
-    @abc.abstractmethod
-    def steps(self, T):
-        """The step schedule S = (S₀, …, S_P) on a grid of T steps."""
-
-    @abc.abstractmethod
-    def __call__(self, x, cond, phase, nets, grid, generator):
-        """The Target for a batch x (float64) in ``phase``.
-
-        ``generator`` is a :class:`~tract_repro.common.batch_random.BatchRandom` for the samples of x
-        (or a bare ``torch.Generator``): draw every random tensor from it, one row per sample, and
-        draw the same sequence whatever the data, so that x may be any slice of a larger batch.
-        """

@@ -65,7 +65,9 @@ class UNet(nn.Module):
         logsnr_input: str = "inv_cos",
         extra_conditions: Sequence[str] = (),
     ):
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs  # the arguments that build this network again (the diffusers export's config)
         if logsnr_input != "inv_cos":
             raise ConfigError(f"logsnr_input={logsnr_input!r} not supported (only 'inv_cos')")
         self.in_channels = in_channels

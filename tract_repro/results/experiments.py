@@ -84,7 +84,7 @@ class Phase:
     student_steps: int
     teacher: str = "teacher"
     seeds: set = field(default_factory=set)
-    ema_labels: set = field(default_factory=set)  # a first phase shared across μ_I: every μ_I it must track
+    ema_settings: set = field(default_factory=set)  # a first phase shared across μ_I: every μ_I (InferenceEMA) it tracks
 
     @property
     def workdir(self):
@@ -93,39 +93,37 @@ class Phase:
     def stage_bindings(self):
         """The bindings its stage runs with; a first phase shared across μ_I runs the first (sorted) of its
         μ_I settings and tracks the others as ``train.extra_inference_emas``."""
-        from tract_repro.training.optim import inference_ema_setting
-
-        if not self.ema_labels:
+        if not self.ema_settings:
             return list(self.bindings)
-        main, *others = sorted(self.ema_labels)
-        setting = inference_ema_setting(main)
-        extras = [{k: v for k, v in inference_ema_setting(label).items() if v is not None} for label in others]
+        main, *others = sorted(self.ema_settings, key=lambda s: s.label)
+        extras = [s.setting for s in others]
         return ([b for b in self.bindings if binding_name(b) not in MU_I_KEYS]
-                + [f"inference_ema_momentum.{k} = {v}" for k, v in setting.items()]
+                + [f"inference_ema_momentum.{k} = {v}" for k, v in dict(momentum=main.momentum,
+                                                                         residual=main.residual).items()]
                 + ([f"train.extra_inference_emas = {extras}"] if extras else []))
 
 
 def describe_run(gin_file, bindings):
-    """(schedule, phase lengths, effective config, μ_I label) of a run, computed by the engine from its gin config.
+    """(schedule, phase lengths, effective config, μ_I setting) of a run, computed by the engine from its gin config.
 
     The effective config is gin's resolved configuration without the macros that only shape
     the phases (those are represented by the schedule and lengths themselves).
     """
     from tract_repro import config
+    from tract_repro.config.runs import resolved_options
     from tract_repro.methods.phases import plan_phases
-    from tract_repro.training.optim import bound_inference_ema_label
 
     text = config.parse([gin_file], bindings)
-    method, T = config.build("train.method"), config.query("train.T", 1024)
-    steps = method.steps(T)
-    phases = plan_phases(steps, config.query("train.total"), config.query("train.phase_lengths"))
-    batch = config.query("train.batch_size")
+    o = resolved_options()
+    steps = o.method.steps(o.T)
+    phases = plan_phases(steps, o.total, o.phase_lengths)
+    batch = o.batch_size
     if any(p.length < batch for p in phases):
         raise ConfigError(f"{gin_file} with {bindings}: phases of {[p.length for p in phases]} samples are shorter "
                          f"than one batch ({batch}); raise the budget in params.yaml")
     effective = [line for line in text.splitlines() if line.strip() and not line.startswith("#")
                  and binding_name(line) not in LENGTH_MACROS]
-    return steps, [p.length for p in phases], effective, bound_inference_ema_label()
+    return steps, [p.length for p in phases], effective, o.inference_ema
 
 
 def chain_phases(phases, new_phase, run, described, last):
@@ -134,7 +132,7 @@ def chain_phases(phases, new_phase, run, described, last):
     ``described`` is :func:`describe_run`'s answer.  Phase 0 of a run that goes on to further phases
     leaves μ_I out of its key and records the run's μ_I among those it tracks.
     """
-    steps, lengths, effective, ema_label = described
+    steps, lengths, effective, ema_setting = described
     previous = None
     for k in range(last + 1):
         shared = k == 0 and last > 0
@@ -145,7 +143,7 @@ def chain_phases(phases, new_phase, run, described, last):
         if key not in phases:
             phases[key] = new_phase(key, k, previous, steps[k + 1])
         if shared:
-            phases[key].ema_labels.add(ema_label)
+            phases[key].ema_settings.add(ema_setting)
         previous = phases[key]
     return previous
 

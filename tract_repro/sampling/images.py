@@ -6,8 +6,19 @@ from PIL import Image
 from tract_repro.common.files import write_atomic
 
 
-def to_uint8(x):
-    """[−1, 1] floats → uint8 with round(127.5·(x + 1)), clipped."""
+QUANTISERS = ("round", "edm")
+
+
+def to_uint8(x, quantiser="round"):
+    """[−1, 1] floats → uint8, clipped to [0, 255]: the one 8-bit quantiser of grids, sample dumps and every FID.
+
+    ``'round'``: round(127.5·(x + 1)) (PD, TRACT, clean-fid and our grids); ``'edm'``: ⌊127.5·x + 128⌋ (EDM's
+    generate.py writes (x·127.5 + 128).clip(0, 255) as uint8, i.e. truncation).
+    """
+    if quantiser == "edm":
+        return torch.floor(127.5 * x.double() + 128).clamp(0, 255).to(torch.uint8)
+    if quantiser != "round":
+        raise ValueError(f"quantiser {quantiser!r}: choose one of {QUANTISERS}")
     return torch.round(127.5 * (x.double() + 1.0)).clamp(0, 255).to(torch.uint8)
 
 

@@ -1,7 +1,7 @@
 """The one training loop: every method is a target function on it (method-spec §3-5).
 
-:func:`train` (gin: ``train.*``) builds a run from its configuration, resumes it from its newest
-checkpoint if there is one, and steps until its span of samples is trained.  What it is made of:
+:func:`train` builds a run from its :class:`~tract_repro.training.options.Options` (gin: ``train.*``),
+resumes it from its newest checkpoint if there is one, and steps until its span of samples is trained.  What it is made of:
 the :class:`~tract_repro.training.state.TrainingState` (everything a resume needs), the
 :class:`~tract_repro.training.phase_control.PhaseController` (phase boundaries), the
 :class:`~tract_repro.training.run_files.RunDirectory` (every file of the run) and one
@@ -13,10 +13,7 @@ The same loop runs data-parallel over several processes (:mod:`tract_repro.train
 """
 import copy
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import gin
 import torch
 from tqdm import tqdm
 
@@ -25,94 +22,36 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256
 from tract_repro.common.lengths import parse_samples
 from tract_repro.data.arrays import EpochOrder
-from tract_repro.diffusion.grid import TimeGrid
-from tract_repro.diffusion.schedules import CosineSchedule
 from tract_repro.methods.ema import EMA
 from tract_repro.methods.phases import phase_at, plan_phases
 from tract_repro.networks.conditioning import Cond
-from tract_repro.networks.denoiser import build_denoiser
 from tract_repro.sampling import registry
 from tract_repro.sampling.samplers import noise_from_seeds
 from tract_repro.training import checkpoint as ckpt
 from tract_repro.training import distributed, preemption
 from tract_repro.training import phase_control, teacher as teachers
 from tract_repro.training.device import Device
-from tract_repro.training.optim import adam, bound_inference_ema_label, learning_rate
+from tract_repro.training.options import Options
 from tract_repro.training.run_files import RunDirectory
 from tract_repro.training.state import TrainingState, inference_emas
 from tract_repro.training.step import LossDiverged, apply_update, backward_share
 from tract_repro.training.tensorboard import Off, open_board
 
 
-@dataclass
-class Options:
-    """Every argument of :func:`train` (see there), resolved: the device, and the gin-bound optimiser,
-    learning-rate schedule and μ_I passed in explicitly."""
-
-    workdir: Path
-    method: object
-    network: object
-    dataset: object
-    schedule: object
-    T: int
-    parameterisation: str
-    teacher: object
-    batch_size: int
-    accumulate: int
-    total: object
-    phase_lengths: object
-    grad_clip: float
-    loss_reduction: str
-    phase_reset: tuple
-    seed: int
-    threads: int
-    checkpoint_every: object
-    keep_checkpoints: int
-    log_every: object
-    tensorboard: bool
-    grid_every: object
-    grid_size: int
-    grid_scale: int
-    grid_max_steps: int
-    only_phase: int
-    previous: object
-    extra_inference_emas: tuple
-    device: Device
-    optimizer: object
-    lr_schedule: object
-    pace: object
-    config_text: str
-
-
-@gin.configurable(denylist=["workdir", "pace", "config_text"])
-def train(workdir, method=gin.REQUIRED, network=gin.REQUIRED, dataset=gin.REQUIRED, schedule=CosineSchedule,
-          T=1024, parameterisation="v", teacher=None, batch_size=128, accumulate=1, total=None, phase_lengths=None,
-          grad_clip=1.0, loss_reduction="mean", phase_reset=(), seed=0, threads=1,
-          checkpoint_every="64K", keep_checkpoints=2, log_every="8K", tensorboard=True, grid_every=None, grid_size=100,
-          grid_scale=4, grid_max_steps=64, only_phase=None, previous=None, extra_inference_emas=(), device=None,
-          optimizer=adam, lr_schedule=learning_rate, pace=None, config_text=None):
+def train(workdir, pace=None, config_text=None, **options):
     """Train ``method`` and write the run directory; resumes exactly from its newest checkpoint.
 
-    With ``only_phase = p`` the run trains phase p alone; for p > 0 it continues exactly from the
-    final checkpoint of ``previous``, the run of phase p − 1 (so DVC can share phases between runs).
-    ``extra_inference_emas`` (e.g. ``[{'residual': 1e-3}, {'momentum': 0.999}]``) tracks further inference
-    EMAs with other μ_I settings beside the run's own, in its checkpoints: a phase of this run then serves
-    as the previous phase of runs that differ only in μ_I (each continues from the EMA of its own μ_I).
-    ``device`` (a :class:`Device`, default ``Device()``) says where the networks run and in what precision.
-    ``optimizer(parameters)`` makes the optimiser (default :func:`adam`) and ``lr_schedule(base, samples,
-    phase)`` gives each step's learning rate (default :func:`learning_rate`).
-    ``batch_size`` is the global batch of a step; with WORLD_SIZE > 1 in the environment each process
-    trains on its slice of it, and ``accumulate = k`` splits each process's slice into k micro-batches
-    whose gradients add up to the full-batch step (to float rounding).  ``pace`` (a
-    :class:`~tract_repro.launching.pacing.Pace`, set by the launcher for forked seeds) is told each step.
-    ``config_text`` (the configuration as given) is written to ``config.gin`` once the run has been checked.
-    ``tensorboard`` logs what ``metrics.jsonl`` records and the sample grids to ``<workdir>/tensorboard/`` too
-    (:mod:`tract_repro.training.tensorboard`; rank 0, if tensorboard is installed).
-    Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
+    The options are :class:`~tract_repro.training.options.Options` (gin ``train.*``), given here as
+    keywords or bound in gin.  With ``only_phase = p`` the run trains phase p alone; for p > 0 it
+    continues exactly from the final checkpoint of ``previous``, the run of phase p − 1 (so DVC can
+    share phases between runs).  With WORLD_SIZE > 1 in the environment each process trains on its
+    slice of the global batch.  Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
     """
-    options = Options(**dict(locals(), workdir=Path(workdir), device=device if device is not None else Device()))
-    with distributed.process_group(options.device) as world:
-        return Run(options, world).train()
+    o = Options(workdir=workdir, pace=pace, config_text=config_text, **options)
+    if o.device is None:
+        o.device = Device()
+    with distributed.process_group(o.device) as world:
+        return Run(o, world).train()
 
 
 class Run:
@@ -130,7 +69,7 @@ class Run:
             raise ConfigError(f"train.loss_reduction = {o.loss_reduction!r}: choose 'mean' (over pixels) or 'sum' (official TRACT)")
         self.micro_batches = world.slices(o.batch_size, o.accumulate)  # this rank's [(start, stop)] in the global batch
         self.data = o.dataset()
-        self.grid = TimeGrid(o.schedule(), o.T).to(self.dev.device)
+        self.grid = o.build_grid().to(self.dev.device)
         self.phases = plan_phases(o.method.steps(self.grid.T), o.total, o.phase_lengths)
         if any(p.length < o.batch_size for p in self.phases):
             raise ConfigError(f"every phase must be at least one batch ({o.batch_size} samples) long, "
@@ -150,7 +89,7 @@ class Run:
     def _build(self):
         """The training state at sample 0, and the run's run.json."""
         o, phases = self.o, self.phases
-        student = self.dev.prepare(build_denoiser(o.network(), self.grid.schedule, o.parameterisation))
+        student = self.dev.prepare(o.build_denoiser(self.grid.schedule))
         o.method.check(student, self.data)
         info = dict(method=type(o.method).__name__, schedule_steps=list(o.method.steps(self.grid.T)), T=self.grid.T,
                     parameterisation=o.parameterisation, noise_schedule=type(self.grid.schedule).__name__,
@@ -161,13 +100,12 @@ class Run:
                     device=self.dev.describe(), status="running")
         if o.only_phase is not None:
             info.update(only_phase=o.only_phase, previous=str(o.previous) if o.previous else None)
-        if getattr(o.method, "p_uncond", 0) or o.method.w_range:  # a guided teacher, or a w-conditioned student
-            info.update(p_uncond=getattr(o.method, "p_uncond", None), guided=True, w_range=o.method.w_range)
+        if o.method.guided:  # a guided teacher, or a w-conditioned student
+            info.update(p_uncond=o.method.p_uncond or None, guided=True, w_range=o.method.w_range)
         teacher = self._teacher(student, info)
         self_teacher = None if o.method.self_teacher_momentum is None else EMA(student, o.method.self_teacher_momentum)
-        own = bound_inference_ema_label()  # μ_I of this run, e.g. 'residual=0.001'
-        inference = inference_emas(own, o.extra_inference_emas, student, phases[0], o.batch_size)
-        info.update(inference_ema=own, extra_inference_emas=[label for label in inference if label != own])
+        inference = inference_emas(o.inference_ema, o.extra_inference_emas, student, phases[0], o.batch_size)
+        info.update(inference_ema=o.inference_ema.label, extra_inference_emas=[e.label for e in o.extra_inference_emas])
         optimizer = o.optimizer(student.parameters())
         self.base_lr = optimizer.param_groups[0]["lr"]
         generator = torch.Generator().manual_seed(o.seed)

@@ -1,4 +1,5 @@
-"""Optimiser, learning-rate schedule and the inference-EMA momentum, each bound in gin."""
+"""Optimiser, learning-rate schedule and the inference-EMA momentum μ_I, each bound in gin."""
+import dataclasses
 import math
 
 import gin
@@ -32,34 +33,42 @@ def learning_rate(base_lr, samples, phase, warmup=0, decay="constant"):
     return lr
 
 
-@gin.configurable
-def inference_ema_momentum(phase, batch_size, momentum=None, residual=None):
-    """μ_I: fixed if ``momentum`` is set, else r^(1/n) from a residual r and the n steps of the phase (method-spec §5)."""
-    inference_ema_label(momentum, residual)  # one of the two must be set, and valid: the one-line error if not
-    if momentum is not None:
-        return float(momentum)
-    return momentum_from_residual(residual, math.ceil(phase.length / batch_size))
+@gin.configurable("inference_ema_momentum")
+@dataclasses.dataclass(frozen=True)
+class InferenceEMA:
+    """μ_I: fixed if ``momentum`` is set, else r^(1/n) from a residual r and the n steps of a phase (method-spec §5).
 
+    Bound in gin as ``inference_ema_momentum.momentum`` or ``.residual``; a fixed momentum wins if both are set.
+    """
 
-def inference_ema_label(momentum=None, residual=None):
-    """A μ_I setting as text, 'momentum=0.999' (fixed) or 'residual=0.001' (derived per phase): names an EMA in checkpoints."""
-    if momentum is not None:
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"inference_ema_momentum.momentum (μ_I) = {momentum!r}: give a value in [0, 1)")
-        return f"momentum={float(momentum)!r}"
-    if residual is not None:
-        if not isinstance(residual, (int, float)) or not 0.0 < residual < 1.0:
-            raise ConfigError(f"inference_ema_momentum.residual (μ_I's residual) = {residual!r}: give a value in (0, 1)")
-        return f"residual={float(residual)!r}"
-    raise ConfigError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
+    momentum: float = None
+    residual: float = None
 
+    def __post_init__(self):
+        if self.momentum is not None:
+            if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0.0 <= self.momentum < 1.0:
+                raise ConfigError(f"inference_ema_momentum.momentum (μ_I) = {self.momentum!r}: give a value in [0, 1)")
+            object.__setattr__(self, "momentum", float(self.momentum))
+            object.__setattr__(self, "residual", None)
+        elif self.residual is not None:
+            if isinstance(self.residual, bool) or not isinstance(self.residual, (int, float)) or not 0.0 < self.residual < 1.0:
+                raise ConfigError(f"inference_ema_momentum.residual (μ_I's residual) = {self.residual!r}: give a value in (0, 1)")
+            object.__setattr__(self, "residual", float(self.residual))
+        else:
+            raise ConfigError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
 
-def inference_ema_setting(label):
-    """The keyword arguments of :func:`inference_ema_momentum` that ``label`` names (its inverse)."""
-    name, value = label.split("=", 1)
-    return dict(momentum=float(value), residual=None) if name == "momentum" else dict(momentum=None, residual=float(value))
+    def for_phase(self, phase, batch_size):
+        """μ_I for the ⌈length / batch⌉ steps of ``phase``."""
+        if self.momentum is not None:
+            return self.momentum
+        return momentum_from_residual(self.residual, math.ceil(phase.length / batch_size))
 
+    @property
+    def label(self):
+        """The setting as text, 'momentum=0.999' or 'residual=0.001': names its EMA in checkpoints and run.json."""
+        return f"momentum={self.momentum!r}" if self.momentum is not None else f"residual={self.residual!r}"
 
-def bound_inference_ema_label():
-    """The label of the μ_I setting bound in gin (inference_ema_momentum.momentum or .residual)."""
-    return inference_ema_label(**gin.get_bindings(inference_ema_momentum))
+    @property
+    def setting(self):
+        """The setting as gin would bind it, e.g. {'residual': 0.001}."""
+        return {"momentum": self.momentum} if self.momentum is not None else {"residual": self.residual}

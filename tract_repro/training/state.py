@@ -11,7 +11,6 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.methods.base import Networks
 from tract_repro.methods.ema import EMA
 from tract_repro.training import distributed
-from tract_repro.training.optim import inference_ema_label, inference_ema_momentum, inference_ema_setting
 
 
 class TrainingState:
@@ -21,17 +20,18 @@ class TrainingState:
         self.student, self.optimizer, self.generator, self.seed = student, optimizer, generator, seed
         self.nets = Networks(teacher=teacher, self_teacher=None if self_teacher is None else self_teacher.module)
         self.self_teacher = self_teacher  # EMA μ_S, or None
-        self.inference = inference  # {label: EMA}: the run's own μ_I first, then the extra ones
+        self.inference = inference  # {InferenceEMA: EMA}: the run's own μ_I first, then the extra ones
         self.samples, self.phase = 0, 0
 
     @property
-    def own_label(self):
+    def own_setting(self):
+        """The run's own μ_I setting (an :class:`~tract_repro.training.optim.InferenceEMA`)."""
         return next(iter(self.inference))
 
     @property
     def inference_ema(self):
         """The run's own inference EMA, whose weights are evaluated and become the next phase's teacher."""
-        return self.inference[self.own_label]
+        return self.inference[self.own_setting]
 
     @property
     def emas(self):
@@ -40,15 +40,16 @@ class TrainingState:
 
     def set_inference_momenta(self, phase, batch_size):
         """μ_I of every inference EMA for the length of ``phase`` (method-spec §5)."""
-        for label, ema in self.inference.items():
-            ema.momentum = momentum_of(label, phase, batch_size)
+        for setting, ema in self.inference.items():
+            ema.momentum = setting.for_phase(phase, batch_size)
 
     def state_dict(self, rng_torch, rng_device, every_rank=None):
         """The checkpoint: this state plus the RNG states (``every_rank``: [(torch, device)] of all ranks)."""
         own, *extras = self.inference.items()
         state = dict(samples=self.samples, phase=self.phase, student=self.student.state_dict(),
-                     optimizer=self.optimizer.state_dict(), inference_ema=own[1].state_dict(), inference_ema_label=own[0],
-                     extra_inference_emas=[dict(label=k, ema=e.state_dict()) for k, e in extras], rng_torch=rng_torch,
+                     optimizer=self.optimizer.state_dict(), inference_ema=own[1].state_dict(), inference_ema_label=own[0].label,
+                     inference_ema_setting=own[0].setting,
+                     extra_inference_emas=[dict(label=k.label, setting=k.setting, ema=e.state_dict()) for k, e in extras], rng_torch=rng_torch,
                      rng_method=self.generator.get_state(), rng_device=rng_device)
         if every_rank is not None and len(every_rank) > 1:  # dropout streams of every rank, for an exact resume
             state["rng_torch_ranks"] = [r for r, _ in every_rank]
@@ -64,12 +65,12 @@ class TrainingState:
         self.samples, self.phase = state["samples"], state["phase"]
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        tracked = _tracked_inference_emas(state, self.own_label)
-        for label, ema in self.inference.items():
-            if label not in tracked:
-                raise ConfigError(f"{source} holds no inference EMA with {label} (only {', '.join(sorted(tracked))}): "
-                                  f"add {inference_ema_setting(label)} to train.extra_inference_emas of the run that wrote it")
-            ema.load_state_dict(tracked[label])
+        tracked = _tracked_inference_emas(state, self.own_setting.label)
+        for setting, ema in self.inference.items():
+            if setting.label not in tracked:
+                raise ConfigError(f"{source} holds no inference EMA with {setting.label} (only {', '.join(sorted(tracked))}): "
+                                  f"add {setting.setting} to train.extra_inference_emas of the run that wrote it")
+            ema.load_state_dict(tracked[setting.label])
         if self.self_teacher is not None:
             self.self_teacher.load_state_dict(state["self_teacher"])
         if self.nets.teacher is not None:
@@ -78,23 +79,9 @@ class TrainingState:
         self.generator.set_state(state["rng_method"])
 
 
-def inference_emas(own, settings, student, phase, batch_size):
-    """{label: EMA}: the run's own μ_I (label ``own``) and one per ``train.extra_inference_emas`` entry."""
-    emas = {own: EMA(student, momentum_of(own, phase, batch_size))}
-    for setting in settings:
-        unknown = set(setting) - {"momentum", "residual"}
-        if unknown:
-            raise ConfigError(f"train.extra_inference_emas entry {setting} has {sorted(unknown)}: use {{'momentum': m}} or {{'residual': r}}")
-        label = inference_ema_label(**setting)
-        if label in emas:
-            raise ConfigError(f"train.extra_inference_emas lists {label} twice (or as the run's own μ_I): list each setting once")
-        emas[label] = EMA(student, momentum_of(label, phase, batch_size))
-    return emas
-
-
-def momentum_of(label, phase, batch_size):
-    """μ_I of the setting ``label`` ('residual=0.001', 'momentum=0.999') for the length of ``phase``."""
-    return inference_ema_momentum(phase, batch_size, **inference_ema_setting(label))
+def inference_emas(own, extras, student, phase, batch_size):
+    """{InferenceEMA: EMA}: the run's own μ_I setting ``own`` and each of ``extras`` (``train.extra_inference_emas``)."""
+    return {setting: EMA(student, setting.for_phase(phase, batch_size)) for setting in (own, *extras)}
 
 
 def _tracked_inference_emas(state, own):
