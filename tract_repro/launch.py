@@ -33,7 +33,8 @@ def _parser():
                              "(options from gin: slurm.partition, slurm.gpus_per_node, slurm.time_min, ...)")
     parser.add_argument("--wait", action="store_true",
                         help="with --executor slurm: block until the job (through requeues) finishes; exit 1 if it failed")
-    parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (binds train.seed); --workdir must contain {seed}")
+    parser.add_argument("--seeds", nargs="+", metavar="SEED",  # checked as whole numbers ≥ 0 by seeds.seed_runs
+                        help="one run per seed (binds train.seed); --workdir must contain {seed}")
     parser.add_argument("--parallel", type=int, default=1,
                         help="with --seeds: how many runs at once (inline: forked processes; local: submitit jobs)")
     parser.add_argument("--no-pace", action="store_true",

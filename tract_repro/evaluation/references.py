@@ -5,11 +5,12 @@ CIFAR-10's come from clean-fid's precomputed statistics of the protocol's networ
 downloaded), ImageNet 64's are computed from our training-set loader, and published ones (EDM's ``fid-refs``)
 are imported from their ``.npz``.
 """
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from tract_repro.common.errors import ConfigError
+from tract_repro.common.errors import ConfigError, one_line
 from tract_repro.common.files import sha256, write_atomic
 from tract_repro.evaluation import frechet, protocols, sources
 
@@ -24,15 +25,42 @@ def save_reference(path, mu, sigma, **meta):
                                                  **{k: np.asarray(v) for k, v in meta.items()}))
 
 
+MAKE_ONE = "make one with `python -m tract_repro.evaluation.fid reference ...` (dvc repro runs that stage)"
+
+
+def read_statistics(path, fix=MAKE_ONE):
+    """(μ, Σ, {other key: array}) of an .npz holding ``mu`` (D,) and ``sigma`` (D, D), read without unpickling
+    anything; a file that is not one raises ConfigError in one line that ends with ``fix``."""
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):  # text, a pickle, a torn or foreign file
+        raise ConfigError(f"{path} is not a reference-statistics .npz (mu and sigma): {fix}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ConfigError(f"{path} is a single .npy array, not a reference-statistics .npz with mu and sigma: {fix}")
+    with z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            raise ConfigError(f"{path} holds {sorted(z.files)}, not mu and sigma: it is not a reference-statistics "
+                              f".npz; {fix}")
+        try:
+            arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # an object array, a torn member
+            raise ConfigError(f"{path} is not a reference-statistics .npz ({one_line(exc)}): {fix}") from None
+    mu, sigma = arrays.pop("mu"), arrays.pop("sigma")
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.issubdtype(mu.dtype, np.number)
+                                                                 and np.issubdtype(sigma.dtype, np.number)):
+        raise ConfigError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance: {fix}")
+    return mu, sigma, arrays
+
+
 def load_reference(path):
     """(μ, Σ), metadata (with the file's sha256) of reference statistics written by :func:`save_reference`."""
     path = Path(path)
     if not path.is_file():
         raise MissingStatistics(f"reference statistics {path} not found: compute them with "
                                 f"`python -m tract_repro.evaluation.fid reference ...` (dvc repro runs that stage)")
-    with np.load(path, allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]
-        meta = {k: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k not in ("mu", "sigma")}
+    mu, sigma, rest = read_statistics(path)
+    meta = {k: v.item() if v.ndim == 0 else v.tolist() for k, v in rest.items()}
     meta.update(path=str(path), sha256=sha256(path))
     return (mu, sigma), meta
 
@@ -61,12 +89,7 @@ def file_reference(out, file, protocol, dataset):
     if not file.is_file():
         raise MissingStatistics(f"reference statistics {file} not found: fetch them (EDM's: https://nvlabs-fi-cdn."
                                 f"nvidia.com/edm/fid-refs/cifar10-32x32.npz or imagenet-64x64.npz) and put them there")
-    with np.load(file, allow_pickle=False) as z:
-        if "mu" not in z.files or "sigma" not in z.files:
-            raise ConfigError(f"{file} holds {sorted(z.files)}, not mu and sigma: give reference statistics")
-        mu, sigma = z["mu"], z["sigma"]
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ConfigError(f"{file}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    mu, sigma, _ = read_statistics(file, "give published statistics with mu and sigma (e.g. EDM's fid-refs)")
     return save_reference(out, mu, sigma, protocol=protocols.get(protocol).name, dataset=f"{dataset}-train",
                           images=-1, shape=SHAPES[dataset], source=f"imported {file.name}", source_sha256=sha256(file))
 

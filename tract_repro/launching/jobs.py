@@ -10,6 +10,7 @@ from pathlib import Path
 from tract_repro import config
 from tract_repro.common.errors import ConfigError
 from tract_repro.training import checkpoint as ckpt
+from tract_repro.training.run_files import restartable
 
 
 def run_job(config_text, workdir, pace=None):
@@ -36,9 +37,13 @@ def train_job(config_text, workdir):
 
 
 def check_workdir(workdir, config_text):
-    """Refuse a run directory that holds a run of a different configuration; 'complete' if it is finished."""
+    """Refuse a run directory that holds a run of a different configuration; 'complete' if it is finished.
+
+    A run that failed before its first checkpoint (run.json status "failed", e.g. a diverged loss) holds nothing
+    worth resuming: it restarts from sample 0 with the corrected configuration instead of being refused.
+    """
     saved = Path(workdir) / "config.gin"
-    if saved.is_file() and saved.read_text() != config_text:
+    if saved.is_file() and saved.read_text() != config_text and not restartable(workdir):
         raise ConfigError(f"{workdir} holds a run with a different configuration: pass a new --workdir "
                           f"(or delete {workdir} to start over)")
     if (Path(workdir) / "ema.pt").is_file() and saved.is_file():

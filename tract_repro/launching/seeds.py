@@ -6,6 +6,7 @@ A launcher stopped by Ctrl-C or SIGTERM stops the runs it started; they resume f
 """
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ FORK_LOG = "launch.log"  # a forked run's stdout and stderr, in its run director
 
 def seed_runs(files, bindings, workdir, seeds):
     """[(run directory, config text)] of the seeds' runs not yet complete (``{seed}`` in workdir and bindings)."""
+    seeds = check_seeds(seeds)
     if "{seed}" not in str(workdir):
         raise ConfigError("--seeds needs a --workdir containing {seed}, e.g. runs/x/s{seed}")
     runs = []
@@ -35,6 +37,20 @@ def seed_runs(files, bindings, workdir, seeds):
         if check_workdir(run_dir, text) != "complete":
             runs.append((run_dir, text))
     return runs
+
+
+def check_seeds(seeds):
+    """The seeds of ``--seeds`` as ints, checked before anything is written: whole numbers at least 0 (as
+    ``train.seed`` takes), each once; ConfigError in one line otherwise."""
+    values = []
+    for seed in seeds:
+        text = str(seed).strip()
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ConfigError(f"--seeds {seed}: give whole numbers, at least 0, as train.seed takes (e.g. --seeds 0 1 2)")
+        if int(text) in values:
+            raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: seed {int(text)} is given twice: give each seed once")
+        values.append(int(text))
+    return values
 
 
 def run_seeds(runs, executor="inline", parallel=1, pace=True):

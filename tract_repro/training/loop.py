@@ -164,11 +164,17 @@ class Run:
         return board
 
     def train(self):
-        """Lock the run directory, resume, and train to the end; returns the workdir."""
+        """Lock the run directory, resume, and train to the end; returns the workdir.  A run that raises (a diverged
+        loss, any error) leaves run.json with status "failed" and the reason; a stop request (it checkpoints) does not."""
         with self.files.locked(), preemption.stop_on_signals():
             try:
                 self.resume()
                 self.steps()
+            except preemption.Stopped:  # resumable: run.json stays as it was
+                raise
+            except Exception as exc:
+                self.files.fail(dict(self.info, samples=self.state.samples), exc)
+                raise
             finally:  # a stop request, a failure or the end: the log keeps what was logged
                 self.board.close()
         return self.o.workdir
@@ -218,9 +224,11 @@ class Run:
             weighting = getattr(o.method, "weight_fn", None)
             hint = ("ε with truncated-SNR weighting is known to diverge: use the v or x-and-ε parameterisation"
                     if o.parameterisation == "eps" and getattr(weighting, "__name__", "") == "truncated_snr"
-                    else "lower the learning rate (adam.lr) or check the teacher and the data")
+                    else f"lower the learning rate (e.g. --gin 'adam.lr = {self.base_lr / 10:g}', it was "
+                         f"{self.base_lr:g}) or check the teacher and the data")
             raise LossDiverged(f"the loss became non-finite at sample {state.samples} ({self.info['method']}, "
-                               f"parameterisation {o.parameterisation!r}): {hint}") from None
+                               f"parameterisation {o.parameterisation!r}): {hint}; "
+                               f"{self.files.relaunch_advice()}") from None
         state.samples += o.batch_size
         return loss, grad_norm, lr
 

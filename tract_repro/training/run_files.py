@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gin
 
-from tract_repro.common.errors import ConfigError
+from tract_repro.common.errors import ConfigError, one_line
 from tract_repro.common.files import write_json, write_text
 from tract_repro.sampling.images import save_grid
 from tract_repro.training import checkpoint as ckpt
@@ -27,6 +27,7 @@ class RunDirectory:
     def __init__(self, path, main=True, keep_checkpoints=2):
         self.path, self.main, self.keep = Path(path), main, keep_checkpoints
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
+        self.started = False  # whether this run has written its start files (run.json)
 
     @property
     def checkpoints(self):
@@ -82,6 +83,24 @@ class RunDirectory:
                 write_text(self.path / "config.gin", config_text)
             write_text(self.path / "operative_config.gin", gin.operative_config_str())
             write_json(self.path / "run.json", info)
+            self.started = True
+
+    def fail(self, info, exc):
+        """run.json of a run that raised: ``status: "failed"`` and the one-line reason (``error``).  Only once this
+        run has written its start files (a run that fails before leaves nothing); never masks ``exc``."""
+        if self.main and self.started:
+            try:
+                write_json(self.path / "run.json", dict(info, status="failed", error=one_line(exc)))
+            except OSError:
+                pass
+
+    def relaunch_advice(self):
+        """How to launch the corrected command of a run that fails now: a run without checkpoints restarts in its
+        folder (see :func:`restartable`), one with checkpoints needs a new folder."""
+        if has_checkpoints(self.path):
+            return (f"launch it with a new --workdir ({self.path} keeps the checkpoints of this configuration), "
+                    f"or delete {self.path} to start over")
+        return f"then launch again: a failed run without checkpoints restarts in {self.path} with the new settings"
 
     def save_checkpoint(self, state):
         """A checkpoint of ``state`` (a dict), the oldest ones pruned, and the operative config as it now stands."""
@@ -99,6 +118,22 @@ class RunDirectory:
         if self.main:
             ckpt.save_atomic(weights, self.path / "ema.pt")
             write_json(self.path / "run.json", info)
+
+
+def has_checkpoints(path):
+    """Whether run directory ``path`` holds a checkpoint (usable or not) or its final ema.pt."""
+    checkpoints = Path(path) / "checkpoints"
+    return (Path(path) / "ema.pt").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
+def restartable(path):
+    """Whether ``path`` holds a failed run (run.json status "failed") with no checkpoint and no ema.pt: nothing
+    in it is worth resuming, so the launcher lets it restart from sample 0 with a changed configuration."""
+    try:
+        info = json.loads((Path(path) / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("status") == "failed" and not has_checkpoints(path)
 
 
 class MetricsLog:
