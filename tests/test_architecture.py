@@ -13,11 +13,11 @@ LAYERS = [
     ["common"],      # errors and the command-line boundary, atomic files, sample counts, per-sample random draws
     ["diffusion"],   # the maths: schedules, grids, parameterisations, weightings, DDIM, EDM
     ["data"],        # datasets as image arrays, their order, safe unpickling
-    ["networks"],    # UNets, denoisers (the one D(x_t, λ, labels) contract), foreign checkpoint formats
+    ["networks"],    # UNets, denoisers (the one D(x_t, λ, cond) contract), conditioning, foreign checkpoints
     ["sampling"],    # samplers and teacher steps with one signature, their registry, image grids
     ["methods"],     # target functions: teacher training, BTD, TRACT; EMAs and phase schedules
-    ["training"],    # the one loop, its state, phases, run directory, devices, data parallelism
-    ["config"],      # gin: parsing, the catalogue of configurables, executor options
+    ["training"],    # the run options, the one loop, its state, phases, run directory, devices, data parallelism
+    ["config"],      # gin: parsing, the catalogue of configurables, executor options, runs rebuilt from config.gin
     ["launching"],   # jobs: forked seeds, submitit local and SLURM executors, warm starts, process exit
     ["evaluation"],  # samples → digits-FD, FID, teacher fidelity
     ["results"],     # experiments → DVC pipeline → results tables

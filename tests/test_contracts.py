@@ -212,3 +212,60 @@ def test_a_changed_default_is_followed_by_training_evaluation_and_export(tmp_pat
     assert (exported.grid.T, exported.denoiser.parameterisation) == (32, "eps")
     for name, value in run.denoiser.state_dict().items():
         assert torch.equal(value, exported.denoiser.state_dict()[name])
+
+
+# Inside a folder that common.files.atomic_folder renames into place as a whole.
+IN_ATOMIC_FOLDERS = {"exporting/bundle.py", "exporting/diffusers_format.py"}
+
+
+def test_files_are_written_through_the_one_atomic_writer():
+    """No user-facing file is written in place: every write goes through common.files (write_atomic and what
+    builds on it), or fills a folder that atomic_folder renames into place."""
+    for path, tree in _package_trees():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel == "common/files.py" or rel in IN_ATOMIC_FOLDERS:
+            continue
+        for name, node in _calls_by_function(tree):
+            if not isinstance(node.func, ast.Attribute):
+                continue
+            method, call = node.func.attr, ast.unparse(node)
+            writes_path = method in ("write_text", "write_bytes") or (
+                method in ("savefig", "to_csv", "savez") and node.args and not ast.unparse(node.args[0]) in ("f", "out"))
+            if method == "to_csv" and not node.args:
+                writes_path = False  # to a string
+            if writes_path and "buffer" not in call:
+                pytest.fail(f"tract_repro/{rel}:{node.lineno} ({name}) writes in place: {call}; use "
+                            f"tract_repro.common.files.write_atomic")
+
+
+def test_a_new_sampler_is_one_registry_entry(tmp_path, monkeypatch):
+    """docs/architecture.md, "A sampler": one entry in sampling.registry.SAMPLERS, and evaluate can name it."""
+    from tract_repro import config
+    from tract_repro.evaluate import main as evaluate_main
+    from tract_repro.evaluation.classifier import train_classifier
+    from tract_repro.launching.jobs import run_job
+    from tract_repro.sampling import registry
+    from tract_repro.sampling.samplers import ddim, grid_logsnrs
+
+    calls = []
+
+    def unclipped_ddim(denoiser, x, logsnrs, alpha_sigma, cond=None):
+        """DDIM without clipping x̂: the toy sampler of the recipe."""
+        calls.append(len(logsnrs) - 1)
+        return ddim(denoiser, x, logsnrs, alpha_sigma, cond, clip=False)
+
+    monkeypatch.setitem(registry.SAMPLERS, "ddim_unclipped",
+                        registry.Sampler("ddim_unclipped", unclipped_ddim, grid_logsnrs, lambda k: k, "ddim (x̂ unclipped)"))
+    text = tiny_gin("train.method = @TeacherTraining()\nTeacherTraining.sample_steps = 8\n"
+                    "inference_ema_momentum.momentum = 0.9", total=64)
+    run_job(config.parse(bindings=[line for line in text.splitlines() if line.strip()]), tmp_path / "run")
+    train_classifier(tmp_path / "clf", epochs=3, min_accuracy=0.5)
+    common = [str(tmp_path / "run"), "--steps", "2", "--samples", "16", "--classifier", str(tmp_path / "clf"),
+              "--reference-steps", "8", "--cache", str(tmp_path / "cache")]
+    assert evaluate_main([*common, "--sampler", "ddim_unclipped", "--out", str(tmp_path / "new.json")]) == 0
+    drawn = len(calls)
+    assert drawn > 0 and set(calls) == {2}  # the new entry drew the 2-step samples
+    assert evaluate_main([*common, "--out", str(tmp_path / "ddim.json")]) == 0
+    assert len(calls) == drawn  # the default sampler is another entry
+    new, old = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("new", "ddim"))
+    assert (new["sampler"], old["sampler"]) == ("ddim (x̂ unclipped)", "ddim (clipped x̂)")

@@ -227,7 +227,7 @@ def test_inference_ema_from_residual():
     assert InferenceEMA(momentum=0.99995).for_phase(phases[0], 256) == 0.99995
     assert momentum_from_residual(0.25, 2) == 0.5
     with pytest.raises(ValueError, match="set inference_ema_momentum"):
-        InferenceEMA()
+        InferenceEMA().check()
     fixed = InferenceEMA(momentum=0.9, residual=1e-3)  # fixed μ_I wins
     assert fixed.for_phase(phases[0], 256) == 0.9 and fixed == InferenceEMA(momentum=0.9)
     assert (fixed.label, fixed.setting) == ("momentum=0.9", {"momentum": 0.9})  # a number from gin to the checkpoint

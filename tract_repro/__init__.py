@@ -1,7 +1,10 @@
-"""tract-repro: a config-driven reproduction suite for diffusion time distillation (TRACT, BTD).
+"""tract-repro: a config-driven reproduction suite for diffusion time distillation (TRACT, BTD, guided).
 
-Folders follow the architecture: ``diffusion`` (maths), ``networks``, ``methods`` (target
-functions), ``training`` (the one loop), ``sampling``, ``data`` and ``launch``.
+Each folder is one layer, lowest first (docs/architecture.md; tests/test_architecture.py keeps it so):
+``common``, ``diffusion`` (the maths), ``data``, ``networks`` (the denoiser contract), ``sampling``,
+``methods`` (target functions), ``training`` (the run options and the one loop), ``config`` (gin),
+``launching`` (executors), ``evaluation``, ``results`` (tables and the DVC pipeline) and
+``exporting``; the commands ``launch``, ``evaluate``, ``warm``, ``import_teacher`` and ``export`` sit on top.
 """
 
 import os

@@ -4,12 +4,10 @@ function that rebuilds a run's network, grid and data from its saved ``config.gi
 Training, evaluation, import and export all take these objects; none of them reads gin or re-types a
 default of ``train.*``.
 """
-import re
 from dataclasses import dataclass
 
 import gin
 
-from tract_repro.common.errors import ConfigError
 from tract_repro.config import parse
 from tract_repro.training.options import Options
 
@@ -22,14 +20,7 @@ def resolved_options(workdir=None):
     """
     with gin.unlock_config():
         gin.bind_parameter("train.device", None)
-    try:
-        return Options(workdir=workdir)
-    except RuntimeError as exc:  # gin's 'Required bindings for `train` not provided in config: [...]'
-        if "Required bindings" not in str(exc):
-            raise
-        missing = ", ".join(f"train.{name}" for name in re.findall(r"'(\w+)'", str(exc).splitlines()[0]))
-        raise ConfigError(f"the configuration leaves {missing} unbound: bind it in the run's gin file "
-                          f"(e.g. train.dataset = @digits)") from None
+    return Options(workdir=workdir)
 
 
 @dataclass
@@ -52,4 +43,4 @@ def rebuild(config_text, workdir=None, with_data=True):
     options = resolved_options(workdir)
     grid = options.build_grid()
     denoiser = options.build_denoiser(grid.schedule)
-    return Rebuilt(options, denoiser, grid, options.dataset() if with_data else None)
+    return Rebuilt(options, denoiser, grid, options.require("dataset").dataset() if with_data else None)

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 
 from tract_repro.common.errors import ConfigError
+from tract_repro.common.files import write_atomic
 
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR, _EXT_TUPLE = 1, 2, 3, 4
@@ -153,8 +154,7 @@ def _chunk(tree: Any) -> Any:
 def write_flax_msgpack(path: str | os.PathLike, tree: Mapping) -> None:
     """Write a nested dict of numpy arrays / python scalars in Flax's msgpack format."""
     data = msgpack.packb(_chunk(tree), default=_ext_default, strict_types=True, use_bin_type=True)
-    with open(path, "wb") as f:
-        f.write(data)
+    write_atomic(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from tract_repro.common.errors import ConfigError
+from tract_repro.common.files import write_text
 
 # The engine (gin configurables, torch) is imported inside the functions that parse run configs, so
 # that reading experiments and evaluations (tables.py, a stage of every table) starts without torch.
@@ -49,8 +50,7 @@ def load_run_templates(root=EXPERIMENTS):
 def write_evaluations(evaluations, root="."):
     """Save {scale: {table: {row: evaluation}}} to EVALUATIONS (the pipeline generator does, beside dvc.yaml)."""
     path = Path(root) / EVALUATIONS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(evaluations, indent=1, sort_keys=True) + "\n")
+    write_text(path, json.dumps(evaluations, indent=1, sort_keys=True) + "\n")
 
 
 def read_evaluations(scale, root="."):
@@ -114,7 +114,7 @@ def describe_run(gin_file, bindings):
     from tract_repro.methods.phases import plan_phases
 
     text = config.parse([gin_file], bindings)
-    o = resolved_options()
+    o = resolved_options().require("method", "inference_ema")
     steps = o.method.steps(o.T)
     phases = plan_phases(steps, o.total, o.phase_lengths)
     batch = o.batch_size

@@ -18,6 +18,7 @@ import matplotlib
 import pandas as pd
 from tabulate import tabulate
 
+from tract_repro.common.files import write_atomic
 from tract_repro.evaluation import protocols
 from tract_repro.results.experiments import eval_file, read_evaluations
 
@@ -193,7 +194,7 @@ def plot(table, summary, path):
     axes[1][0].set_ylabel("digits-FD (log), mean ± std over seeds", fontsize=7)
     fig.suptitle(f"{table['title']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
 
 
@@ -217,7 +218,7 @@ def plot_grids(table, path, rows=("teacher_64", "stage1_64", "btd_4steps", "trac
                 ax.imshow(mpimg.imread(png), cmap="gray")
             ax.set_title(f"{labels[row]}\nw = {w:g}", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
     return True
 

@@ -22,6 +22,7 @@ from ruamel.yaml import YAML
 
 import yaml
 
+from tract_repro.common.files import write_atomic, write_text
 from tract_repro.results.experiments import (
     DIGITS_RUNS, EVALUATIONS, eval_file, expand, load_run_templates, load_tables, teachers_of, trained_once,
     write_evaluations,
@@ -252,12 +253,10 @@ def write(files, root="."):
                 f.parent.rmdir()
     for rel, content in files.items():
         path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(HEADER + yaml.safe_dump(content, sort_keys=False, width=1000, allow_unicode=True))
+        write_text(path, HEADER + yaml.safe_dump(content, sort_keys=False, width=1000, allow_unicode=True))
         kept = {n: entries[n] for n in content["stages"] if n in entries}
         if kept:
-            with open(path.with_name("dvc.lock"), "w") as out:
-                rt.dump({"schema": "2.0", "stages": kept}, out)
+            write_atomic(path.with_name("dvc.lock"), lambda out: rt.dump({"schema": "2.0", "stages": kept}, out), mode="w")
 
 
 def load_params(path="params.yaml"):

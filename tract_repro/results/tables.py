@@ -22,7 +22,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from tract_repro.common.cli import command
-from tract_repro.common.files import write_json, write_text
+from tract_repro.common.files import write_atomic, write_json, write_text
 from tract_repro.evaluation import protocols
 from tract_repro.results.experiments import PAPER_EVAL, eval_file, load_tables, load_yaml, paper_eval_file, read_evaluations
 from tract_repro.common.lengths import parse_samples
@@ -88,7 +88,7 @@ def plot_curves(table, curves, path):
     ax.legend(fontsize=6)
     ax.set_title(f"{table['title']}: training curves", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -237,7 +237,7 @@ def plot(table, summary, path, params=None):
     (ax.set_ylabel if series and params is not None else ax.set_xlabel)(metric)
     ax.set_title(table["title"], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -261,7 +261,7 @@ def write_guided(name, table):
     checks = guided_table.claims(table, summary)
     Path("results/digits").mkdir(parents=True, exist_ok=True)
     write_text(f"results/{name}.md", guided_table.render(table, summary, checks, load_yaml("params.yaml")["digits"]))
-    summary.to_csv(f"results/digits/{name}.csv", index=False)
+    write_text(f"results/digits/{name}.csv", summary.to_csv(index=False))
     write_json(f"results/digits/{name}.json", dict(rows=json.loads(summary.to_json(orient="records")), checks=checks))
     if not summary.empty:
         guided_table.plot(table, summary, f"results/digits/{name}.png")
@@ -270,7 +270,7 @@ def write_guided(name, table):
     for row, _, evaluation in guided_table.evaluations(table):
         first.setdefault(row["id"], evaluation)
     curves = training_curves(table, evaluation_of=first.get)
-    curves.to_csv(f"results/digits/{name}_curves.csv", index=False)
+    write_text(f"results/digits/{name}_curves.csv", curves.to_csv(index=False))
     if not curves.empty:
         plot_curves(table, curves, f"results/digits/{name}_curves.png")
     print(f"results/{name}.md: {len(summary)} (row, w) cells measured, "
@@ -317,12 +317,12 @@ def main(argv=None):
         Path("results/digits").mkdir(parents=True, exist_ok=True)
         write_text(f"results/{name}.md", render(table, summary, orderings, paper_scale, paper_order))
         out = summary.reset_index()
-        out.to_csv(f"results/digits/{name}.csv", index=False)
+        write_text(f"results/digits/{name}.csv", out.to_csv(index=False))
         write_json(f"results/digits/{name}.json", dict(rows=json.loads(out.to_json(orient="records")), orderings=orderings))
         if not summary.empty:
             plot(table, summary, f"results/digits/{name}.png", load_yaml("params.yaml")["digits"])
         curves = training_curves(table)
-        curves.to_csv(f"results/digits/{name}_curves.csv", index=False)
+        write_text(f"results/digits/{name}_curves.csv", curves.to_csv(index=False))
         if not curves.empty:
             plot_curves(table, curves, f"results/digits/{name}_curves.png")
         print(f"results/{name}.md: {len(summary)} rows measured, "

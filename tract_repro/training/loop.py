@@ -48,6 +48,7 @@ def train(workdir, pace=None, config_text=None, **options):
     slice of the global batch.  Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
     """
     o = Options(workdir=workdir, pace=pace, config_text=config_text, **options)
+    o.require("method", "network", "dataset", "inference_ema")
     if o.device is None:
         o.device = Device()
     with distributed.process_group(o.device) as world:

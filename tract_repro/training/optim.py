@@ -39,6 +39,7 @@ class InferenceEMA:
     """μ_I: fixed if ``momentum`` is set, else r^(1/n) from a residual r and the n steps of a phase (method-spec §5).
 
     Bound in gin as ``inference_ema_momentum.momentum`` or ``.residual``; a fixed momentum wins if both are set.
+    A run trains with one of them (:meth:`check`); a finished run is rebuilt without.
     """
 
     momentum: float = None
@@ -54,11 +55,16 @@ class InferenceEMA:
             if isinstance(self.residual, bool) or not isinstance(self.residual, (int, float)) or not 0.0 < self.residual < 1.0:
                 raise ConfigError(f"inference_ema_momentum.residual (μ_I's residual) = {self.residual!r}: give a value in (0, 1)")
             object.__setattr__(self, "residual", float(self.residual))
-        else:
+
+    def check(self):
+        """One line if neither μ_I setting is bound; returns the setting."""
+        if self.momentum is None and self.residual is None:
             raise ConfigError("set inference_ema_momentum.momentum (fixed μ_I) or inference_ema_momentum.residual (derived μ_I)")
+        return self
 
     def for_phase(self, phase, batch_size):
         """μ_I for the ⌈length / batch⌉ steps of ``phase``."""
+        self.check()
         if self.momentum is not None:
             return self.momentum
         return momentum_from_residual(self.residual, math.ceil(phase.length / batch_size))

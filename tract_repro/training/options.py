@@ -27,7 +27,8 @@ class Options:
     """Everything a run is made of.
 
     ``method``, ``network`` (a network class or factory, called once) and ``dataset`` (a data-set factory)
-    are required.  The data are noised on a ``T``-step grid of ``schedule`` and the network predicts
+    must be bound to train (:meth:`require` says which is missing); a finished run is rebuilt from its
+    network and data alone.  The data are noised on a ``T``-step grid of ``schedule`` and the network predicts
     ``parameterisation`` (x, eps, v, both or edm).  ``teacher``: a teacher run directory or weights
     file, for methods that distil one.  ``batch_size`` is the global batch of a step, split over
     the processes of a data-parallel run and into ``accumulate`` micro-batches on each.  ``total``
@@ -46,9 +47,9 @@ class Options:
     """
 
     workdir: Path
-    method: object = gin.REQUIRED
-    network: object = gin.REQUIRED
-    dataset: object = gin.REQUIRED
+    method: object = None
+    network: object = None
+    dataset: object = None
     schedule: object = CosineSchedule
     T: int = 1024
     parameterisation: str = "v"
@@ -86,12 +87,24 @@ class Options:
             self.inference_ema = InferenceEMA()
         self.extra_inference_emas = extra_settings(self.extra_inference_emas, self.inference_ema)
 
+    def require(self, *names):
+        """One line naming the first of ``names`` (e.g. 'method', 'network') that is not bound, and how to bind it."""
+        examples = dict(method="@TRACT()", network="@UNet", dataset="@digits")
+        for name in names:
+            if name == "inference_ema":
+                self.inference_ema.check()
+            elif getattr(self, name) is None:
+                raise ConfigError(f"train.{name} is not bound: bind it in the run's gin file, e.g. "
+                                  f"train.{name} = {examples.get(name, '...')}")
+        return self
+
     def build_grid(self):
         """The run's time grid: ``T`` steps of ``schedule``."""
         return TimeGrid(self.schedule(), self.T)
 
     def build_denoiser(self, schedule):
         """The student network, freshly initialised, behind the denoiser contract of ``parameterisation``."""
+        self.require("network")
         return build_denoiser(self.network(), schedule, self.parameterisation)
 
 
@@ -104,7 +117,7 @@ def extra_settings(entries, own):
             if unknown:
                 raise ConfigError(f"train.extra_inference_emas entry {entry!r} has {sorted(unknown)}: use "
                                   f"{{'momentum': m}} or {{'residual': r}}")
-            entry = InferenceEMA(**entry)
+            entry = InferenceEMA(**entry).check()
         if entry in settings or entry == own:
             raise ConfigError(f"train.extra_inference_emas lists {entry.label} twice (or as the run's own μ_I): "
                               f"list each setting once")
