@@ -222,7 +222,7 @@ class Run:
         try:
             loss, grad_norm = apply_update(state.student, state.optimizer, loss, lr, o.grad_clip, state.emas, self.world)
         except LossDiverged:
-            weighting = getattr(o.method, "weight_fn", None)
+            weighting = o.method.weight_fn  # declared by the Method contract (None but for a diffusion loss)
             hint = ("ε with truncated-SNR weighting is known to diverge: use the v or x-and-ε parameterisation"
                     if o.parameterisation == "eps" and getattr(weighting, "__name__", "") == "truncated_snr"
                     else f"lower the learning rate (e.g. --gin 'adam.lr = {self.base_lr / 10:g}', it was "
