@@ -124,6 +124,17 @@ def test_seeds_are_whole_numbers_at_least_zero(seeds, expect, ws, capsys, monkey
     assert snapshot(ws) == before
 
 
+@pytest.mark.parametrize("binding, expect", [("train.batch_size = 0", "train.batch_size = 0: give a whole number"),
+                                             ("train.loss_reduction = 'max'", "train.loss_reduction = 'max': choose")])
+def test_options_of_forked_seeds_are_checked_before_anything_is_written(binding, expect, ws, capsys, monkeypatch):
+    """A run's options are checked in the launcher, not in each forked seed after its directory exists."""
+    before = snapshot(ws)
+    status, err = in_process("launch", ["t.gin", "--gin", binding, "--seeds", "0", "1", "--workdir", "runs/s{seed}"],
+                             capsys, monkeypatch)
+    one_line(err, status, 2, expect)
+    assert snapshot(ws) == before and not (ws / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------- 3. a diverged run
 
 def test_a_diverged_run_fails_in_one_line_and_its_advice_works(ws):

@@ -51,6 +51,7 @@ def main(argv=None):
         seeds.submit(runs, args.executor, args.parallel, not args.no_pace, args.wait)
         return 0
     text = config.parse(args.files, args.gin)
+    jobs.check_options()
     if jobs.check_workdir(workdir, text) == "complete":
         print(f"{workdir} is already complete (ema.pt present); nothing to do")
         return 0

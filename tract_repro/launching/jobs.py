@@ -51,6 +51,13 @@ def check_workdir(workdir, config_text):
     return None
 
 
+def check_options():
+    """Fail fast, before anything is written or submitted, on options a run cannot train with (the parsed config's)."""
+    from tract_repro.config.runs import resolved_options
+
+    resolved_options().check()
+
+
 def check_teacher():
     """Fail fast, before anything is submitted, if the bound ``train.teacher`` is missing or unfinished."""
     if config.query("train.teacher") is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from tract_repro import config
 from tract_repro.common.errors import ConfigError, JobFailed, one_line
 from tract_repro.launching import slurm
-from tract_repro.launching.jobs import check_workdir, run_job
+from tract_repro.launching.jobs import check_options, check_workdir, run_job
 from tract_repro.launching.local import failure_line, local_executor, wait
 from tract_repro.launching.pacing import Pace
 from tract_repro.training.preemption import Stopped
@@ -33,6 +33,7 @@ def seed_runs(files, bindings, workdir, seeds):
     runs = []
     for seed in seeds:
         text = config.parse(files, [b.replace("{seed}", str(seed)) for b in bindings] + [f"train.seed = {seed}"])
+        check_options()  # every seed's options, before any run directory is made
         run_dir = Path(str(workdir).format(seed=seed))
         if check_workdir(run_dir, text) != "complete":
             runs.append((run_dir, text))

@@ -47,8 +47,7 @@ def train(workdir, pace=None, config_text=None, **options):
     share phases between runs).  With WORLD_SIZE > 1 in the environment each process trains on its
     slice of the global batch.  Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
     """
-    o = Options(workdir=workdir, pace=pace, config_text=config_text, **options)
-    o.require("method", "network", "dataset", "inference_ema")
+    o = Options(workdir=workdir, pace=pace, config_text=config_text, **options).check()
     if o.device is None:
         o.device = Device()
     with distributed.process_group(o.device) as world:
@@ -59,15 +58,9 @@ class Run:
     """One process's part of a run: built from :class:`Options`, resumed, then trained step by step."""
 
     def __init__(self, o, world):
-        self.o, self.world, self.dev = o, world, o.device
-        for name in ("batch_size", "seed", "threads", "accumulate"):
-            value, least = getattr(o, name), 0 if name == "seed" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"train.{name} = {value!r}: give a whole number, at least {least}")
+        self.o, self.world, self.dev = o.check(), world, o.device
         torch.set_num_threads(int(o.threads))
         torch.manual_seed(o.seed)
-        if o.loss_reduction not in ("mean", "sum"):
-            raise ConfigError(f"train.loss_reduction = {o.loss_reduction!r}: choose 'mean' (over pixels) or 'sum' (official TRACT)")
         self.micro_batches = world.slices(o.batch_size, o.accumulate)  # this rank's [(start, stop)] in the global batch
         self.data = o.dataset()
         self.grid = o.build_grid().to(self.dev.device)

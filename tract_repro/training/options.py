@@ -98,6 +98,18 @@ class Options:
                                   f"train.{name} = {examples.get(name, '...')}")
         return self
 
+    def check(self):
+        """One line for the first option a run cannot train with (before anything is written); returns self."""
+        self.require("method", "network", "dataset", "inference_ema")
+        for name in ("batch_size", "seed", "threads", "accumulate"):
+            value, least = getattr(self, name), 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"train.{name} = {value!r}: give a whole number, at least {least}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"train.loss_reduction = {self.loss_reduction!r}: choose 'mean' (over pixels) or 'sum' "
+                              f"(official TRACT)")
+        return self
+
     def build_grid(self):
         """The run's time grid: ``T`` steps of ``schedule``."""
         return TimeGrid(self.schedule(), self.T)
