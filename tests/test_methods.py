@@ -78,13 +78,17 @@ def test_tract_target_lands_on_the_teacher_then_self_teacher_path(S, p):
     torch.testing.assert_close(target.weight, torch.clamp(torch.exp(target.logsnr), min=1.0))
 
 
-def test_btd_target_reproduces_the_two_teacher_steps():
+@pytest.mark.parametrize("clip", [False, True])
+def test_btd_target_reproduces_the_two_teacher_steps(clip):
+    """Unclipped teacher steps (progressive distillation's rule, the default), or clipped ones (BTD.clip, TRACT's rule)."""
     S = halving_schedule(1024, 1)
     for p in (0, 4, 8, 9):
-        target, (t, t_mid, s) = run_method(BTD(), S, p)
+        target, (t, t_mid, s) = run_method(BTD(clip=clip), S, p)
         _, a_t, s_t = at(t); l_mid, a_m, s_m = at(t_mid); _, a_s, s_s = at(s)
-        x_mid = ddim_step(target.x_t, TEACHER(target.x_t, target.logsnr), a_t, s_t, a_m, s_m)
-        x_hat_mid = TEACHER(x_mid, l_mid)
+        x_hat_t = TEACHER(target.x_t, target.logsnr)
+        x_mid = ddim_step(target.x_t, x_hat_t.clamp(-1, 1) if clip else x_hat_t, a_t, s_t, a_m, s_m)
+        x_hat_mid = TEACHER(x_mid, l_mid).clamp(-1, 1) if clip else TEACHER(x_mid, l_mid)
+        assert clip or (x_hat_mid.abs() > 1).any()  # the fake teacher leaves [−1, 1]: clipping changes the target
         x_s = ddim_step(x_mid, x_hat_mid, a_m, s_m, a_s, s_s)
         one_step = ddim_step(target.x_t, target.x_target, a_t, s_t, a_s, s_s)
         inner = s > 0

@@ -48,9 +48,9 @@ def expected_count(gin_file):
     if "_guided_" not in gin_file:
         return EXPECTED[gin_file]
     dataset, stage = re.fullmatch(r"gin/(\w+?)_guided_(\w+)\.gin", gin_file).groups()
-    base, classes_before, classes = GUIDED[dataset]
+    base, classes_before, classes, second_head = GUIDED[dataset]
     C, E = config.query("UNet.channels"), config.query("UNet.emb_channels")
-    teacher = base - (classes_before * E + E if classes_before > 1 else 0) + (classes + 1) * E + E
+    teacher = base - second_head - (classes_before * E + E if classes_before > 1 else 0) + (classes + 1) * E + E
     return teacher + (0 if stage == "teacher" else C * E + E + E * E + E)
 
 
@@ -173,14 +173,17 @@ def test_importing_a_teacher_makes_a_finished_run(tmp_path):
     assert import_teacher.main([str(gin_file), "--workdir", str(tmp_path / "other")]) == 2
 
 
-GUIDED = {"cifar10": (PD_CIFAR10, 1, 10), "imagenet64": (PD_IMAGENET64, 1000, 1000)}
+# (PD network's parameters, its classes, the guided network's classes, the parameters of the x-and-ε network's second
+# output head, which a v-predicting guided network drops: a 3×3 convolution from 192 channels to 3, with bias)
+GUIDED = {"cifar10": (PD_CIFAR10, 1, 10, 0), "imagenet64": (PD_IMAGENET64, 1000, 1000, 192 * 9 * 3 + 3)}
+TEACHER_DROPOUT = {"cifar10": 0.2, "imagenet64": 0.1}  # the Google PD teachers' own configurations
 
 
 @pytest.mark.parametrize("dataset", sorted(GUIDED))
 def test_guided_run_files_build_the_teachers_network_with_a_null_class_and_a_w_input(dataset, in_repo):
     """The guided teacher is the PD network with a class embedding that has a row for ∅; the stage-1 and
     stage-2 students add the w branch (an MLP C → E → E) and nothing else; each run file parses."""
-    base, classes_before, classes = GUIDED[dataset]
+    base, classes_before, classes, second_head = GUIDED[dataset]
     counts = {}
     for stage in ("teacher", "stage1", "tract", "btd"):
         config.parse([f"gin/{dataset}_guided_{stage}.gin"])
@@ -192,8 +195,12 @@ def test_guided_run_files_build_the_teachers_network_with_a_null_class_and_a_w_i
         assert ("w" in net.extra_conditions) == (stage != "teacher")
         assert (getattr(method, "p_uncond", 0) > 0) == (stage == "teacher")
         assert method.w_range in (None, (0.0, 4.0))
+        # the paper's recipe: v prediction, the PD teacher's dropout, each halving's student started from its teacher
+        assert config.query("train.parameterisation") == "v" and net.num_outputs == 1
+        assert config.query("UNet.dropout") == (TEACHER_DROPOUT[dataset] if stage == "teacher" else 0.0)
+        assert list(config.query("train.phase_reset") or []) == (["student"] if stage in ("tract", "btd") else [])
     C, E = config.query("UNet.channels"), config.query("UNet.emb_channels")
     old_class_params = classes_before * E + E if classes_before > 1 else 0
-    assert counts["teacher"] == base - old_class_params + (classes + 1) * E + E
+    assert counts["teacher"] == base - second_head - old_class_params + (classes + 1) * E + E
     w_branch = C * E + E + E * E + E
     assert counts["stage1"] == counts["tract"] == counts["btd"] == counts["teacher"] + w_branch

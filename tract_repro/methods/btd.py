@@ -39,7 +39,11 @@ def halving_schedule(start, final):
 
 @gin.configurable
 class BTD(Method):
-    """x̃ = inversion t → s of two unclipped teacher steps t → t_mid → s (x̂ at t_mid where s = 0); w = max(SNR_t, 1).
+    """x̃ = inversion t → s of two teacher steps t → t_mid → s (x̂ at t_mid where s = 0); w = max(SNR_t, 1).
+
+    ``clip``: clip the teacher's x̂ to [−1, 1] inside its steps.  Off by default, as in progressive distillation
+    (method-spec §4); on, BTD's targets follow TRACT's rule (its teacher and self-teacher steps clip), which
+    matters under guidance, where x̂^w leaves [−1, 1] (docs/guided.md, "Clipping inside targets").
 
     ``stochastic``: the last phase, S_{P−1} = N → N/2, trains the student Meng et al.'s stochastic N-step
     sampler needs: 2/N jumps from *every* level of the N-step grid (not only from every other one), and the
@@ -47,8 +51,9 @@ class BTD(Method):
     """
 
     def __init__(self, start_steps=None, final_steps=1, weighting="truncated_snr", teacher_step=ddim_teacher_step,
-                 guidance=None, stochastic=False):
+                 guidance=None, stochastic=False, clip=False):
         self.start_steps, self.final_steps, self.stochastic = start_steps, int(final_steps), bool(stochastic)
+        self.clip = bool(clip)
         self.guidance = guidance_range(guidance, "BTD")
         self.weight_fn = weightings.get(weighting)
         self.teacher_step = teacher_step
@@ -64,15 +69,16 @@ class BTD(Method):
         t, t_mid, s = (i.to(x.device) for i in btd_indices(S, phase.index, grid.T, x.shape[0], generator, every_level))
         x_t, logsnr_t, alpha_t, sigma_t = noise_at(x, t, grid, generator)
         cond = self.with_guidance(cond, generator, x.shape[0], x.device)
-        x_mid, x_hat_t = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, cond, clip=False)
+        x_mid, x_hat_t = self.teacher_step(nets.teacher, x_t, t, t_mid, grid, cond, clip=self.clip)
         if not every_level:
-            x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, cond, clip=False)
+            x_s, x_hat_mid = self.teacher_step(nets.teacher, x_mid, t_mid, s, grid, cond, clip=self.clip)
         else:  # from the last level (t_mid = 0) the first step has reached the clean end: its x̂ is the target
             x_s, x_hat_mid, two = x_mid.clone(), x_hat_t.clone(), t_mid > 0
             x_s[two], x_hat_mid[two] = self.teacher_step(nets.teacher, x_mid[two], t_mid[two], s[two], grid,
-                                                         as_cond(cond)[two], clip=False)
+                                                         as_cond(cond)[two], clip=self.clip)
         _, alpha_s, sigma_s = grid.at(s)
         x_target = invert_ddim(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
         final = (s == 0).view(-1, 1, 1, 1)
+        x_hat_mid = x_hat_mid.clamp(-1, 1) if self.clip else x_hat_mid  # x̂ as the clipped step to s = 0 lands
         x_target = torch.where(final, x_hat_mid, x_target)
         return Target(x_t, logsnr_t, x_target, self.weight_fn(logsnr_t), cond)
