@@ -4,6 +4,11 @@
 ``<run>/eval/samples_<K>steps.png``, or ``OUT`` and ``OUT``'s stem + ``_<K>steps.png``.  Runs
 evaluated in one process (a row's seeds) share the classifier, the real-set statistics and the
 teacher reference.  The command is ``python -m tract_repro.evaluate``.
+
+Guided rows (``--w``) also get, in the same classifier feature space as digits-FD, precision and recall
+(:mod:`.precision_recall`, k = 3) and, for class-conditional runs, the class-conditional FD
+(:func:`.frechet.class_conditional_distance`); their fidelity is to the model they distil, at the same w
+(:func:`fidelity_reference`).
 """
 import hashlib
 from pathlib import Path
@@ -12,7 +17,7 @@ import torch
 
 from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_json
-from tract_repro.evaluation import frechet
+from tract_repro.evaluation import frechet, precision_recall
 from tract_repro.evaluation.classifier import load_classifier, split
 from tract_repro.evaluation.generate import generate, labels_from_seeds, rmse, teacher_reference
 from tract_repro.evaluation.runs import load_run, per_weight_outputs
@@ -23,11 +28,56 @@ from tract_repro.sampling.images import save_grid
 
 def digits_fd_reference(classifier, data, seed=0):
     """Real-set statistics, and the noise floor: FD between two seeded halves of the real set."""
+    real_stats, floor, feature_fn, _ = real_set(classifier, data, seed)
+    return real_stats, floor, feature_fn
+
+
+def real_set(classifier, data, seed=0):
+    """(statistics, noise floor, feature function, features) of the real set in the classifier's feature space;
+    the noise floor is the FD between two seeded halves of it."""
     feature_fn = frechet.classifier_feature_fn(classifier)
     real = frechet.custom_features(data.images, feature_fn)
     a, b = split(len(real), seed, 0.5)
     floor = frechet.frechet_distance(frechet.statistics(real[a.numpy()]), frechet.statistics(real[b.numpy()]))
-    return frechet.statistics(real), floor, feature_fn
+    return frechet.statistics(real), floor, feature_fn, real
+
+
+def precision_recall_real(real, n, seed=0):
+    """The real features precision and recall compare ``n`` samples with: a seeded subset of ``n`` of them (all of
+    them when there are fewer), so that both k-NN manifolds are built from sets of one size, as Kynkäänniemi et
+    al. do (a k-NN radius shrinks as its set grows)."""
+    if n >= len(real):
+        return real
+    keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
+    return real[keep.sort().values.numpy()]
+
+
+def fidelity_reference(run, w=None):
+    """(reference run, role): whose ``reference_steps``-step DDIM samples from the same seeds, at the same w, a
+    run's fidelity RMSE is measured against.  ``w``: a guidance weight the run is evaluated at (None: unguided).
+
+    - a teacher (no teacher in its run.json) → itself (role ``self``);
+    - a student evaluated without w → the root teacher its run.json records (``teacher``, the teacher of its
+      first phase; role ``teacher``);
+    - a guided stage-2 student (BTD, TRACT, the stochastic sampler's students) → the stage-1 run it distils,
+      its root teacher, sampled with w as its input (role ``stage 1``);
+    - the stage-1 student → the guided teacher it distils, sampled through x̂^w = (1 + w)·x̂_c − w·x̂_∅ (role
+      ``guided teacher``).
+    """
+    if not run.info.get("teacher"):
+        return run, "self"
+    teacher_dir = Path(run.info["teacher"]).parent
+    if teacher_dir == run.path:
+        return run, "self"
+    teacher = load_run(teacher_dir)
+    if w is None or not takes_input(run.denoiser, "w"):
+        return teacher, "teacher"
+    if takes_input(teacher.denoiser, "w"):  # a stage-2 student: the stage-1 model it distils
+        return teacher, "stage 1" if teacher.info.get("method") == "GuidedDistillation" else "w-conditioned teacher"
+    if teacher.info.get("p_uncond"):  # stage 1: the guided teacher it distils
+        return teacher, "guided teacher"
+    raise ConfigError(f"{run.path} takes a guidance weight but its teacher {teacher_dir} is neither a w-conditioned "
+                      f"run nor a guided teacher (trained with label dropout): its fidelity has no reference at w")
 
 
 def reference_steps_on(T, wanted):
@@ -57,8 +107,7 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
         raise ConfigError(f"evaluation needs at least one sample and one step, got {samples} samples, steps {list(steps)}")
     per_w = per_weight_outputs(out, ws)
     run = load_run(run_dir)
-    teacher_dir = Path(run.info["teacher"]).parent if run.info.get("teacher") else run.path
-    teacher = run if teacher_dir == run.path else load_run(teacher_dir)
+    teacher, role = fidelity_reference(run, next((w for w in ws if w is not None), None))
     seeds = range(first_seed, first_seed + samples)
     shape, classes = run.data.shape, run.data.num_classes if run.denoiser.conditional else 1
     for k in steps:  # every step count and guidance weight is checked before anything is computed or cached
@@ -68,16 +117,20 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     key = ("real", str(classifier), data_digest(run.data))
     if key not in shared:
         model = load_classifier(classifier)
-        shared[key] = (*digits_fd_reference(model, run.data), model)
-    real_stats, floor, feature_fn, model = shared[key]
+        shared[key] = (*real_set(model, run.data), model)
+    real_stats, floor, feature_fn, real_features, model = shared[key]
     reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
     labels = labels_from_seeds(seeds, classes) if classes > 1 else None
+    guided = any(w is not None for w in ws)
+    pr_real = precision_recall_real(real_features, samples) if guided else None
+    class_fd = None  # the counts behind the class-conditional FD, the same at every w and K
+    teacher_sha = sha256(teacher.weights)
     rows = {}
     for w in ws:
         out_w = per_w[w] if per_w else None if out is None else Path(out)
         out_dir = out_w.parent if out_w else run.path / "eval"
         denoiser, extra, calls = conditioned(run, w)
-        key = ("reference", sha256(teacher.weights), reference_steps, first_seed, samples, w)
+        key = ("reference", teacher_sha, role, reference_steps, first_seed, samples, w)
         if key not in shared:
             ref_denoiser, ref_extra, _ = conditioned(teacher, w)
             shared[key] = teacher_reference(ref_denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
@@ -88,9 +141,19 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
             x = reference if own_reference else generate(denoiser, run.grid, k, seeds, shape, classes, batch_size,
                                                          desc=f"{run.path.name} {k} steps", sampler=sampler,
                                                          workers=workers, extra=extra)
-            fd = frechet.frechet_distance(frechet.statistics(frechet.custom_features(x, feature_fn)), real_stats)
+            features = frechet.custom_features(x, feature_fn)
+            fd = frechet.frechet_distance(frechet.statistics(features), real_stats)
             row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference))
-            rows.setdefault(w, []).append(row if w is None else dict(w=w, **row, **class_metrics(model, x, labels)))
+            if w is not None:
+                row = dict(w=w, **row, fidelity_to=dict(run=str(teacher.path), role=role, w=w, sampler="ddim",
+                                                        steps=reference_steps, weights_sha256=teacher_sha),
+                           **class_metrics(model, x, labels))
+                row["precision"], row["recall"] = precision_recall.precision_recall(pr_real, features)
+                if labels is not None:
+                    class_fd = frechet.class_conditional_distance(features, labels.numpy(), real_features,
+                                                                  run.data.labels.numpy())
+                    row["class_fd"], row["class_fd_per_class"] = class_fd["mean"], class_fd["per_class"]
+            rows.setdefault(w, []).append(row)
             suffix = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
             name = (lambda tail: out_dir / (f"{out_w.stem}_{suffix}{tail}.png" if out_w else f"samples_{suffix}{tail}.png"))
             save_grid(x[:100], name(""), scale=4)
@@ -100,8 +163,17 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info["schedule_steps"],
                    weights_sha256=sha256(run.weights), sampler=registry.get(sampler).description, ema="inference",
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,
-                   reference=dict(run=str(teacher.path), sampler="ddim", steps=reference_steps),
-                   digits_fd_noise_floor=floor, results=[r for w in ws for r in rows[w]])
+                   reference=dict(run=str(teacher.path), sampler="ddim", steps=reference_steps, role=role,
+                                  weights_sha256=teacher_sha),
+                   digits_fd_noise_floor=floor)
+    if guided:  # how the guided rows' extra metrics were computed
+        metrics["precision_recall"] = dict(k=precision_recall.K, feature_space="digits classifier (as digits-FD)",
+                                           real_samples=len(pr_real), generated_samples=samples)
+        if class_fd is not None:
+            metrics["class_fd"] = dict(feature_space="digits classifier (as digits-FD)",
+                                       generated_per_class=class_fd["generated_per_class"],
+                                       real_per_class=class_fd["real_per_class"])
+    metrics["results"] = [r for w in ws for r in rows[w]]
     if per_w:  # one file per guidance weight
         for w in ws:
             write_json(per_w[w], dict(metrics, results=rows[w]))
@@ -133,7 +205,9 @@ def conditioned(run, w):
 
 def class_metrics(classifier, x, labels):
     """Class accuracy (the classifier's class is the one asked for) and the digits Inception Score
-    exp(E_x KL(p(y|x) ‖ p(y))) of class-conditional samples."""
+    exp(E_x KL(p(y|x) ‖ p(y))) of class-conditional samples, with ``digits_is_perfect``, the score of samples the
+    classifier names as their asked-for class with certainty: exp(H(the asked-for labels' frequencies)), 10 for
+    exactly uniform labels, 9.90 for the labels of seeds 0..499."""
     if labels is None:
         return {}
     with torch.no_grad():
@@ -141,7 +215,10 @@ def class_metrics(classifier, x, labels):
     p = torch.softmax(logits, 1)
     marginal = p.mean(0, keepdim=True)
     kl = (p * (torch.log(p.clamp_min(1e-30)) - torch.log(marginal.clamp_min(1e-30)))).sum(1)
-    return dict(class_accuracy=(logits.argmax(1) == labels).double().mean().item(), digits_is=kl.mean().exp().item())
+    asked = torch.bincount(labels, minlength=logits.shape[1]).double() / len(labels)
+    perfect = torch.exp(-(asked[asked > 0] * asked[asked > 0].log()).sum()).item()
+    return dict(class_accuracy=(logits.argmax(1) == labels).double().mean().item(), digits_is=kl.mean().exp().item(),
+                digits_is_perfect=perfect)
 
 
 def by_class(x, labels, classes, per_class=10):

@@ -4,22 +4,30 @@ Rendered by ``python -m tract_repro.results.tables guided`` for a table whose ``
 weights (experiments/guided.yaml).  Every row is evaluated at each w (``<row>@w<w>`` in
 pipelines/evaluations.json); this module reads those evaluations and writes
 
-- ``results/guided.md``: digits-FD, class accuracy and the digits Inception Score per (row, w), mean ± std
-  over seeds, beside the paper's values where known, with the paper's claims checked at every w;
+- ``results/guided.md``: per (row, w), mean ± std over seeds: digits-FD beside the paper's values where known,
+  fidelity (RMSE to the model the row distils: stage 1 for a stage-2 student, the guided teacher for stage 1),
+  precision and recall (k = 3), the class-conditional FD, class accuracy and the digits Inception Score (a
+  w column of those two marked "saturated" where every row is at its ceiling), with the paper's claims checked
+  at every w.  Evaluations from before precision, recall, class FD and ``fidelity_to`` leave those cells blank;
 - ``results/digits/guided.{json,csv}``: the same numbers (DVC metrics and plots);
 - ``results/digits/guided.png``: digits-FD against class accuracy and against w, one curve per model, one
   panel per step count (Meng et al.'s FID/IS figure at digits scale);
+- ``results/digits/guided_pr.png``: precision against recall over w, one curve per model, one panel per step
+  count, each point labelled with its w (written by :func:`plot`, beside guided.png);
 - ``results/digits/guided_grids.png``: samples with one row per class at w = 0, 1, 4.
 """
+import functools
 import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
 from tract_repro.common.files import write_atomic
 from tract_repro.evaluation import protocols
+from tract_repro.evaluation.generate import labels_from_seeds
 from tract_repro.results.experiments import eval_file, read_evaluations
 
 matplotlib.use("Agg")
@@ -28,7 +36,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 EVAL_DIR = Path("results/digits/eval")
 METRICS = ("digits_fd", "class_accuracy", "digits_is")
+#: written by evaluations since precision, recall, class FD and fidelity_to were added (blank in older ones)
+NEW_METRICS = ("precision", "recall", "class_fd")
+SUMMARISED = (*METRICS, "fidelity_rmse", *NEW_METRICS)
+#: what each row is also described by: its fidelity reference, the class counts behind class FD, digits-IS's ceiling
+DESCRIPTIONS = ("fidelity_to", "class_fd_counts", "digits_is_perfect")
+SATURATED = 0.99  # class accuracy ≥ 0.99, or digits-IS ≥ 0.99 × its ceiling, in every row: the column is saturated
 GRID_WS = (0.0, 1.0, 4.0)
+DIGITS_CLASSES = 10
+ROLES = {"stage 1": "stage 1", "guided teacher": "the guided teacher", "self": "itself", "teacher": "its teacher",
+         "w-conditioned teacher": "its w-conditioned teacher"}
 
 
 def evaluations(table):
@@ -43,7 +60,8 @@ def evaluations(table):
 
 
 def scores(table, eval_dir=EVAL_DIR):
-    """One record per (row, w, seed): digits-FD, class accuracy, digits-IS, fidelity, NFE."""
+    """One record per (row, w, seed): digits-FD, class accuracy, digits-IS, fidelity, precision, recall, class FD
+    (NaN where an older evaluation lacks them), NFE, and what the fidelity is against."""
     records = []
     for row, w, evaluation in evaluations(table):
         for seed in evaluation["seeds"]:
@@ -53,25 +71,59 @@ def scores(table, eval_dir=EVAL_DIR):
             metrics = json.loads(path.read_text())
             hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"] and r.get("w") == w]
             if hit:
-                records.append(dict(row=row["id"], w=w, seed=seed, nfe=hit[0]["nfe"], steps=evaluation["steps"],
-                                    sampler=evaluation["sampler"], **{m: hit[0][m] for m in METRICS},
-                                    fidelity_rmse=hit[0]["fidelity_rmse"], noise_floor=metrics["digits_fd_noise_floor"],
-                                    samples=metrics["samples"]))
-    return pd.DataFrame.from_records(records, columns=["row", "w", "seed", "nfe", "steps", "sampler", *METRICS,
-                                                       "fidelity_rmse", "noise_floor", "samples"])
+                r = hit[0]
+                records.append(dict(row=row["id"], w=w, seed=seed, nfe=r["nfe"], steps=evaluation["steps"],
+                                    sampler=evaluation["sampler"],
+                                    **{m: np.nan if r.get(m) is None else r[m] for m in SUMMARISED},
+                                    fidelity_to=against(r, metrics), class_fd_counts=class_counts(metrics),
+                                    digits_is_perfect=r.get("digits_is_perfect") or perfect_is(*metrics["seeds"]),
+                                    noise_floor=metrics["digits_fd_noise_floor"], samples=metrics["samples"]))
+    return pd.DataFrame.from_records(records, columns=["row", "w", "seed", "nfe", "steps", "sampler", *SUMMARISED,
+                                                       *DESCRIPTIONS, "noise_floor", "samples"])
+
+
+def against(result, metrics):
+    """What a result's fidelity RMSE is measured against, in words: its ``fidelity_to`` (the role and steps of the
+    reference), or for an older evaluation the reference run's folder and steps."""
+    to = result.get("fidelity_to")
+    if to:
+        return f"{ROLES.get(to['role'], to['role'])}, DDIM {to['steps']} steps"
+    reference = metrics.get("reference") or {}
+    if not reference.get("run"):
+        return ""
+    same = Path(reference["run"]) == Path(metrics.get("run", ""))
+    return f"{'itself' if same else Path(reference['run']).name}, DDIM {reference['steps']} steps"
+
+
+def class_counts(metrics):
+    """'min-max' generated samples per class behind an evaluation's class-conditional FD ('' before it existed)."""
+    counts = (metrics.get("class_fd") or {}).get("generated_per_class")
+    return f"{min(counts)}-{max(counts)}" if counts else ""
+
+
+@functools.lru_cache(maxsize=None)
+def perfect_is(first_seed, last_seed, classes=DIGITS_CLASSES):
+    """The digits-IS of samples classified with certainty as the class their seed asked for: exp(H(the asked-for
+    labels' frequencies)), for evaluations written before they recorded it (``digits_is_perfect``)."""
+    asked = np.bincount(labels_from_seeds(range(first_seed, last_seed + 1), classes).numpy(), minlength=classes)
+    p = asked[asked > 0] / asked.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def summarise(records):
-    """Mean, std and count over seeds per (row, w)."""
+    """Mean, std and count over seeds per (row, w), with the first seed's fidelity reference and class counts (one
+    per row) and the smallest digits-IS ceiling."""
+    columns = ["row", "w", "nfe", "steps", "sampler", "n", "fidelity_rmse", *DESCRIPTIONS,
+               *[f"{m}_{s}" for m in SUMMARISED for s in ("mean", "std")]]
     if records.empty:
-        return pd.DataFrame(columns=["row", "w", "nfe", "steps", "sampler", "n", "fidelity_rmse"]
-                            + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+        return pd.DataFrame(columns=columns)
     g = records.groupby(["row", "w"], sort=False)
     out = g.agg(nfe=("nfe", "first"), steps=("steps", "first"), sampler=("sampler", "first"), n=("digits_fd", "count"),
-                fidelity_rmse=("fidelity_rmse", "mean"))
-    for m in METRICS:
+                fidelity_rmse=("fidelity_rmse", "mean"), fidelity_to=("fidelity_to", "first"),
+                class_fd_counts=("class_fd_counts", "first"), digits_is_perfect=("digits_is_perfect", "min"))
+    for m in SUMMARISED:
         out[f"{m}_mean"], out[f"{m}_std"] = g[m].mean(), g[m].std(ddof=1)
-    return out.reset_index()
+    return out.reset_index()[columns]
 
 
 def claims(table, summary):
@@ -98,7 +150,9 @@ def _cell(mean, std, n, digits=2):
     return f"{mean:.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _matrix(table, summary, metric, digits):
+def _matrix(table, summary, metric, digits, saturated=()):
+    """Rows × w of ``metric``'s mean ± std; digits-FD with the paper's value, fidelity with what it is against;
+    the w columns in ``saturated`` say so in their header."""
     ws = sorted(set(summary.w))
     by = {(r.row, r.w): r for r in summary.itertuples()}
     lines = []
@@ -108,14 +162,34 @@ def _matrix(table, summary, metric, digits):
         if first is None:
             continue
         p = row.get("paper") or {}
-        paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')})"
-        lines.append([row["label"], first.sampler, first.nfe, paper if metric == "digits_fd" else "",
+        extra = []
+        if metric == "digits_fd":
+            extra = ["" if p.get("value") is None else f"{p['value']} ({p.get('confidence')})"]
+        elif metric == "fidelity_rmse":
+            extra = [next((c.fidelity_to for c in cells if c is not None and c.fidelity_to), "")]
+        elif metric == "class_fd":
+            extra = [next((c.class_fd_counts for c in cells if c is not None and c.class_fd_counts), "")]
+        lines.append([row["label"], first.sampler, first.nfe, *extra,
                       *["" if c is None else _cell(getattr(c, f"{metric}_mean"), getattr(c, f"{metric}_std"), c.n, digits)
                         for c in cells]])
-    headers = ["row", "sampler", "NFE", "paper (ImageNet 64 FID)" if metric == "digits_fd" else "", *[f"w = {w:g}" for w in ws]]
-    if metric != "digits_fd":
-        headers, lines = headers[:3] + headers[4:], [line[:3] + line[4:] for line in lines]
-    return tabulate(lines, headers=headers, tablefmt="github")
+    extra = {"digits_fd": ["paper (ImageNet 64 FID)"], "fidelity_rmse": ["against (same seeds, same w)"],
+             "class_fd": ["samples per class"]}.get(metric, [])
+    headers = ["row", "sampler", "NFE", *extra, *[f"w = {w:g}" + (" (saturated)" if w in saturated else "") for w in ws]]
+    text = list(range(3, len(headers)))  # cells as written: 0.800 stays 0.800
+    return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=text)
+
+
+def saturated_columns(summary, metric):
+    """The w at which every measured row is at the metric's ceiling: class accuracy ≥ 0.99, or digits-IS ≥ 0.99 ×
+    the digits-IS of perfectly classified samples (exp H of the asked-for labels' frequencies: 9.90 for seeds
+    0..499, 10 for exactly uniform labels)."""
+    out = set()
+    for w, cells in summary.groupby("w"):
+        cells = cells[cells[f"{metric}_mean"].notna()]
+        ceiling = 1.0 if metric == "class_accuracy" else cells.digits_is_perfect
+        if len(cells) and bool((cells[f"{metric}_mean"] >= SATURATED * ceiling).all()):
+            out.add(w)
+    return out
 
 
 def render(table, summary, checks, params):
@@ -137,10 +211,37 @@ def render(table, summary, checks, params):
     if summary.empty:
         out.append("No evaluations yet: run `dvc repro digits_guided`.\n")
         return "\n".join(out)
-    for metric, title, digits in (("digits_fd", "digits-FD (lower is better)", 2),
-                                  ("class_accuracy", "Class accuracy (the classifier's class is the one asked for)", 3),
-                                  ("digits_is", "Digits Inception Score (classifier-based; 10 is its maximum)", 2)):
-        out += [f"## {title}\n", _matrix(table, summary, metric, digits), ""]
+    counts = ", ".join(sorted({c for c in summary.class_fd_counts if c}))
+    sections = (
+        ("digits_fd", "digits-FD (lower is better)", 2, ""),
+        ("fidelity_rmse", "Fidelity: RMSE to the model the row distils (lower is better)", 4,
+         "Pixel RMSE (images in [−1, 1]) between a row's samples and its reference's 64-step DDIM samples from the same "
+         "seeds, labels and w: a stage-2 student (BTD, TRACT, the stochastic sampler's students) against **stage 1**, "
+         "the model it distils; stage 1 against **the guided teacher** x̂^w = (1 + w)·x̂_c − w·x̂_∅; the teacher's rows "
+         "against its own 64 steps. The stochastic sampler re-noises, so its students' RMSE includes that noise."),
+        ("precision", "Precision, k = 3 (higher is better: fidelity)", 3,
+         "Kynkäänniemi et al. 2019: the share of generated samples inside the real digits' k-NN manifold (the union of "
+         "balls around each real point reaching its 3rd-nearest real neighbour), in the digits classifier's feature "
+         "space (digits-FD's); the real set is a fixed subset of as many digits as there are samples."),
+        ("recall", "Recall, k = 3 (higher is better: diversity)", 3,
+         "The share of those real digits inside the generated samples' k-NN manifold."),
+        ("class_fd", "Class-conditional FD (lower is better)", 2,
+         "The mean over the 10 classes of the FD between the samples generated for a class (by the label they were "
+         "asked for) and that class's real digits, in the same feature space; "
+         + (f"{counts} generated samples per class against all of a class's real digits (about 180). "
+            if counts else "") + "FD's small-sample bias is large at so few samples per class: compare rows, "
+         "not the value with digits-FD."),
+        ("class_accuracy", "Class accuracy (the classifier's class is the one asked for)", 3,
+         "A w column is marked saturated where every row is ≥ 0.99."),
+        ("digits_is", "Digits Inception Score (classifier-based; 10 is its maximum)", 2,
+         "A w column is marked saturated where every row is within 1% of the score of perfectly classified samples, "
+         "exp(H(asked-for labels)): 9.90 for these seeds' labels (10 for exactly uniform ones)."))
+    for metric, title, digits, note in sections:
+        saturated = saturated_columns(summary, metric) if metric in ("class_accuracy", "digits_is") else ()
+        if summary[f"{metric}_mean"].isna().all():
+            note += (" Not measured yet: these evaluations were written before it was (`dvc repro --force` the "
+                     "guided evaluation stages to fill it in).")
+        out += [f"## {title}\n", *([note, ""] if note else []), _matrix(table, summary, metric, digits, saturated), ""]
     out.append("## The paper's claims, checked at every w\n")
     for kind in ("comparable", "better"):
         rows = {}
@@ -161,7 +262,9 @@ def render(table, summary, checks, params):
     if floor is not None:
         out.append(f"digits-FD noise floor (two halves of the real set): {floor:.2f}; {samples} samples per evaluation, "
                    "one seed each, labels drawn per seed. Pictures: `results/digits/guided.png` (digits-FD against class "
-                   "accuracy and against w), `results/digits/guided_grids.png` (one row per class at w = 0, 1, 4). Paper values: "
+                   "accuracy and against w), `results/digits/guided_pr.png` (precision against recall over w), "
+                   "`results/digits/guided_grids.png` (one row per class at w = 0, 1, 4). Blank cells: not measured, or "
+                   "an evaluation from before that metric. Paper values: "
                    "`guided-notes.md` §1a (S: a reliable secondary source); every other published guided number is unknown "
                    "here. Regenerate with `dvc repro digits_guided`.")
     return "\n".join(out) + "\n"
@@ -169,7 +272,8 @@ def render(table, summary, checks, params):
 
 def plot(table, summary, path):
     """One panel per step count, one curve per row over w: digits-FD against class accuracy (Meng et al.'s FID/IS
-    figure at digits scale; top), and digits-FD against w (bottom, where the accuracy saturates)."""
+    figure at digits scale; top), and digits-FD against w (bottom, where the accuracy saturates).  Also writes
+    ``<stem>_pr.png`` beside it (:func:`plot_precision_recall`)."""
     labels = {r["id"]: r["label"] for r in table["rows"]}
     steps = sorted({int(s) for s in summary.steps})
     fig, axes = plt.subplots(2, len(steps), figsize=(3.2 * len(steps), 6.4), squeeze=False)
@@ -193,6 +297,43 @@ def plot(table, summary, path):
     axes[0][0].set_ylabel("digits-FD (log)", fontsize=7)
     axes[1][0].set_ylabel("digits-FD (log), mean ± std over seeds", fontsize=7)
     fig.suptitle(f"{table['title']}", fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
+    plt.close(fig)
+    plot_precision_recall(table, summary, Path(path).with_name(f"{Path(path).stem}_pr.png"))
+
+
+def plot_precision_recall(table, summary, path):
+    """Precision against recall (k = 3, the digits classifier's features), one panel per step count, one curve per
+    row over w with each point labelled by its w; rows without precision and recall (older evaluations) are left
+    out, and a figure with none says so."""
+    labels = {r["id"]: r["label"] for r in table["rows"]}
+    measured = summary[summary.precision_mean.notna() & summary.recall_mean.notna()]
+    steps = sorted({int(s) for s in measured.steps})
+    columns = min(max(len(steps), 1), 3)
+    rows = -(-max(len(steps), 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(steps):]:
+        ax.axis("off")
+    if not steps:
+        axes[0][0].text(0.5, 0.5, "no precision or recall in these evaluations:\nevaluate again to measure them",
+                        ha="center", va="center", fontsize=8)
+    for i, k in enumerate(steps):
+        ax = axes.flat[i]
+        for row, group in measured[measured.steps == k].groupby("row", sort=False):
+            group = group.sort_values("w")
+            ax.plot(group.recall_mean, group.precision_mean, marker="o", ms=3, label=labels[row])
+            for r in group.itertuples():
+                ax.annotate(f"{r.w:g}", (r.recall_mean, r.precision_mean), fontsize=5, xytext=(2, 2),
+                            textcoords="offset points")
+        ax.set_title(f"{k} step{'s' if k > 1 else ''} (labels: w)", fontsize=8)
+        ax.set_xlabel("recall (k = 3)", fontsize=7)
+        ax.set_ylabel("precision (k = 3), mean over seeds", fontsize=7)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5, loc="lower left")
+    fig.suptitle("Guided distillation: precision against recall over w\n(k = 3, digits classifier features)", fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
