@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) -m tract_repro.launch
 
-.PHONY: setup lock test digits digits-table1 digits-guided digits-sweep bench
+.PHONY: setup lock test digits digits-table1 digits-guided digits-guided-ablations digits-sweep bench
 
 # Installs the pinned environment (requirements.lock), then the project itself without resolving again.
 $(VENV)/.installed: pyproject.toml requirements.lock
@@ -50,6 +50,11 @@ digits: setup
 digits-guided: setup
 	$(REPRO) $(DIGITS_GUIDED)
 	@echo "table: results/guided.md; plots: results/digits/guided.png, results/digits/guided_grids.png"
+
+# The guided stage-2 ablations (clipping inside targets; students started from their teacher), outside the default run.
+digits-guided-ablations: setup
+	$(REPRO) digits_guided_ablations
+	@echo "table: results/guided_ablations.md; plots: results/digits/guided_ablations.png"
 
 # Digits Table 1 alone (BTD vs TRACT with teacher baselines).
 digits-table1: setup

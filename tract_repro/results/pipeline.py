@@ -172,7 +172,8 @@ def build_digits(tables, templates, params):
             cmd=f"python -m tract_repro.results.tables {name}", deps=[f"experiments/{name}.yaml", EVALUATIONS, *deps, *runs],
             metrics=[{f"results/digits/{name}.json": {"cache": False}}],
             outs=[{f"results/{name}.md": {"cache": False}}, {f"results/digits/{name}.png": {"cache": False}},
-                  *([{f"results/digits/{name}_grids.png": {"cache": False}}] if guided else []),
+                  *([{f"results/digits/{name}_grids.png": {"cache": False}},
+                     {f"results/digits/{name}_pr.png": {"cache": False}}] if guided else []),
                   {f"results/digits/{name}_curves.png": {"cache": False}}],
             plots=[{f"results/digits/{name}.csv": {"cache": False, **(dict(x="class_accuracy_mean", y="digits_fd_mean")
                                                                      if guided else dict(x="nfe", y="digits_fd")),
