@@ -204,3 +204,20 @@ def test_guided_run_files_build_the_teachers_network_with_a_null_class_and_a_w_i
     assert counts["teacher"] == base - second_head - old_class_params + (classes + 1) * E + E
     w_branch = C * E + E + E * E + E
     assert counts["stage1"] == counts["tract"] == counts["btd"] == counts["teacher"] + w_branch
+
+
+def test_guided_paper_tables_state_each_rows_training_samples(in_repo):
+    """TRACT and BTD rows side by side with their stage-2 samples: BTD to k steps trains log2(1024/k) halvings of
+    48M, TRACT 1024→32→k two phases of 48M, the stochastic student one halving more than its deterministic chain."""
+    from tract_repro.common.lengths import format_samples, parse_samples
+    from tract_repro.results.experiments import load_tables
+    from tract_repro.results.guided_table import training_samples
+
+    assert all(format_samples(parse_samples(s)) == s for s in ("96M", "1.5M", "200K", "4K", "123"))
+    table = load_tables()["guided_imagenet64"]
+    samples = {row["id"]: training_samples(row["paper_scale"], table) for row in table["rows"]}
+    for k, halvings in ((8, 7), (4, 8), (2, 9)):
+        assert samples[f"btd_{k}steps"] == f"{48 * halvings}M (stage 2)"
+        assert samples[f"btd_stochastic_{k}steps"] == f"{48 * halvings + 48}M (stage 2)"
+        assert samples[f"tract_{k}steps"] == "96M (stage 2)"
+    assert samples["teacher_64"] == "400M" and samples["stage1_64"] == "24M"

@@ -22,3 +22,12 @@ def parse_samples(value):
     if samples != int(samples):
         raise ConfigError(f"sample count {value!r} is not a whole number of samples")
     return int(samples)
+
+
+def format_samples(samples):
+    """The inverse of :func:`parse_samples` for display: '96M', '1.5M', '200K' or '4096' (the largest unit it fits)."""
+    for suffix in ("G", "M", "K"):
+        value = samples / SUFFIXES[suffix]
+        if value >= 1 and value == round(value, 2):
+            return f"{value:g}{suffix}"
+    return str(int(samples))

@@ -392,6 +392,23 @@ def paper_records(table, eval_dir="results/paper/eval"):
     return records
 
 
+def training_samples(spec, table):
+    """Samples a paper-scale row's model was trained on, as text: a stage-2 student's phases up to the one that
+    makes its steps (all of them for a stochastic-sampler student), else the whole run (teacher, stage 1)."""
+    from tract_repro.common.lengths import format_samples
+    from tract_repro.results.experiments import describe_run, paper_bindings
+
+    if not spec:
+        return ""
+    source = dict(spec, **(table.get("paper_runs") or {}).get(spec.get("run"), {})) if spec.get("run") else spec
+    steps, lengths, _, _ = describe_run(source["gin"], paper_bindings(source))
+    if spec.get("run") or spec.get("sampler", "ddim") != "ddim":
+        upto = len(lengths)
+    else:
+        upto = next((p + 1 for p in range(len(lengths)) if steps[p + 1] == spec["steps"]), len(lengths))
+    return format_samples(sum(lengths[:upto])) + ("" if spec.get("run") else " (stage 2)")
+
+
 def render_paper(table, records):
     """results/<table>.md at paper scale: FID and IS per (row, w), beside the paper's values."""
     frame = pd.DataFrame.from_records(records, columns=["row", "w", "sampler", "nfe", "protocol", "fid_mean", "fid_std",
@@ -411,8 +428,10 @@ def render_paper(table, records):
             head = "fid_headline" if metric == "fid" else "is_mean"  # FID: the protocol's headline (EDM: best range)
             shown = [("" if c is None or pd.isna(getattr(c, head)) else
                       _cell(getattr(c, head), getattr(c, f"{metric}_std"), 2)) for c in cells]
-            lines.append([row["label"], paper if metric == "fid" else "", *shown])
-        out += [f"## {title}\n", tabulate(lines, headers=["row", "paper" if metric == "fid" else "",
+            trained = [training_samples(row.get("paper_scale"), table)] if metric == "fid" else []
+            lines.append([row["label"], *trained, paper if metric == "fid" else "", *shown])
+        out += [f"## {title}\n", tabulate(lines, headers=["row", *(["training samples"] if metric == "fid" else []),
+                                                          "paper" if metric == "fid" else "",
                                                           *[f"w = {w:g}" for w in ws]], tablefmt="github"), ""]
     if frame.empty:
         out.append("Nothing measured at paper scale yet: `dvc repro " + table["table"] + "` on a cluster with the data "
@@ -422,6 +441,8 @@ def render_paper(table, records):
         out.append(f"FID (the protocol's headline: the mean, or EDM's best range) ± std and IS mean ± std over 3 seed "
                    f"ranges of {int(frame.samples_per_range.iloc[0]):,} samples ({used}; IS over 10 splits of each "
                    f"range); {len(frame)} of the table's cells measured.")
-    out.append("Paper values: `guided-notes.md` (S: reliable secondary source); unknown cells say so in "
+    out.append("Training samples: a stage-2 student's, from the stage-1 model (trained once, its own row); every row's "
+               "count comes from its gin file and bindings.")
+    out.append("Paper values: `docs/paper-numbers.md` (S: reliable secondary source); unknown cells say so in "
                f"`experiments/{table['table']}.yaml`. Regenerate with `dvc repro {table['table']}`.")
     return "\n".join(out) + "\n"
