@@ -4,8 +4,12 @@
     python benchmarks/digits_overheads.py --only adam startup
 
 Cases (each prints its before and after):
-* ``adam``: one digits step's Adam update, per-parameter loop vs multi-tensor (``adam.foreach``).
-* ``ema``: one EMA update, per-parameter ``lerp_`` loop vs ``torch._foreach_lerp_``.
+* ``step``: the loop's digits TRACT step (``gin/digits_tract.gin``, batch 128, 1 thread; ``Run.step`` +
+  ``Run.after_step``, ``benchmarks/run_step.py``) against its network passes alone: the per-step
+  overhead of batching, random draws, targets, Adam, EMAs and metrics.
+* ``adam``: one digits step's Adam update, per-parameter loop vs multi-tensor (``adam.foreach``), on
+  the student of a digits teacher ``Run`` after one real loop step.
+* ``ema``: one EMA update, per-parameter ``lerp_`` loop vs ``torch._foreach_lerp_``, on the same student.
 * ``startup``: a run's process start (import, config, data, networks, optimiser, first step), as a
   fresh interpreter (submitit's local jobs, the old ``--seeds``) vs forked from a launcher that has
   imported everything (``--seeds`` now).
@@ -38,17 +42,28 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_NET = dict(in_channels=1, resolution=8, channels=16, emb_channels=64, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), norm_groups=8)  # gin/digits/base.gin
+                  num_res_blocks=1, attn_resolutions=(4,), norm_groups=8)  # gin/digits/base.gin, for the sampling case
 
 
 def _digits_student():
-    from tract_repro.networks.unet import UNet
+    """The student of a digits teacher Run (gin/digits_teacher.gin, batch 128) after one loop step: its .grad is set."""
+    import run_step
 
-    torch.manual_seed(0)
-    net = UNet(**DIGITS_NET)
-    x, logsnr = torch.randn(128, 1, 8, 8), torch.randn(128)
-    net(x, logsnr).square().mean().backward()
-    return net
+    with run_step.built_run(["gin/digits_teacher.gin"], run_step.case_bindings(128, 1, "cpu")) as run:
+        run.step(run.controller.enter(run.state))
+        return run.state.student
+
+
+def step_case(steps=10, repeats=5):
+    import run_step
+
+    row = run_step.measure_case("digits_tract", threads=1, device="cpu", steps=steps, repeats=repeats)
+    label = f"digits TRACT step, batch {row['batch']}, 1 thread"
+    blocks = f"median of {repeats} blocks of {steps}"
+    return [(f"{label}: Run.step + after_step", f"{row['ms_per_step']:.1f} ms ({blocks})"),
+            (f"{label}: its network passes alone ({row['network_calls']})", f"{row['passes_ms']:.1f} ms ({blocks})"),
+            (f"{label}: per-step overhead (step − passes)",
+             f"{row['overhead_ms']:.1f} ms ({100 * row['overhead_fraction']:.0f}% of the step)")]
 
 
 def _time(fn, repeats=50):
@@ -251,7 +266,7 @@ def teacher_case(samples=12800):
     return rows
 
 
-CASES = {"adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "pacing": pacing_case,
+CASES = {"step": step_case, "adam": adam_case, "ema": ema_case, "startup": startup_case, "exit": exit_case, "pacing": pacing_case,
          "warm": warm_case, "sampling": sampling_case, "teacher": teacher_case}
 
 

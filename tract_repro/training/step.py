@@ -65,9 +65,3 @@ def apply_update(student, optimizer, loss, lr, grad_clip=1.0, emas=(), world=Non
         ema.update(student)
     return loss, grad_norm
 
-
-def optimisation_step(target, student, optimizer, lr, grad_clip=1.0, reduction="mean", emas=(), autocast=contextlib.nullcontext):
-    """Regress the student on one whole-batch Target in one process: clip the gradient norm, step Adam, update the EMAs."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = backward_share(target, student, None, reduction, autocast)
-    return apply_update(student, optimizer, loss, lr, grad_clip, emas)
