@@ -274,3 +274,21 @@ def test_the_guided_table_shows_the_new_metrics_and_leaves_older_evaluations_bla
     assert "w = 1 (saturated)" in section("Digits Inception Score")  # 9.9 is within 1% of 9.905 (and of 10)
     guided_table.plot(table, summary, tmp_path / "guided.png")
     assert (tmp_path / "guided.png").is_file() and (tmp_path / "guided_pr.png").is_file()
+
+
+def test_comparable_to_the_teacher_needs_fidelity_as_well_as_fd():
+    """A student 'comparable to the teacher' has a digits-FD within the factor of the teacher's AND a fidelity RMSE
+    to the model it distils no larger than the named row's (stage 1's to the teacher) at that w."""
+    import pandas as pd
+
+    from tract_repro.results import guided_table
+
+    rows = [("teacher", 10.0, 0.0), ("stage1", 11.0, 0.10), ("close", 12.0, 0.05), ("far", 12.0, 0.20),
+            ("bad_fd", 30.0, 0.05)]
+    summary = pd.DataFrame([dict(row=r, w=1.0, digits_fd_mean=fd, fidelity_rmse=rmse) for r, fd, rmse in rows])
+    table = dict(ordering=dict(comparable=dict(factor=1.5, fidelity="stage1",
+                                               pairs=[["close", "teacher"], ["far", "teacher"], ["bad_fd", "teacher"]])))
+    held = {c["better"]: c["holds"] for c in guided_table.claims(table, summary)}
+    assert held == {"close": True, "far": False, "bad_fd": False}
+    del table["ordering"]["comparable"]["fidelity"]  # FD alone: the far-from-stage-1 student would pass
+    assert {c["better"]: c["holds"] for c in guided_table.claims(table, summary)}["far"] is True

@@ -127,8 +127,11 @@ def summarise(records):
 
 
 def claims(table, summary):
-    """The paper's claims at every w: ``pairs`` (a lower digits-FD than b) and ``comparable`` (a ≤ factor × b)."""
+    """The paper's claims at every w: ``pairs`` (a lower digits-FD than b) and ``comparable``: a's digits-FD ≤ factor ×
+    b's and, with ``comparable.fidelity`` naming a row r, a as close to the model it distils as r is to its own
+    (a's fidelity RMSE ≤ r's at that w: stage 2's distillation error no larger than the one stage 1 already makes)."""
     fd = {(r.row, r.w): r.digits_fd_mean for r in summary.itertuples()}
+    rmse = {(r.row, r.w): r.fidelity_rmse for r in summary.itertuples()}
     ws = sorted(set(summary.w)) if not summary.empty else []
     ordering = table["ordering"]
     out = []
@@ -137,10 +140,15 @@ def claims(table, summary):
             holds = bool(fd[a, w] < fd[b, w]) if (a, w) in fd and (b, w) in fd else None
             out.append(dict(kind="better", better=a, worse=b, w=w, holds=holds))
     comparable = ordering.get("comparable") or {}
+    bound = comparable.get("fidelity")
     for a, b in comparable.get("pairs", []):
         for w in ws:
             holds = bool(fd[a, w] <= comparable["factor"] * fd[b, w]) if (a, w) in fd and (b, w) in fd else None
-            out.append(dict(kind="comparable", better=a, worse=b, w=w, holds=holds, factor=comparable["factor"]))
+            if bound is not None and holds is not None:
+                known = not (pd.isna(rmse.get((a, w))) or pd.isna(rmse.get((bound, w))))
+                holds = (holds and bool(rmse[a, w] <= rmse[bound, w])) if known else None
+            out.append(dict(kind="comparable", better=a, worse=b, w=w, holds=holds, factor=comparable["factor"],
+                            fidelity=bound))
     return out
 
 
@@ -250,9 +258,19 @@ def render(table, summary, checks, params):
         for (a, b), cs in rows.items():
             marks = ", ".join(f"w {c['w']:g} " + ("✓" if c["holds"] else "✗" if c["holds"] is False else "?") for c in cs)
             relation = f"≤ {cs[0]['factor']}× digits-FD of" if kind == "comparable" else "has a lower digits-FD than"
-            out.append(f"- {labels[a]} {relation} {labels[b]}: {marks}")
+            fidelity = (f", and its fidelity RMSE to the model it distils ≤ {labels[cs[0]['fidelity']]}'s"
+                        if kind == "comparable" and cs[0].get("fidelity") else "")
+            out.append(f"- {labels[a]} {relation} {labels[b]}{fidelity}: {marks}")
     held = [c for c in checks if c["holds"] is not None]
     out += ["", f"{sum(c['holds'] for c in held)} of {len(held)} checks hold (✓ holds, ✗ does not, ? not measured).", ""]
+    references = [(row, (row.get("paper") or {}).get("reference")) for row in table["rows"]]
+    references = [(row, ref) for row, ref in references if ref]
+    if references:
+        out += ["## Published values for reference (not comparable per w)\n",
+                "Quoted for a different data set and an unstated guidance weight, so they sit in no w column:", ""]
+        out += [f"- {row['label']}: {ref['value']} ({ref.get('confidence')}; {ref.get('source')}). {ref.get('note') or ''}"
+                for row, ref in references]
+        out.append("")
     for row in table["rows"]:  # rows evaluated at fewer guidance weights than the table's, and why
         if (row.get("digits") or {}).get("w") is not None:
             out.append(f"{row['label']}: evaluated at w = {', '.join(f'{w:g}' for w in row['digits']['w'])} only. "
