@@ -305,6 +305,6 @@ def test_the_guided_table_trains_stage_1_once_and_evaluates_every_row_at_every_w
     assert {f"results/digits/eval/{stochastic.key}/s1_stochastic_w0.5.json": {"cache": False}} in evals["metrics"]
     assert {f"results/digits/eval/{stochastic.key}/s1_stochastic_w0.5_4steps_w0.5_classes.png": {"cache": False}} in evals["outs"]
     teacher = stages["digits_eval_guided_teacher"]["cmd"]
-    assert any("--steps 1024 64 8 4 2 1 --w 0 " in c for c in teacher) and any("--steps 64 8 4 2 1 --w 0.5 1 2 4 " in c for c in teacher)
+    assert any("--steps 1024 256 64 8 4 2 1 --w 0 " in c for c in teacher) and any("--steps 256 64 8 4 2 1 --w 0.5 1 2 4 " in c for c in teacher)
     table = stages["digits_guided"]
     assert {"results/digits/guided_grids.png": {"cache": False}} in table["outs"]
