@@ -292,3 +292,17 @@ def test_comparable_to_the_teacher_needs_fidelity_as_well_as_fd():
     assert held == {"close": True, "far": False, "bad_fd": False}
     del table["ordering"]["comparable"]["fidelity"]  # FD alone: the far-from-stage-1 student would pass
     assert {c["better"]: c["holds"] for c in guided_table.claims(table, summary)}["far"] is True
+
+
+def test_a_stochastic_students_comparability_is_judged_on_fd_alone():
+    """The stochastic sampler re-noises, so its RMSE to stage 1's samples from the same seeds measures that noise."""
+    import pandas as pd
+
+    from tract_repro.results import guided_table
+
+    summary = pd.DataFrame([dict(row="teacher", w=0.0, digits_fd_mean=10.0, fidelity_rmse=0.0, sampler="ddim"),
+                            dict(row="stage1", w=0.0, digits_fd_mean=11.0, fidelity_rmse=0.1, sampler="ddim"),
+                            dict(row="stochastic", w=0.0, digits_fd_mean=12.0, fidelity_rmse=0.4, sampler="stochastic")])
+    table = dict(ordering=dict(comparable=dict(factor=1.5, fidelity="stage1", pairs=[["stochastic", "teacher"]])))
+    check, = guided_table.claims(table, summary)
+    assert check["holds"] is True and check["fd_only"] and check["fidelity"] is None

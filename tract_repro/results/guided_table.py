@@ -132,6 +132,7 @@ def claims(table, summary):
     (a's fidelity RMSE ≤ r's at that w: stage 2's distillation error no larger than the one stage 1 already makes)."""
     fd = {(r.row, r.w): r.digits_fd_mean for r in summary.itertuples()}
     rmse = {(r.row, r.w): r.fidelity_rmse for r in summary.itertuples()}
+    sampler = {(r.row, r.w): getattr(r, "sampler", "ddim") for r in summary.itertuples()}
     ws = sorted(set(summary.w)) if not summary.empty else []
     ordering = table["ordering"]
     out = []
@@ -144,11 +145,13 @@ def claims(table, summary):
     for a, b in comparable.get("pairs", []):
         for w in ws:
             holds = bool(fd[a, w] <= comparable["factor"] * fd[b, w]) if (a, w) in fd and (b, w) in fd else None
-            if bound is not None and holds is not None:
+            if bound is not None and holds is not None and sampler.get((a, w)) == "ddim":  # a sampler that re-noises
+                # draws other samples from the same seeds: its RMSE measures the noise, not the distillation
                 known = not (pd.isna(rmse.get((a, w))) or pd.isna(rmse.get((bound, w))))
                 holds = (holds and bool(rmse[a, w] <= rmse[bound, w])) if known else None
+            deterministic = sampler.get((a, w), "ddim") == "ddim"
             out.append(dict(kind="comparable", better=a, worse=b, w=w, holds=holds, factor=comparable["factor"],
-                            fidelity=bound))
+                            fidelity=bound if deterministic else None, fd_only=bound is not None and not deterministic))
     return out
 
 
@@ -259,7 +262,9 @@ def render(table, summary, checks, params):
             marks = ", ".join(f"w {c['w']:g} " + ("✓" if c["holds"] else "✗" if c["holds"] is False else "?") for c in cs)
             relation = f"≤ {cs[0]['factor']}× digits-FD of" if kind == "comparable" else "has a lower digits-FD than"
             fidelity = (f", and its fidelity RMSE to the model it distils ≤ {labels[cs[0]['fidelity']]}'s"
-                        if kind == "comparable" and cs[0].get("fidelity") else "")
+                        if kind == "comparable" and cs[0].get("fidelity") else
+                        " (digits-FD only: the sampler re-noises, so its samples are not the model's from the same seeds)"
+                        if kind == "comparable" and cs[0].get("fd_only") else "")
             out.append(f"- {labels[a]} {relation} {labels[b]}{fidelity}: {marks}")
     held = [c for c in checks if c["holds"] is not None]
     out += ["", f"{sum(c['holds'] for c in held)} of {len(held)} checks hold (✓ holds, ✗ does not, ? not measured).", ""]
