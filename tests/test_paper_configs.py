@@ -199,6 +199,7 @@ def test_guided_run_files_build_the_teachers_network_with_a_null_class_and_a_w_i
         assert config.query("train.parameterisation") == "v" and net.num_outputs == 1
         assert config.query("UNet.dropout") == (TEACHER_DROPOUT[dataset] if stage == "teacher" else 0.0)
         assert list(config.query("train.phase_reset") or []) == (["student"] if stage in ("tract", "btd") else [])
+        assert getattr(method, "clip", False) is False  # one rule for guided stage 2: unclipped targets
     C, E = config.query("UNet.channels"), config.query("UNet.emb_channels")
     old_class_params = classes_before * E + E if classes_before > 1 else 0
     assert counts["teacher"] == base - second_head - old_class_params + (classes + 1) * E + E
