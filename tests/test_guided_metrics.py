@@ -272,7 +272,9 @@ def test_the_guided_table_shows_the_new_metrics_and_leaves_older_evaluations_bla
     accuracy = section("Class accuracy")
     assert "w = 1 (saturated)" in accuracy and "w = 0 (saturated)" not in accuracy
     assert "w = 1 (saturated)" in section("Digits Inception Score")  # 9.9 is within 1% of 9.905 (and of 10)
-    guided_table.plot(table, summary, tmp_path / "guided.png")
+    from tract_repro.results import guided_plots
+
+    guided_plots.plot(table, summary, tmp_path / "guided.png")
     assert (tmp_path / "guided.png").is_file() and (tmp_path / "guided_pr.png").is_file()
 
 

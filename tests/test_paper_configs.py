@@ -212,7 +212,7 @@ def test_guided_paper_tables_state_each_rows_training_samples(in_repo):
     48M, TRACT 1024→32→k two phases of 48M, the stochastic student one halving more than its deterministic chain."""
     from tract_repro.common.lengths import format_samples, parse_samples
     from tract_repro.results.experiments import load_tables
-    from tract_repro.results.guided_table import training_samples
+    from tract_repro.results.guided_paper import training_samples
 
     assert all(format_samples(parse_samples(s)) == s for s in ("96M", "1.5M", "200K", "4K", "123"))
     table = load_tables()["guided_imagenet64"]

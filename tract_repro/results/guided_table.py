@@ -13,26 +13,23 @@ pipelines/evaluations.json); this module reads those evaluations and writes
 - ``results/digits/guided.png``: digits-FD against class accuracy and against w, one curve per model, one
   panel per step count (Meng et al.'s FID/IS figure at digits scale);
 - ``results/digits/guided_pr.png``: precision against recall over w, one curve per model, one panel per step
-  count, each point labelled with its w (written by :func:`plot`, beside guided.png);
+  count, each point labelled with its w (:mod:`tract_repro.results.guided_plots`);
 - ``results/digits/guided_grids.png``: samples with one row per class at w = 0, 1, 4.
+
+The pictures are drawn by :mod:`tract_repro.results.guided_plots`, the paper-scale table by
+:mod:`tract_repro.results.guided_paper`.
 """
 import functools
 import json
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from tract_repro.common.files import write_atomic
-from tract_repro.evaluation import protocols
 from tract_repro.evaluation.generate import labels_from_seeds
 from tract_repro.results.experiments import eval_file, read_evaluations
 
-matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
 
 EVAL_DIR = Path("results/digits/eval")
 METRICS = ("digits_fd", "class_accuracy", "digits_is")
@@ -290,182 +287,4 @@ def render(table, summary, checks, params):
                    "an evaluation from before that metric. Paper values: "
                    "`guided-notes.md` §1a (S: a reliable secondary source); every other published guided number is unknown "
                    "here. Regenerate with `dvc repro digits_guided`.")
-    return "\n".join(out) + "\n"
-
-
-def plot(table, summary, path):
-    """One panel per step count, one curve per row over w: digits-FD against class accuracy (Meng et al.'s FID/IS
-    figure at digits scale; top), and digits-FD against w (bottom, where the accuracy saturates).  Also writes
-    ``<stem>_pr.png`` beside it (:func:`plot_precision_recall`)."""
-    labels = {r["id"]: r["label"] for r in table["rows"]}
-    steps = sorted({int(s) for s in summary.steps})
-    fig, axes = plt.subplots(2, len(steps), figsize=(3.2 * len(steps), 6.4), squeeze=False)
-    for col, k in enumerate(steps):
-        top, bottom = axes[0][col], axes[1][col]
-        for row, group in summary[summary.steps == k].groupby("row", sort=False):
-            group = group.sort_values("w")
-            line, = top.plot(group.class_accuracy_mean, group.digits_fd_mean, marker="o", ms=3, label=labels[row])
-            for r in group.itertuples():
-                if r.w in (group.w.min(), group.w.max()):
-                    top.annotate(f"w={r.w:g}", (r.class_accuracy_mean, r.digits_fd_mean), fontsize=5)
-            bottom.errorbar(group.w, group.digits_fd_mean, yerr=group.digits_fd_std.fillna(0), marker="o", ms=3,
-                            capsize=2, color=line.get_color(), label=labels[row])
-        top.set_title(f"{k} step{'s' if k > 1 else ''}", fontsize=8)
-        top.set_xlabel("class accuracy", fontsize=7)
-        bottom.set_xlabel("guidance weight w", fontsize=7)
-        for ax in (top, bottom):
-            ax.set_yscale("log")
-            ax.tick_params(labelsize=6)
-        bottom.legend(fontsize=5)
-    axes[0][0].set_ylabel("digits-FD (log)", fontsize=7)
-    axes[1][0].set_ylabel("digits-FD (log), mean ± std over seeds", fontsize=7)
-    fig.suptitle(f"{table['title']}", fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
-    plt.close(fig)
-    plot_precision_recall(table, summary, Path(path).with_name(f"{Path(path).stem}_pr.png"))
-
-
-def plot_precision_recall(table, summary, path):
-    """Precision against recall (k = 3, the digits classifier's features), one panel per step count, one curve per
-    row over w with each point labelled by its w; rows without precision and recall (older evaluations) are left
-    out, and a figure with none says so."""
-    labels = {r["id"]: r["label"] for r in table["rows"]}
-    measured = summary[summary.precision_mean.notna() & summary.recall_mean.notna()]
-    steps = sorted({int(s) for s in measured.steps})
-    columns = min(max(len(steps), 1), 3)
-    rows = -(-max(len(steps), 1) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(steps):]:
-        ax.axis("off")
-    if not steps:
-        axes[0][0].text(0.5, 0.5, "no precision or recall in these evaluations:\nevaluate again to measure them",
-                        ha="center", va="center", fontsize=8)
-    for i, k in enumerate(steps):
-        ax = axes.flat[i]
-        for row, group in measured[measured.steps == k].groupby("row", sort=False):
-            group = group.sort_values("w")
-            ax.plot(group.recall_mean, group.precision_mean, marker="o", ms=3, label=labels[row])
-            for r in group.itertuples():
-                ax.annotate(f"{r.w:g}", (r.recall_mean, r.precision_mean), fontsize=5, xytext=(2, 2),
-                            textcoords="offset points")
-        ax.set_title(f"{k} step{'s' if k > 1 else ''} (labels: w)", fontsize=8)
-        ax.set_xlabel("recall (k = 3)", fontsize=7)
-        ax.set_ylabel("precision (k = 3), mean over seeds", fontsize=7)
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.02)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=5, loc="lower left")
-    fig.suptitle("Guided distillation: precision against recall over w\n(k = 3, digits classifier features)", fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
-    plt.close(fig)
-
-
-def plot_grids(table, path, rows=("teacher_64", "stage1_64", "btd_4steps", "tract_4steps", "btd_stochastic_4steps"),
-               eval_dir=EVAL_DIR):
-    """Class grids (one row per class) of seed 0, one panel per (row, w) for w = 0, 1, 4."""
-    labels = {r["id"]: r["label"] for r in table["rows"]}
-    found = {(row["id"], w): ev for row, w, ev in evaluations(table)}
-    rows = [r for r in rows if any((r, w) in found for w in GRID_WS)]
-    if not rows:
-        return False
-    fig, axes = plt.subplots(len(rows), len(GRID_WS), figsize=(2.2 * len(GRID_WS), 2.3 * len(rows)), squeeze=False)
-    for i, row in enumerate(rows):
-        for j, w in enumerate(GRID_WS):
-            ax = axes[i][j]
-            ax.axis("off")
-            ev = found.get((row, w))
-            png = None if ev is None else Path(eval_file(ev, 0, root=str(eval_dir)).replace(
-                ".json", f"_{ev['steps']}steps_w{w:g}_classes.png"))
-            if png is not None and png.is_file():
-                ax.imshow(mpimg.imread(png), cmap="gray")
-            ax.set_title(f"{labels[row]}\nw = {w:g}", fontsize=6)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
-    plt.close(fig)
-    return True
-
-
-# ------------------------------------------------------------------------------------ paper scale
-
-def paper_records(table, eval_dir="results/paper/eval"):
-    """One record per (row, w) measured at paper scale: FID and IS, mean ± std over the seed ranges."""
-    from tract_repro.results.experiments import paper_eval_file
-
-    saved = read_evaluations("paper").get(table["table"], {})
-    records = []
-    for row in table["rows"]:
-        for key, evaluation in saved.items():
-            if key.split("@w")[0] != row["id"]:
-                continue
-            path = Path(paper_eval_file(evaluation, root=eval_dir))
-            if not path.is_file():
-                continue
-            metrics = json.loads(path.read_text())
-            hit = [r for r in metrics["results"] if r["steps"] == evaluation["steps"] and r.get("w") == evaluation.get("w")]
-            if hit:
-                r = hit[0]
-                spec = protocols.of_metadata(r) or protocols.get(protocols.DEFAULT)
-                records.append(dict(row=row["id"], w=evaluation.get("w"), sampler=r["sampler"], nfe=r["nfe"],
-                                    protocol=spec.name, fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"],
-                                    fid_headline=spec.headline(r["fid"]), is_mean=r.get("is_mean"),
-                                    is_std=r.get("is_std"), samples_per_range=r["samples_per_range"],
-                                    seed_ranges=r["seed_ranges"], run=metrics["run"], weights_sha256=metrics["weights_sha256"]))
-    return records
-
-
-def training_samples(spec, table):
-    """Samples a paper-scale row's model was trained on, as text: a stage-2 student's phases up to the one that
-    makes its steps (all of them for a stochastic-sampler student), else the whole run (teacher, stage 1)."""
-    from tract_repro.common.lengths import format_samples
-    from tract_repro.results.experiments import describe_run, paper_bindings
-
-    if not spec:
-        return ""
-    source = dict(spec, **(table.get("paper_runs") or {}).get(spec.get("run"), {})) if spec.get("run") else spec
-    steps, lengths, _, _ = describe_run(source["gin"], paper_bindings(source))
-    if spec.get("run") or spec.get("sampler", "ddim") != "ddim":
-        upto = len(lengths)
-    else:
-        upto = next((p + 1 for p in range(len(lengths)) if steps[p + 1] == spec["steps"]), len(lengths))
-    return format_samples(sum(lengths[:upto])) + ("" if spec.get("run") else " (stage 2)")
-
-
-def render_paper(table, records):
-    """results/<table>.md at paper scale: FID and IS per (row, w), beside the paper's values."""
-    frame = pd.DataFrame.from_records(records, columns=["row", "w", "sampler", "nfe", "protocol", "fid_mean", "fid_std",
-                                                        "fid_headline", "is_mean", "is_std", "samples_per_range"])
-    ws = (table.get("paper") or {}).get("w") or []
-    by = {(r.row, float(r.w)): r for r in frame.itertuples()}
-    out = [f"# {table['title']}\n",
-           "Guidance: x̂^w = (1 + w)·x̂(x_t, c) − w·x̂(x_t, ∅), w = 0 conditional (a guidance scale s = 1 + w elsewhere); "
-           "the guided teacher is counted as 2 NFE a step.\n",
-           f"Paper setting: {table['paper']['setting']}.  \nPaper claim: {table['ordering']['claim']}.\n"]
-    for metric, title in (("fid", "FID (lower is better)"), ("is", "Inception Score (higher is better)")):
-        lines = []
-        for row in table["rows"]:
-            p = row.get("paper") or {}
-            paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')})"
-            cells = [by.get((row["id"], float(w))) for w in ws]
-            head = "fid_headline" if metric == "fid" else "is_mean"  # FID: the protocol's headline (EDM: best range)
-            shown = [("" if c is None or pd.isna(getattr(c, head)) else
-                      _cell(getattr(c, head), getattr(c, f"{metric}_std"), 2)) for c in cells]
-            trained = [training_samples(row.get("paper_scale"), table)] if metric == "fid" else []
-            lines.append([row["label"], *trained, paper if metric == "fid" else "", *shown])
-        out += [f"## {title}\n", tabulate(lines, headers=["row", *(["training samples"] if metric == "fid" else []),
-                                                          "paper" if metric == "fid" else "",
-                                                          *[f"w = {w:g}" for w in ws]], tablefmt="github"), ""]
-    if frame.empty:
-        out.append("Nothing measured at paper scale yet: `dvc repro " + table["table"] + "` on a cluster with the data "
-                   "(README, Paper scale).")
-    else:
-        used = "; ".join(f"FID protocol {p}: {protocols.get(p).description}" for p in sorted(set(frame["protocol"])))
-        out.append(f"FID (the protocol's headline: the mean, or EDM's best range) ± std and IS mean ± std over 3 seed "
-                   f"ranges of {int(frame.samples_per_range.iloc[0]):,} samples ({used}; IS over 10 splits of each "
-                   f"range); {len(frame)} of the table's cells measured.")
-    out.append("Training samples: a stage-2 student's, from the stage-1 model (trained once, its own row); every row's "
-               "count comes from its gin file and bindings.")
-    out.append("Paper values: `docs/paper-numbers.md` (S: reliable secondary source); unknown cells say so in "
-               f"`experiments/{table['table']}.yaml`. Regenerate with `dvc repro {table['table']}`.")
     return "\n".join(out) + "\n"

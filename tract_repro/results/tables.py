@@ -252,7 +252,7 @@ def read_paper_scale(name):
 
 def write_guided(name, table):
     """A table evaluated at guidance weights (experiments/guided.yaml): :mod:`tract_repro.results.guided_table`."""
-    from tract_repro.results import guided_table
+    from tract_repro.results import guided_plots, guided_table
 
     records = guided_table.scores(table)
     summary = guided_table.summarise(records)
@@ -264,8 +264,8 @@ def write_guided(name, table):
     write_text(f"results/digits/{name}.csv", summary.to_csv(index=False))
     write_json(f"results/digits/{name}.json", dict(rows=json.loads(summary.to_json(orient="records")), checks=checks))
     if not summary.empty:
-        guided_table.plot(table, summary, f"results/digits/{name}.png")
-        guided_table.plot_grids(table, f"results/digits/{name}_grids.png")
+        guided_plots.plot(table, summary, f"results/digits/{name}.png")
+        guided_plots.plot_grids(table, f"results/digits/{name}_grids.png")
     first = {}
     for row, _, evaluation in guided_table.evaluations(table):
         first.setdefault(row["id"], evaluation)
@@ -293,11 +293,11 @@ def main(argv=None):
             write_guided(name, table)
             continue
         if (table.get("paper") or {}).get("w") is not None and paper_mode:  # guided distillation at paper scale
-            from tract_repro.results import guided_table
+            from tract_repro.results import guided_paper
 
-            records = guided_table.paper_records(table)
+            records = guided_paper.paper_records(table)
             write_json(f"results/paper/{name}.json", dict(rows=records), ensure_ascii=False)
-            write_text(f"results/{name}.md", guided_table.render_paper(table, records))
+            write_text(f"results/{name}.md", guided_paper.render_paper(table, records))
             print(f"results/{name}.md: {len(records)} (row, w) cells measured at paper scale")
             continue
         scores = digits_scores(table)
