@@ -47,7 +47,7 @@ def train(workdir, pace=None, config_text=None, **options):
     share phases between runs).  With WORLD_SIZE > 1 in the environment each process trains on its
     slice of the global batch.  Ctrl-C or SIGTERM stops the run at the next step boundary with a checkpoint.
     """
-    o = Options(workdir=workdir, pace=pace, config_text=config_text, **options).check()
+    o = Options(workdir=workdir, pace=pace, config_text=config_text, **options)  # checked by Run
     if o.device is None:
         o.device = Device()
     with distributed.process_group(o.device) as world:
