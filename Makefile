@@ -11,13 +11,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -r requirements.lock
-	$(VENV)/bin/pip install --no-deps -e '.[test,tensorboard,export]'
+	$(VENV)/bin/pip install --no-deps -e '.[test,tensorboard,export,latent]'
 	touch $@
 
 # Re-pin requirements.lock from an unpinned resolution of pyproject.toml (then run `make test`).
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
-	.lock-venv/bin/pip install -q -e '.[test,tensorboard,export]'
+	.lock-venv/bin/pip install -q -e '.[test,tensorboard,export,latent]'
 	{ sed -n '1,4p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
