@@ -203,8 +203,8 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
     if "noise_floor" in summary.attrs:
         lines.append(f"digits-FD noise floor (two halves of the real set): {summary.attrs['noise_floor']:.2f}; "
                      f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
-    lines.append("Confidence letters and sources are those of `paper-numbers.md` (P primary, S secondary, "
-                 "M medium, U unverified). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale)"
+    lines.append("Confidence letters and sources are those of `docs/paper-numbers.md` (P primary, S reliable secondary, "
+                 "M machine-generated secondary, U uncertain). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale)"
                  + (" or `dvc repro " + table["table"] + "` (paper scale)." if any(r.get("paper_scale") for r in table["rows"])
                     else "."))
     return "\n".join(lines) + "\n"
