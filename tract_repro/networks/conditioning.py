@@ -5,35 +5,10 @@ every denoiser call and slice it (``cond[rows]``) where they call the denoiser o
 Only the denoisers and networks read its fields.  A new conditioning input is a named per-sample
 tensor in ``extra`` (the PD UNet embeds each name declared in its ``extra_conditions``, like the
 time input); the plumbing between the data and the network stays as it is.
+
+Defined in :mod:`tract_repro.common.conditioning` (data sets, a layer below, make a Cond too) and
+re-exported here, where the networks and everything above import it.
 """
-from dataclasses import dataclass, field
-from typing import Mapping
+from tract_repro.common.conditioning import NULL_LABEL, Cond, as_cond
 
-import torch
-
-#: The class label of the null class ∅ ("no class"): a teacher trained with label dropout predicts the
-#: unconditional x̂(x_t, ∅) for it (method-spec §7).
-NULL_LABEL = -1
-
-
-@dataclass(frozen=True)
-class Cond:
-    """Per-sample conditioning: class ``labels`` (B,) or None, and named ``extra`` tensors, each (B,)."""
-
-    labels: torch.Tensor | None = None
-    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)
-
-    def __getitem__(self, rows):
-        """The conditioning of the samples ``rows`` (a mask, an index tensor or a slice)."""
-        return Cond(None if self.labels is None else self.labels[rows], {k: v[rows] for k, v in self.extra.items()})
-
-    def to(self, device):
-        return Cond(None if self.labels is None else self.labels.to(device),
-                    {k: v.to(device) for k, v in self.extra.items()})
-
-
-def as_cond(cond):
-    """A :class:`Cond` from a Cond, a tensor of class labels, or None (nothing)."""
-    if isinstance(cond, Cond):
-        return cond
-    return Cond(labels=cond)
+__all__ = ["NULL_LABEL", "Cond", "as_cond"]
