@@ -1,0 +1,120 @@
+"""A latent data set: the shards ``python -m tract_repro.encode_latents`` wrote, memory-mapped.
+
+The interface of :class:`~tract_repro.data.arrays.ImageArrays` (``len``, ``shape``, ``num_classes``,
+``name``, ``batch``), except that ``batch`` returns ``(x, cond)``: x the latents z (float64), cond a
+:class:`~tract_repro.common.conditioning.Cond` with ``labels`` (B,) int64 (the class labels of a
+class-conditional encoding, zeros otherwise) and, for a text-conditioned one, ``extra["text"]`` (B, L, D)
+float32 caption embeddings.  A decoder recovers the VAE's latent as z / scaling_factor (+ shift_factor).
+"""
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+
+from tract_repro.common.conditioning import Cond
+from tract_repro.common.errors import ConfigError
+from tract_repro.data import latent_store as store
+
+ENCODE = "python -m tract_repro.encode_latents --model MODEL --source SRC --out {folder}"
+
+
+class LatentArrays:
+    """Encoded latents, labels and caption embeddings read from memory-mapped ``.npy`` shards."""
+
+    hflip = False  # a latent is not flipped: the flip of z is not the latent of the flipped image
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        manifest = store.read_manifest(self.folder)
+        if manifest is None:
+            raise ConfigError(f"no latents in {self.folder} ({store.MANIFEST} missing): encode them first with "
+                              + ENCODE.format(folder=self.folder))
+        total = store.num_shards(manifest["count"], manifest["shard_size"])
+        done = store.complete_shards(self.folder, manifest)
+        if done < total:
+            raise ConfigError(f"the encoding in {self.folder} is incomplete ({done} of {total} shards): run the "
+                              "same python -m tract_repro.encode_latents command again to finish it")
+        self.manifest = manifest
+        self.num_classes = int(manifest["num_classes"])
+        self.scaling_factor = float(manifest["scaling_factor"])
+        self.shift_factor = manifest.get("shift_factor")
+        self.text = manifest["text"] is not None
+        self.name = f"latents-{self.folder.name}"
+        self._maps = {}
+
+    def __len__(self):
+        return int(self.manifest["count"])
+
+    @property
+    def shape(self):
+        return tuple(self.manifest["latent_shape"])
+
+    def __getstate__(self):  # memory maps are reopened, not pickled, in another process
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _maps={})
+
+    def _shard(self, kind, k):
+        """Shard k's ``kind`` array, memory-mapped (opened once)."""
+        if (kind, k) not in self._maps:
+            array = np.load(self.folder / store.shard_file(kind, k), mmap_mode="r", allow_pickle=False)
+            first, stop = store.shard_rows(self.manifest, k)
+            if array.shape[0] != stop - first:
+                raise ConfigError(f"{self.folder / store.shard_file(kind, k)} has {array.shape[0]} rows, not "
+                                  f"{stop - first}: encode {self.folder} again")
+            self._maps[kind, k] = array
+        return self._maps[kind, k]
+
+    def _rows(self, kind, idx):
+        """Rows ``idx`` (int64 array) of every shard's ``kind`` array, gathered per shard: (len(idx), …)."""
+        size = self.manifest["shard_size"]
+        shard, offset = np.divmod(idx, size)
+        template = self._shard(kind, 0)
+        out = np.empty((len(idx), *template.shape[1:]), dtype=template.dtype)
+        for k in np.unique(shard):
+            where = shard == k
+            out[where] = self._shard(kind, int(k))[offset[where]]
+        return out
+
+    def _indices(self, idx):
+        idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for {n} latents: {idx.min()}..{idx.max()}")
+        return np.where(idx < 0, idx + n, idx)
+
+    def cond(self, idx):
+        """The :class:`Cond` of samples ``idx``: labels (zeros unless class-conditional) and caption embeddings."""
+        idx = self._indices(idx)
+        if self.manifest["conditioning"] == "class":
+            labels = torch.from_numpy(self._rows("labels", idx).astype(np.int64))
+        else:
+            labels = torch.zeros(len(idx), dtype=torch.long)
+        extra = {}
+        if self.text:
+            extra["text"] = torch.from_numpy(self._rows("text", idx).astype(np.float32))
+        return Cond(labels, extra)
+
+    def batch(self, idx, generator=None):
+        """(z float64 (B, C, h, w), cond) for data set indices ``idx``; ``generator`` is unused (no augmentation)."""
+        idx = self._indices(idx)
+        x = torch.from_numpy(self._rows("latents", idx).astype(np.float64))
+        return x, self.cond(idx)
+
+    def null_text(self):
+        """The empty prompt's embedding ∅ (L, D) float32, or None for an encoding without text."""
+        if not self.text:
+            return None
+        return torch.from_numpy(np.load(self.folder / store.NULL_TEXT, allow_pickle=False).astype(np.float32))
+
+    def grid_cond(self, n):
+        """The :class:`Cond` of samples 0, 1, …, n − 1 (cycling past N): training-time sample grids."""
+        return self.cond(np.arange(n) % len(self))
+
+
+@gin.configurable
+def latents(folder="data/latents"):
+    """The latent data set encoded into ``folder`` (see :class:`LatentArrays`)."""
+    return LatentArrays(folder)
