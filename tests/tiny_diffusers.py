@@ -7,6 +7,7 @@ load the folders through the same code paths a user's Stable Diffusion folder go
 ``stable_diffusion_folder(path)``: a text-to-image folder (``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``), safetensors weights.  ``class_conditional_folder(path)``:
 the same without the text components, a UNet with ``num_class_embeds`` (one row more for the null class).
+``clip_folder(path)``: a CLIP model folder as ``CLIPModel``/``CLIPProcessor.save_pretrained`` write one (16×16 images).
 """
 import json
 from pathlib import Path
@@ -121,4 +122,23 @@ def class_conditional_folder(path, num_classes=10, prediction_type="epsilon"):
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "DDIMScheduler"]}
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def clip_folder(path, seed=0, image_size=IMAGE_SIZE):
+    """A tiny CLIP folder: ``CLIPModel`` (ViT on image_size² images in 8² patches, width 16, projection 16), the
+    generated tokenizer and a ``CLIPImageProcessor`` resizing and cropping to image_size, all with ``save_pretrained``."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    path = Path(path)
+    tokenizer = write_tokenizer(path)
+    text = text_encoder(len(tokenizer)).config
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+                              num_attention_heads=2, num_hidden_layers=2, projection_dim=TEXT_WIDTH)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_WIDTH))
+    model.eval().save_pretrained(path, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(path)
     return path
