@@ -10,6 +10,7 @@ import tract_repro.data.digits  # noqa: F401
 import tract_repro.data.imagenet64  # noqa: F401
 import tract_repro.diffusion.edm  # noqa: F401
 import tract_repro.methods  # noqa: F401
+import tract_repro.networks.diffusers_net  # noqa: F401  (diffusers_network; diffusers itself is imported when called)
 import tract_repro.networks.edm_unets  # noqa: F401
 import tract_repro.networks.unet  # noqa: F401
 import tract_repro.training.loop  # noqa: F401

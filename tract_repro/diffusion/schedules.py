@@ -182,7 +182,8 @@ def diffusers_schedule(folder=gin.REQUIRED):
     return DiscreteSchedule.from_diffusers_config(folder)
 
 
-def _scheduler_config_path(folder):
+def scheduler_config_path(folder):
+    """The scheduler config of a diffusers folder (its scheduler/scheduler_config.json), its scheduler/, or the file."""
     path = Path(folder)
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path):
         if candidate.is_file():
@@ -193,7 +194,7 @@ def _scheduler_config_path(folder):
 
 def diffusers_schedule_arguments(folder):
     """:class:`DiscreteSchedule`'s arguments from a diffusers scheduler config; one line for what it cannot represent."""
-    path = _scheduler_config_path(folder)
+    path = scheduler_config_path(folder)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

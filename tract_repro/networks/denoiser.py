@@ -31,15 +31,21 @@ class VPDenoiser(nn.Module):
                 f"got {outputs}: set UNet.num_outputs = {expected}")
 
     @property
+    def num_classes(self):
+        return getattr(self.net, "num_classes", 1)
+
+    @property
     def conditional(self):
-        return getattr(self.net, "num_classes", 1) > 1
+        """Whether labels reach the network: a class-conditional network, or one that says so (a text model)."""
+        return getattr(self.net, "conditional", getattr(self.net, "num_classes", 1) > 1)
 
     def forward(self, x_t, logsnr, cond=None):
         cond = as_cond(cond)
         alpha, sigma = self.schedule.alpha_sigma(logsnr)
         alpha, sigma = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         extra = {"cond": {k: v.float() for k, v in cond.extra.items()}} if cond.extra else {}
-        out = self.net(x_t.float(), logsnr.float(), cond.labels if self.conditional else None, **extra)
+        logsnr_in = logsnr.to(getattr(self.net, "logsnr_dtype", torch.float32))  # float64 for a net that asks
+        out = self.net(x_t.float(), logsnr_in, cond.labels if self.conditional else None, **extra)
         if x_t.dtype != torch.float64:  # float32 targets (Device.precision): α and σ rounded last
             alpha, sigma = alpha.to(x_t.dtype), sigma.to(x_t.dtype)
         return self._to_x(x_t, out.to(x_t.dtype), alpha, sigma)
@@ -56,4 +62,9 @@ def build_denoiser(net, schedule, parameterisation):
         return EDMDenoiser(net)
     if process != "vp":
         raise ConfigError(f"a {type(schedule).__name__} (VE) schedule needs train.parameterisation = 'edm', got {parameterisation!r}")
+    own = getattr(net, "schedule", None)  # a network trained on a schedule of its own (a diffusers teacher)
+    if own is not None and own != schedule:
+        made = repr(schedule) if type(schedule).__repr__ is not object.__repr__ else type(schedule).__name__
+        raise ConfigError(f"the network was trained on {own!r} but train.schedule makes {made}: bind "
+                          f"train.schedule = @diffusers_schedule with diffusers_schedule.folder = the model's folder")
     return VPDenoiser(net, schedule, parameterisation)

@@ -1,0 +1,326 @@
+"""diffusers teachers behind the project's network interface: F(x_t, λ, labels, cond) of a UNet2DConditionModel
+(text-to-image, or class-conditional through ``num_class_embeds``) or a DiT (``DiTTransformer2DModel``,
+``Transformer2DModel`` with ada_norm_zero).
+
+The network is fed the fractional timestep τ = schedule.timestep(λ) of the teacher's own
+:class:`~tract_repro.diffusion.schedules.DiscreteSchedule` (λ arrives in float64), and its output is what the
+denoiser's parameterisation reads (ε for Stable Diffusion, v after Meng et al.'s v fine-tune); a DiT's learned-σ
+channels are dropped.  Conditioning: ``labels`` (B,) and, for a text model, ``cond['text']`` (B, L, D), the CLIP
+text encoder's ``last_hidden_state`` of each caption.  The label ``NULL_LABEL`` (−1) means ∅: a text model
+then gets the empty prompt's embedding (``empty_text``, a buffer saved with the weights, computed once from the
+folder's own tokenizer and text encoder, padded to their maximum length: Stable Diffusion's convention), a
+class model its null class (the last of a UNet's ``num_class_embeds`` rows; a DiT's row ``num_classes``).  So
+label dropout and the guided denoiser work on these networks as on the PD UNet.
+
+Nothing here is read above ``networks/``: the loop, methods and samplers see a network like any other.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import gin
+import torch
+from torch import nn
+
+from tract_repro.common.errors import ConfigError
+from tract_repro.diffusion.schedules import DiscreteSchedule
+from tract_repro.networks.conditioning import NULL_LABEL
+
+#: the diffusers classes this adapter wraps, and the model_index.json component that holds each
+MODELS = {"UNet2DConditionModel": "unet", "DiTTransformer2DModel": "transformer", "Transformer2DModel": "transformer"}
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+HUB_HINT = "e.g. `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir {folder}`"
+
+
+class DiffusersNet(nn.Module):
+    """F(x_t, λ, labels, cond) = model(x_t, τ(λ), context)[:, :in_channels] for a diffusers ``model``.
+
+    ``schedule``: the teacher's DiscreteSchedule (λ → τ).  ``empty_text`` (1, L, D): the empty prompt's
+    embedding, for a text model (a UNet without class embeddings); None for a class model.
+    """
+
+    #: the denoiser passes λ in float64, so τ is exact at the trained timesteps
+    logsnr_dtype = torch.float64
+    num_outputs = 1
+    extra_conditions = ()
+
+    def __init__(self, model, schedule, empty_text=None, gradient_checkpointing=False):
+        super().__init__()
+        name = type(model).__name__
+        if name not in MODELS:
+            raise ConfigError(f"diffusers_network wraps {', '.join(MODELS)}, got {name}")
+        config = model.config
+        self.model, self.schedule = model, schedule
+        self.in_channels = int(config.in_channels)
+        self.is_unet = name == "UNet2DConditionModel"
+        if self.is_unet:
+            for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"):
+                if config.get(key) is not None:
+                    raise ConfigError(f"this UNet has {key} = {config.get(key)!r} (SDXL-style or other added "
+                                      f"conditioning), which diffusers_network does not feed: use an SD 1.x/2.x-style "
+                                      f"UNet2DConditionModel")
+            classes = config.get("num_class_embeds")
+            self.text = classes is None
+            self.num_classes = 1 if self.text else int(classes) - 1  # the last row is the null class ∅
+            self.has_null = not self.text
+        else:
+            if config.get("norm_type") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
+                raise ConfigError(f"{name} is wrapped as a class-conditional DiT (norm_type 'ada_norm_zero', "
+                                  f"num_embeds_ada_norm classes); got norm_type {config.get('norm_type')!r}")
+            self.text, self.num_classes = False, int(config.num_embeds_ada_norm)
+            self.has_null = self._label_dropout_off()
+        if self.text:
+            if empty_text is None:
+                raise ConfigError("a text-to-image UNet needs the empty prompt's embedding for ∅: load it from a "
+                                  "diffusers folder with tokenizer/ and text_encoder/ (diffusers_network.folder), or "
+                                  "set diffusers_network.empty_text_from to one")
+            if empty_text.shape[-1] != config.cross_attention_dim:
+                raise ConfigError(f"the text encoder's hidden_size {empty_text.shape[-1]} is not the UNet's "
+                                  f"cross_attention_dim {config.cross_attention_dim}: use the text encoder the UNet "
+                                  f"was trained with")
+            self.register_buffer("empty_text", empty_text.detach().float().reshape(1, *empty_text.shape[-2:]))
+        self.conditional = self.text or self.num_classes > 1
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        check_sdpa(model)
+
+    def _label_dropout_off(self):
+        """Switch off a DiT's own label dropout (∅ is the caller's: TeacherTraining.p_uncond); whether it has a null row."""
+        from diffusers.models.embeddings import LabelEmbedding
+
+        null = False
+        for module in self.model.modules():
+            if isinstance(module, LabelEmbedding):
+                null = module.embedding_table.num_embeddings > self.num_classes
+                module.dropout_prob = 0.0
+        return null
+
+    def forward(self, x, logsnr, labels=None, cond=None):
+        cond = dict(cond or {})
+        unknown = set(cond) - ({"text"} if self.text else set())
+        if unknown:
+            raise ConfigError(f"this diffusers network takes {'text' if self.text else 'class labels'}, not "
+                              f"{sorted(unknown)}")
+        tau = self.schedule.timestep(logsnr).float()
+        n = x.shape[0]
+        if self.text:
+            out = self.model(x, tau, encoder_hidden_states=self.context(labels, cond.get("text"), n), return_dict=False)[0]
+        elif self.is_unet:  # a class model's cross-attention, if any, attends to one zero token
+            context = x.new_zeros(n, 1, self.model.config.cross_attention_dim)
+            out = self.model(x, tau, encoder_hidden_states=context, class_labels=self.class_index(labels),
+                             return_dict=False)[0]
+        else:
+            out = self.model(x, timestep=tau, class_labels=self.class_index(labels), return_dict=False)[0]
+        return out[:, :self.in_channels]  # a DiT's learned-σ channels dropped
+
+    def context(self, labels, text, n):
+        """The text embeddings (B, L, D): each caption's, or the empty prompt's where the label is ∅ (or no text)."""
+        empty = self.empty_text.expand(n, -1, -1)
+        if text is None:
+            if labels is not None and bool((labels != NULL_LABEL).any()):
+                raise ConfigError("this text-to-image network needs caption embeddings cond.extra['text'] (B, L, D) "
+                                  "for every sample whose label is not ∅ (−1): use a data set with captions")
+            return empty
+        if tuple(text.shape[1:]) != tuple(empty.shape[1:]):
+            raise ConfigError(f"caption embeddings of shape {tuple(text.shape[1:])} given to a UNet whose empty "
+                              f"prompt is {tuple(empty.shape[1:])}: encode captions with the model's own text "
+                              f"encoder, padded to its maximum length")
+        if labels is None:
+            return text
+        return torch.where((labels == NULL_LABEL).view(-1, 1, 1), empty.to(text.dtype), text)
+
+    def class_index(self, labels):
+        """Class labels as the model's embedding rows, ∅ (−1) as its null class (row num_classes)."""
+        if labels is None:
+            raise ConfigError(f"this diffusers network is class-conditional ({self.num_classes} classes): labels are "
+                              f"required")
+        labels = labels.long()
+        null = labels == NULL_LABEL
+        if not self.has_null and bool(null.any()):
+            raise ConfigError("this DiT has no null class ∅ (it was built without label dropout): it cannot predict "
+                              "x̂(x_t, ∅)")
+        return torch.where(null, torch.full_like(labels, self.num_classes), labels)
+
+
+def check_sdpa(model):
+    """Every attention layer runs PyTorch's scaled_dot_product_attention (diffusers' default processor)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    other = {type(m.processor).__name__ for m in model.modules() if isinstance(m, Attention)
+             and not isinstance(m.processor, AttnProcessor2_0)}
+    if other:
+        raise ConfigError(f"attention processors {sorted(other)} are set where diffusers' default AttnProcessor2_0 "
+                          f"(scaled_dot_product_attention) is expected: use torch ≥ 2 and leave the processors as "
+                          f"diffusers sets them")
+
+
+@gin.configurable
+def diffusers_network(folder=None, config=None, empty_text_from=None, schedule=None, gradient_checkpointing=False):
+    """The network of a local diffusers ``folder`` (its pretrained weights, scheduler and, for a text model, the
+    empty prompt from its tokenizer and text encoder), or a fresh one from a ``config`` dict (its ``_class_name``,
+    UNet2DConditionModel by default; ``schedule`` a DiscreteSchedule, ``empty_text_from`` a folder with tokenizer/
+    and text_encoder/ for a text model).  ``gradient_checkpointing``: diffusers' own."""
+    if (folder is None) == (config is None):
+        raise ConfigError("diffusers_network needs exactly one of folder (a local diffusers folder) and config "
+                          "(a model config dict, to train from scratch)")
+    if folder is not None:
+        return load_folder(folder, empty_text_from, gradient_checkpointing)
+    return from_config(config, empty_text_from, DiscreteSchedule() if schedule is None else schedule,
+                       gradient_checkpointing)
+
+
+def from_config(config, empty_text_from, schedule, gradient_checkpointing=False):
+    """A freshly initialised :class:`DiffusersNet` from a model config dict (``_class_name`` picks the class)."""
+    config = dict(config)
+    cls = model_class(config.pop("_class_name", "UNet2DConditionModel"), "diffusers_network.config")
+    model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    empty = None
+    if cls.__name__ == "UNet2DConditionModel" and config.get("num_class_embeds") is None and empty_text_from is not None:
+        check_text_encoder(Path(empty_text_from), model.config)
+        empty = empty_prompt(Path(empty_text_from))
+    return DiffusersNet(model, schedule, empty, gradient_checkpointing)
+
+
+def model_class(name, where):
+    import diffusers
+
+    if name not in MODELS:
+        raise ConfigError(f"{where} names {name!r}: diffusers_network wraps {', '.join(MODELS)}")
+    return getattr(diffusers, name)
+
+
+def read_config(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def folder_layout(folder):
+    """(component, model class name, model config) of a diffusers folder, checked before any weights are read."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        single = sorted(p.name for p in folder.glob("*") if p.suffix in (".ckpt", ".safetensors", ".bin", ".pt"))
+        found = f" (single-file checkpoints such as {single[0]} are not read)" if single else ""
+        raise ConfigError(f"{folder} is not a diffusers folder: it has no model_index.json{found}; fetch the model's "
+                          f"diffusers layout (model_index.json, unet/ or transformer/, scheduler/, vae/, and "
+                          f"text_encoder/ with tokenizer/ for a text model) into {folder}, {HUB_HINT.format(folder=folder)}")
+    index = read_config(folder / "model_index.json")
+    found = [(key, value[1]) for key, value in index.items() if isinstance(value, list) and len(value) == 2
+             and value[1] in MODELS and MODELS[value[1]] == key]
+    if not found:
+        raise ConfigError(f"{folder}/model_index.json lists no {' or '.join(MODELS)} under unet or transformer: "
+                          f"diffusers_network needs a UNet or DiT pipeline folder")
+    component, name = found[0]
+    config = read_config(folder / component / "config.json")
+    vae = folder / "vae" / "config.json"
+    if "vae" in index and vae.is_file():
+        latent = read_config(vae).get("latent_channels")
+        if latent is not None and latent != config.get("in_channels"):
+            raise ConfigError(f"{folder}: the VAE's latent_channels = {latent} but the {component} takes in_channels = "
+                              f"{config.get('in_channels')}: fetch the VAE this model was trained with into {folder / 'vae'}")
+    return component, name, config
+
+
+def weights_file(folder):
+    """The safetensors weights of a diffusers folder's UNet or DiT (or a pickle that loads with weights_only=True)."""
+    component, _, _ = folder_layout(folder)
+    directory = Path(folder) / component
+    for path in (directory / WEIGHTS, directory / f"{WEIGHTS}.index.json"):  # one file, or shards and their index
+        if path.is_file():
+            return path
+    variants = sorted(directory.glob("*.safetensors"))
+    if variants:
+        raise ConfigError(f"{directory} holds {variants[0].name} but not {WEIGHTS}: fetch the float32 weights "
+                          f"{WEIGHTS} into {directory}")
+    pickles = sorted(p for p in directory.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    if not pickles:
+        raise ConfigError(f"{directory} has no weights: fetch {WEIGHTS} into {directory}")
+    try:
+        torch.load(pickles[0], map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (any refusal of the safe loader is the same fault for the user)
+        raise ConfigError(f"{pickles[0]} is a pickle that torch.load(weights_only=True) refuses (it could run code): "
+                          f"fetch {WEIGHTS} into {directory}") from None
+    return pickles[0]
+
+
+def load_folder(folder, empty_text_from=None, gradient_checkpointing=False):
+    """The :class:`DiffusersNet` of a diffusers folder, with its pretrained weights; one line for what does not fit."""
+    folder = Path(folder)
+    component, name, config = folder_layout(folder)
+    text = name == "UNet2DConditionModel" and config.get("num_class_embeds") is None
+    source = Path(empty_text_from) if empty_text_from is not None else folder
+    if text:
+        check_text_encoder(source, config)
+    schedule = DiscreteSchedule.from_diffusers_config(folder)
+    path = weights_file(folder)
+    cls = model_class(name, str(folder / component / "config.json"))
+    if path.name.startswith(WEIGHTS):
+        lazy = importlib.util.find_spec("accelerate") is not None  # diffusers warns when it cannot load lazily
+        model = cls.from_pretrained(folder, subfolder=component, use_safetensors=True, low_cpu_mem_usage=lazy)
+    else:  # a pickle that the safe loader has accepted
+        model = cls.from_config(cls.load_config(folder / component))
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except RuntimeError:
+            raise ConfigError(f"{path} does not fit {folder / component / 'config.json'} (older key names?): fetch "
+                              f"{WEIGHTS} into {folder / component}") from None
+    model.eval()
+    return DiffusersNet(model, schedule, empty_prompt(source) if text else None, gradient_checkpointing)
+
+
+def check_text_encoder(folder, unet_config):
+    """A text model's folder has a tokenizer and a text encoder whose width is the UNet's cross_attention_dim."""
+    encoder = folder / "text_encoder" / "config.json"
+    if not encoder.is_file() or not (folder / "tokenizer").is_dir():
+        raise ConfigError(f"{folder} has no text_encoder/ and tokenizer/ to compute the empty prompt's embedding ∅ of "
+                          f"this text-to-image UNet: fetch them into {folder}, or set diffusers_network.empty_text_from "
+                          f"to a folder that has them")
+    width = read_config(encoder).get("hidden_size")
+    if width != unet_config.get("cross_attention_dim"):
+        raise ConfigError(f"{folder}: the text encoder's hidden_size = {width} but the UNet's cross_attention_dim = "
+                          f"{unet_config.get('cross_attention_dim')}: fetch the text encoder this UNet was trained with")
+
+
+@torch.no_grad()
+def empty_prompt(folder):
+    """The empty prompt's CLIP embedding (1, L, D): ``last_hidden_state`` of "" padded to the tokenizer's max length."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).eval()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer and text encoder of {folder} ({' '.join(str(exc).split())[:200]}): "
+                          f"fetch tokenizer/ and text_encoder/model.safetensors into {folder}") from None
+    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids).last_hidden_state.float()
+
+
+#: diffusers' prediction_type → the parameterisation of the denoiser contract
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
+
+
+def folder_of(path):
+    """The diffusers folder whose UNet or DiT weights ``path`` is, or None."""
+    path = Path(path)
+    folder = path.parent.parent
+    if path.parent.name in set(MODELS.values()) and (folder / "model_index.json").is_file():
+        return folder
+    return None
+
+
+def folder_process(folder):
+    """The parameterisation (from the scheduler's prediction_type) and noise schedule a diffusers model was trained with."""
+    from tract_repro.diffusion.schedules import scheduler_config_path
+
+    prediction = read_config(scheduler_config_path(folder)).get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise ConfigError(f"{folder}: prediction_type {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+    return dict(parameterisation=PREDICTIONS[prediction], noise_schedule=DiscreteSchedule.__name__)
+
+
+def folder_state(folder):
+    """A diffusers folder's weights as a :class:`DiffusersNet` state dict (model.… and empty_text)."""
+    return load_folder(folder).state_dict()
