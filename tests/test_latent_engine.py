@@ -225,6 +225,19 @@ def tiny_perturbed(folder):
     return net
 
 
+def test_a_diffusers_folder_is_a_teacher(folders, nets):
+    """train.teacher = a diffusers folder: its UNet weights (and ∅) load into the student; its prediction type is
+    the teacher's parameterisation."""
+    student = VPDenoiser(tiny_perturbed(folders["text"]), SCHEDULE, "eps")
+    weights = teachers.load_into(student, folders["text"], expect=dict(parameterisation="eps",
+                                                                        noise_schedule="DiscreteSchedule"))
+    assert weights == folders["text"] / "unet" / "diffusion_pytorch_model.safetensors"
+    reference = nets["text"].state_dict()
+    assert all(torch.equal(v, reference[k[len("net."):]]) for k, v in student.state_dict().items())
+    with pytest.raises(teachers.TeacherError, match="parameterisation = 'eps' but this run uses 'v'"):
+        teachers.load_into(student, folders["text"], expect=dict(parameterisation="v"))
+
+
 def one_line(call, *words):
     with pytest.raises(ConfigError) as info:
         call()

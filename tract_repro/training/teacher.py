@@ -1,8 +1,10 @@
 """Find and load a teacher: a previous run's directory, a .pt weights file, or an imported checkpoint.
 
 ``train.teacher`` chooses the source: a run directory (its ema.pt), a ``.pt`` state dict, an
-NVIDIA EDM snapshot ``*.pkl`` (allow-list unpickler, no code runs), or a Google PD Flax
-checkpoint such as ``cifar_original`` (read as msgpack; nothing is unpickled).
+NVIDIA EDM snapshot ``*.pkl`` (allow-list unpickler, no code runs), a Google PD Flax
+checkpoint such as ``cifar_original`` (read as msgpack; nothing is unpickled), or a local diffusers
+folder such as Stable Diffusion's (its UNet or DiT safetensors, for a ``diffusers_network`` student; its
+scheduler's prediction type is the teacher's parameterisation).
 
 :func:`import_teacher` turns an imported checkpoint into a finished run directory of its own
 (``python -m tract_repro.import_teacher``).
@@ -23,6 +25,10 @@ def resolve(spec, gin_dir="gin"):
     """The weights file of a teacher given as a run directory or a .pt file."""
     path = Path(spec)
     hint = f"`python -m tract_repro.launch {_gin_hint(path, gin_dir)} --workdir {path}`"
+    if path.is_dir() and (path / "model_index.json").is_file():  # a diffusers folder: its UNet's (DiT's) weights
+        from tract_repro.networks.diffusers_net import weights_file
+
+        return weights_file(path)
     if path.is_dir():
         if (path / "ema.pt").is_file():
             return path / "ema.pt"
@@ -37,6 +43,11 @@ def resolve(spec, gin_dir="gin"):
 def read_weights(path, denoiser):
     """A state dict for ``denoiser`` from a run's ema.pt / a .pt file (weights_only), or else a Google PD Flax checkpoint."""
     path = Path(path)
+    from tract_repro.networks.diffusers_net import folder_of, folder_state
+
+    folder = folder_of(path)
+    if folder is not None:  # a diffusers folder's UNet or DiT, as the diffusers_network it builds
+        return {f"net.{k}": v for k, v in folder_state(folder).items()}
     if path.suffix in (".pt", ".pth"):
         from tract_repro.training import checkpoint as ckpt
 
@@ -51,6 +62,17 @@ def read_weights(path, denoiser):
     from tract_repro.networks.google_pd import load_google_pd  # msgpack, never pickle
 
     return {f"net.{k}": v for k, v in load_google_pd(path, denoiser.net).items()}
+
+
+def _teacher_info(weights):
+    """What the teacher was trained with: its run.json, or a diffusers folder's parameterisation and schedule."""
+    from tract_repro.networks.diffusers_net import folder_of, folder_process
+
+    folder = folder_of(weights)
+    if folder is not None:
+        return folder_process(folder)
+    info_file = weights.parent / "run.json"
+    return json.loads(info_file.read_text()) if info_file.is_file() else {}
 
 
 def _gin_hint(path, gin_dir):
@@ -68,8 +90,7 @@ def load_into(denoiser, spec, expect=None, new_inputs=(), guided=False):
     (zero) weights.  ``guided``: the teacher must have been trained with label dropout (p_uncond > 0).
     """
     weights = resolve(spec)
-    info_file = weights.parent / "run.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = _teacher_info(weights)
     for key, value in (expect or {}).items():
         if key in info and info[key] != value:
             raise TeacherError(f"teacher {spec} was trained with {key} = {info[key]!r} but this run uses "
