@@ -4,6 +4,8 @@ the BTD and TRACT targets work through it unchanged, a v fine-tune trains throug
 exactly, and what cannot work is refused in one line."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion.ddim import ddim_step
 from tract_repro.diffusion.grid import TimeGrid
 from tract_repro.diffusion.schedules import CosineSchedule, DiscreteSchedule
-from tract_repro.methods import BTD, TRACT
+from tract_repro.methods import BTD, TRACT, TeacherTraining
 from tract_repro.methods.base import Networks
 from tract_repro.methods.btd import btd_indices
 from tract_repro.methods.tract import tract_indices
@@ -25,6 +27,7 @@ from tract_repro.networks.diffusers_net import check_sdpa, diffusers_network, fr
 from tract_repro.networks.guidance import GuidedDenoiser
 from tract_repro.training import teacher as teachers
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXT = (tiny.MAX_TOKENS, tiny.TEXT_WIDTH)
 SCHEDULE = DiscreteSchedule()  # the tiny folders' scheduler: Stable Diffusion's scaled_linear
 
@@ -238,6 +241,87 @@ def test_a_diffusers_folder_is_a_teacher(folders, nets):
         teachers.load_into(student, folders["text"], expect=dict(parameterisation="v"))
 
 
+def test_the_loop_takes_a_cond_from_the_data_and_conditions_its_grids_on_grid_cond(folders, tmp_path):
+    """A data set's batch may return a whole Cond (here captions, with label dropout to ∅), and the sample grids
+    ask the data set for their conditioning."""
+    from tests.tiny_latents import tiny_latents
+    from tract_repro.diffusion.schedules import diffusers_schedule
+    from tract_repro.training.device import Device
+    from tract_repro.training.loop import train
+    from tract_repro.training.optim import InferenceEMA
+
+    data = tiny_latents(n=8, text_shape=TEXT)
+    train(tmp_path / "run", method=TeacherTraining(sample_steps=4, p_uncond=0.5), dataset=lambda: data,
+          network=lambda: diffusers_network(folder=folders["text"]), schedule=lambda: diffusers_schedule(folders["text"]),
+          T=64, parameterisation="v", batch_size=4, total=8, log_every=4, checkpoint_every=8, grid_size=3,
+          grid_max_steps=4, tensorboard=False, device=Device("cpu"), inference_ema=InferenceEMA(momentum=0.5))
+    assert data.grid_calls == [3] and (tmp_path / "run" / "samples" / "final_4steps.png").is_file()
+
+
+V_FINE_TUNE = """
+import tests.tiny_latents
+train.dataset = @tiny_latents
+tiny_latents.n = 16
+tiny_latents.text_shape = {text}
+train.network = @diffusers_network
+diffusers_network.folder = '{folder}'
+train.schedule = @diffusers_schedule
+diffusers_schedule.folder = '{folder}'
+train.T = 64
+train.parameterisation = 'v'
+train.method = @TeacherTraining()
+TeacherTraining.sample_steps = 4
+TeacherTraining.p_uncond = 0.25
+train.batch_size = 4
+train.total = 12
+train.threads = 1
+train.log_every = 4
+train.checkpoint_every = 8
+train.grid_size = 2
+train.grid_max_steps = 4
+train.tensorboard = False
+train.device = @Device()
+Device.name = 'cpu'
+adam.lr = 1e-3
+inference_ema_momentum.momentum = 0.5
+"""
+
+
+def launch(gin_file, workdir):
+    return subprocess.run([sys.executable, "-m", "tract_repro.launch", str(gin_file), "--workdir", str(workdir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_v_fine_tune_of_stable_diffusion_trains_through_launch_and_is_rebuilt_exactly(folders, nets, tmp_path):
+    """Meng et al.'s v fine-tune: teacher training from the folder's ε weights with v prediction; the finished run,
+    rebuilt from its config.gin and ema.pt, is the network those weights make."""
+    from tract_repro.evaluation.runs import load_run
+    from tract_repro.training import checkpoint as ckpt
+
+    gin_file = tmp_path / "v.gin"
+    gin_file.write_text(V_FINE_TUNE.format(folder=folders["text"], text=TEXT))
+    done = launch(gin_file, tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["status"], info["parameterisation"], info["noise_schedule"]) == ("complete", "v", "DiscreteSchedule")
+    ema = ckpt.load(tmp_path / "run" / "ema.pt")
+    pretrained = nets["text"].state_dict()
+    assert torch.equal(ema["net.empty_text"], pretrained["empty_text"])
+    assert any(not torch.equal(ema[f"net.{k}"], v) for k, v in pretrained.items())  # the weights were fine-tuned
+
+    run = load_run(tmp_path / "run")
+    by_hand = VPDenoiser(load_folder(folders["text"]), SCHEDULE, "v")
+    by_hand.load_state_dict(ema)
+    x, extra = inputs()
+    logsnr = SCHEDULE.grid(64)[[1, 20, 40, 64]]
+    cond = Cond(torch.tensor([0, NULL_LABEL, 0, 0]), extra)
+    with torch.no_grad():
+        assert torch.equal(run.denoiser(x, logsnr, cond), by_hand.eval()(x, logsnr, cond))
+    assert type(run.grid.schedule) is DiscreteSchedule and torch.equal(run.grid.logsnr, SCHEDULE.grid(64))
+
+
+# --- one-line refusals -------------------------------------------------------------------------------------------
+
 def one_line(call, *words):
     with pytest.raises(ConfigError) as info:
         call()
@@ -295,3 +379,14 @@ def test_a_folder_without_model_index_is_refused(tmp_path):
     one_line(lambda: load_folder(tmp_path / "sd"), "no model_index.json", "v1-5-pruned.ckpt", "fetch",
              f"into {tmp_path / 'sd'}")
     one_line(lambda: teachers.resolve(tmp_path / "sd"), "no ema.pt")  # nor a run: the teacher's own line
+
+
+def test_a_folder_without_model_index_is_refused_through_launch_and_nothing_is_written(folders, tmp_path):
+    (tmp_path / "sd").mkdir()
+    gin_file = tmp_path / "v.gin"
+    gin_file.write_text(V_FINE_TUNE.format(folder=tmp_path / "sd", text=TEXT).replace(
+        f"diffusers_schedule.folder = '{tmp_path / 'sd'}'", f"diffusers_schedule.folder = '{folders['text']}'"))
+    done = launch(gin_file, tmp_path / "run")
+    assert done.returncode == 2 and "no model_index.json" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

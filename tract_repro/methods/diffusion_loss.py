@@ -60,7 +60,9 @@ class TeacherTraining(Method):
         return add_noise(x, alpha, sigma, rng), logsnr
 
     def check(self, student, data):
-        if self.p_uncond > 0 and not (getattr(student, "conditional", False) and data.num_classes > 1):
+        # a network conditioned on more than classes (captions: num_classes 1) takes its ∅ from any labelled data
+        labelled = data.num_classes > 1 or getattr(student, "num_classes", 1) <= 1
+        if self.p_uncond > 0 and not (getattr(student, "conditional", False) and labelled):
             raise ConfigError("TeacherTraining.p_uncond > 0 trains a guided teacher, which needs class labels: use a "
                               "class-conditional data set and network (UNet.num_classes, UNet.null_class = True)")
 

@@ -24,7 +24,7 @@ from tract_repro.common.lengths import parse_samples
 from tract_repro.data.arrays import EpochOrder
 from tract_repro.methods.ema import EMA
 from tract_repro.methods.phases import phase_at, plan_phases
-from tract_repro.networks.conditioning import Cond
+from tract_repro.networks.conditioning import Cond, as_cond
 from tract_repro.sampling import registry
 from tract_repro.sampling.samplers import noise_from_seeds
 from tract_repro.training import checkpoint as ckpt
@@ -204,13 +204,13 @@ class Run:
         loss = None
         for start, stop in self.micro_batches:
             rng = draws.slice(start, stop)
-            x, labels = self.data.batch(idx[start:stop], rng)
-            x, labels = x.to(self.dev.device, self.dev.dtype), None if labels is None else labels.to(self.dev.device)
+            x, cond = self.data.batch(idx[start:stop], rng)  # cond: class labels, None, or a whole Cond
+            x, cond = x.to(self.dev.device, self.dev.dtype), as_cond(cond).to(self.dev.device)
             with self.dev.autocast():
-                target = o.method(x, Cond(labels=labels), phase, state.nets, self.grid, rng)
+                target = o.method(x, cond, phase, state.nets, self.grid, rng)
             share = backward_share(target, state.student, o.batch_size, o.loss_reduction, self.dev.autocast)
             loss = share if loss is None else loss + share
-            del target, x, labels
+            del target, x, cond
         lr = o.lr_schedule(self.base_lr, state.samples, phase)
         try:
             loss, grad_norm = apply_update(state.student, state.optimizer, loss, lr, o.grad_clip, state.emas, self.world)
@@ -259,12 +259,16 @@ class Run:
                                             metrics_partial=self.files.metrics.partial()))
 
     def save_samples(self, name, student_steps):
-        """A grid of the inference EMA's ``student_steps``-step DDIM samples, seeds 0..grid_size − 1."""
+        """A grid of the inference EMA's ``student_steps``-step DDIM samples, seeds 0..grid_size − 1, conditioned on
+        the data set's ``grid_cond(grid_size)`` where it has one (captions, say), else on labels 0, 1, … in turn."""
         if not self.world.is_main:
             return
         o, data = self.o, self.data
         noise = noise_from_seeds(range(o.grid_size), data.shape).to(self.dev.device)
-        cond = o.method.sampling_cond(Cond(labels=(torch.arange(o.grid_size) % data.num_classes).to(self.dev.device)))
+        grid_cond = getattr(data, "grid_cond", None)
+        cond = as_cond(grid_cond(o.grid_size)) if grid_cond is not None else \
+            Cond(labels=torch.arange(o.grid_size) % data.num_classes)
+        cond = o.method.sampling_cond(cond.to(self.dev.device))
         with self.dev.autocast():
             x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond).cpu()
         self.files.save_grid(name, x.clamp(-1, 1), o.grid_scale)
