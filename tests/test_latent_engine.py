@@ -133,7 +133,7 @@ def test_a_dit_keeps_its_first_channels_and_its_null_class_and_never_drops_label
     x, _ = inputs(text=False)
     logsnr = SCHEDULE.grid(4)[1:]
     labels = torch.tensor([0, 9, NULL_LABEL, 3])
-    assert (net.num_classes, net.in_channels, net.conditional) == (10, 4, True)
+    assert (net.num_classes, net.in_channels, net.resolution, net.conditional) == (10, 4, 8, True)
     with torch.no_grad():
         ours = net(x.float(), logsnr, labels)
         theirs = raw.eval()(x.float(), timestep=SCHEDULE.timestep(logsnr).float(), class_labels=torch.tensor([0, 9, 10, 3])).sample
@@ -295,7 +295,7 @@ def launch(gin_file, workdir):
 def test_a_v_fine_tune_of_stable_diffusion_trains_through_launch_and_is_rebuilt_exactly(folders, nets, tmp_path):
     """Meng et al.'s v fine-tune: teacher training from the folder's ε weights with v prediction; the finished run,
     rebuilt from its config.gin and ema.pt, is the network those weights make."""
-    from tract_repro.evaluation.runs import load_run
+    from tract_repro.evaluation.runs import image_shape, load_run
     from tract_repro.training import checkpoint as ckpt
 
     gin_file = tmp_path / "v.gin"
@@ -318,6 +318,7 @@ def test_a_v_fine_tune_of_stable_diffusion_trains_through_launch_and_is_rebuilt_
     with torch.no_grad():
         assert torch.equal(run.denoiser(x, logsnr, cond), by_hand.eval()(x, logsnr, cond))
     assert type(run.grid.schedule) is DiscreteSchedule and torch.equal(run.grid.logsnr, SCHEDULE.grid(64))
+    assert image_shape(run.denoiser) == run.data.shape == (tiny.LATENT_CHANNELS, tiny.LATENT_SIZE, tiny.LATENT_SIZE)
 
 
 # --- one-line refusals -------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class DiffusersNet(nn.Module):
         config = model.config
         self.model, self.schedule = model, schedule
         self.in_channels = int(config.in_channels)
+        self.resolution = int(config.sample_size)  # the latent side the model was trained on (evaluation's image shape)
         self.is_unet = name == "UNet2DConditionModel"
         if self.is_unet:
             for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"):
