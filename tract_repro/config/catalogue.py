@@ -8,6 +8,7 @@ import gin
 import tract_repro.data.cifar10  # noqa: F401
 import tract_repro.data.digits  # noqa: F401
 import tract_repro.data.imagenet64  # noqa: F401
+import tract_repro.data.latents  # noqa: F401  (latents(folder): encoded latent shards, python -m tract_repro.encode_latents)
 import tract_repro.diffusion.edm  # noqa: F401
 import tract_repro.methods  # noqa: F401
 import tract_repro.networks.diffusers_net  # noqa: F401  (diffusers_network; diffusers itself is imported when called)
