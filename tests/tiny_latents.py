@@ -12,6 +12,7 @@ from tract_repro.networks.conditioning import Cond
 
 class TinyLatents:
     name = "tiny-latents"
+    bounded = False  # latents: samplers leave x̂ unclipped, as for LatentArrays
 
     def __init__(self, n, channels, size, num_classes, text_shape, seed):
         g = torch.Generator().manual_seed(seed)

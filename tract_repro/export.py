@@ -10,6 +10,8 @@ training samples and the evaluations of these weights with their protocols; ``lo
 (:mod:`tract_repro.exporting`) rebuilds the denoiser from them.  ``--format diffusers`` (VP runs with the PD UNet)
 writes a diffusers pipeline folder with the same card: ``DiffusionPipeline.from_pretrained(DIR,
 trust_remote_code=True)`` samples the run's K-step DDIM schedule, the same samples as ours from the same noise.
+A latent run (a diffusers UNet) becomes a stock pipeline instead: ``StableDiffusionPipeline.from_pretrained(DIR)``
+for a text model, its DDIMScheduler configured so that K steps are our K-step DDIM (docs/export.md).
 Both need ``pip install 'tract-repro[export]'``.  ``--out`` must be new or empty; nothing is written unless the
 whole export succeeds.  Errors print one line and exit with status 2.
 """

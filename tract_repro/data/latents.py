@@ -23,6 +23,7 @@ class LatentArrays:
     """Encoded latents, labels and caption embeddings read from memory-mapped ``.npy`` shards."""
 
     hflip = False  # a latent is not flipped: the flip of z is not the latent of the flipped image
+    bounded = False  # z is not confined to [−1, 1]: samplers leave x̂ unclipped (run.json "bounded")
 
     def __init__(self, folder):
         self.folder = Path(folder)

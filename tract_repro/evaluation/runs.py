@@ -21,6 +21,12 @@ class FinishedRun:
     weights: Path
     options: object = None  # the run's resolved training Options (train.*)
 
+    @property
+    def bounded(self):
+        """Whether the run's data lie in [−1, 1], as run.json records it (a run recorded before it said is): samplers
+        clip x̂ there only if so, ``registry.sample(..., clip=run.bounded)``."""
+        return bool(self.info.get("bounded", True))
+
 
 def load_run(path, with_data=True):
     """The run at ``path`` with its ema.pt loaded; one-line error if it isn't finished.

@@ -2,8 +2,9 @@
 
 ``safetensors``: ``model.safetensors`` (the inference EMA's denoiser state dict, with string metadata),
 ``config.gin``, ``run.json`` and ``README.md`` (the model card).  ``diffusers``: the same card, ``config.gin`` and
-``run.json`` beside a diffusers pipeline folder (:mod:`tract_repro.exporting.diffusers_format`), whose
-``unet/diffusion_pytorch_model.safetensors`` holds the same state dict.
+``run.json`` beside a diffusers pipeline folder (:mod:`tract_repro.exporting.diffusers_format` for the PD UNet,
+whose ``unet/diffusion_pytorch_model.safetensors`` holds the same state dict; :mod:`~tract_repro.exporting.
+diffusers_latent` for a diffusers UNet, a stock pipeline whose weights file holds the UNet's own state dict).
 
 Everything is checked before anything is written: a non-empty ``--out`` is refused, a run that is not finished,
 a format that does not apply to the run, a missing package, an evaluation file of other weights.  The files are
@@ -17,8 +18,9 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import atomic_folder, sha256
 from tract_repro.config.runs import rebuild
 from tract_repro.evaluation.runs import FinishedRun, load_run
+import tract_repro.exporting.diffusers_format as diffusers_format
+import tract_repro.exporting.diffusers_latent as diffusers_latent
 from tract_repro.exporting.card import evaluations, render
-from tract_repro.exporting.diffusers_format import check_run, components, write as write_diffusers
 from tract_repro.exporting.weights import load as load_weights, require, run_metadata, save as save_weights
 
 FORMATS = ("safetensors", "diffusers")
@@ -43,23 +45,25 @@ def export_run(run_dir, fmt="safetensors", out=None, metrics=(), search=Path("re
     run = load_run(run_dir, with_data=False)
     ema_sha256 = sha256(run.weights)
     found = evaluations(run.path, ema_sha256, metrics, search)
-    parts = None
+    parts = layout = card = None
     if fmt == "diffusers":
-        check_run(run)
+        layout = diffusers_latent if diffusers_latent.applies(run) else diffusers_format
+        layout.check_run(run)
         require("diffusers", fmt)
     require("safetensors", fmt)
     if fmt == "diffusers":
-        parts = components(run)
+        parts = layout.components(run)
+        card = diffusers_latent.card(run) if layout is diffusers_latent else None
     meta = run_metadata(run, ema_sha256)
     try:
         with atomic_folder(out) as tmp:
             if parts is None:
                 save_weights(run.denoiser.state_dict(), tmp / WEIGHTS[fmt], meta)
             else:
-                write_diffusers(tmp, *parts, meta)
+                layout.write(tmp, *parts, meta)
             shutil.copyfile(run.path / "config.gin", tmp / "config.gin")
             shutil.copyfile(run.path / "run.json", tmp / "run.json")
-            text = render(run, fmt, ema_sha256, WEIGHTS[fmt], sha256(tmp / WEIGHTS[fmt]), found)
+            text = render(run, fmt, ema_sha256, WEIGHTS[fmt], sha256(tmp / WEIGHTS[fmt]), found, card)
             (tmp / "README.md").write_text(text)
     except FileExistsError:
         raise ConfigError(f"--out {out} was written to meanwhile: choose a new folder") from None
@@ -77,6 +81,8 @@ def load_exported(folder):
     require("safetensors", "safetensors")
     run = rebuild((folder / "config.gin").read_text(), folder, with_data=False)
     state, _ = load_weights(folder / present[0])
+    if present[0] == WEIGHTS["diffusers"] and diffusers_latent.applies(run):  # the stock UNet's weights alone
+        state = diffusers_latent.denoiser_state(run.denoiser, state)
     try:
         run.denoiser.load_state_dict(state)
     except RuntimeError:

@@ -132,15 +132,20 @@ def guidance_mode(run):
     return "classifier-free" if run.info.get("p_uncond") else "none"
 
 
-def render(run, fmt, ema_sha256, weights_file, weights_sha256, found):
-    """README.md: YAML front matter, then what the model is, how it was trained and evaluated, and how to load it."""
+def render(run, fmt, ema_sha256, weights_file, weights_sha256, found, layout=None):
+    """README.md: YAML front matter, then what the model is, how it was trained and evaluated, and how to load it;
+    ``layout``: (pipeline_tag, the Use lines) of a layout that says its own (a latent export), else ours."""
     info, guidance = run.info, guidance_mode(run)
+    clipped = "clipped x̂" if run.bounded else "unclipped x̂"
     method = info.get("method", "unknown")
     classes = getattr(run.denoiser.net, "num_classes", 1)
     tags = ["diffusion", "diffusion-distillation", TAGS.get(method, method.lower()), "tract-repro",
-            *([info["dataset"]] if info.get("dataset") else []), "class-conditional" if classes > 1 else "unconditional"]
+            *([info["dataset"]] if info.get("dataset") else []),
+            "class-conditional" if classes > 1 else "text-to-image" if layout and layout[0] == "text-to-image"
+            else "unconditional"]
     front = ["---", f"library_name: {'diffusers' if fmt == 'diffusers' else 'tract-repro'}", "tags:",
-             *[f"- {t}" for t in dict.fromkeys(tags)], "pipeline_tag: unconditional-image-generation", "---", ""]
+             *[f"- {t}" for t in dict.fromkeys(tags)],
+             f"pipeline_tag: {layout[0] if layout else 'unconditional-image-generation'}", "---", ""]
     K = default_steps(info)
     lines = [f"# {method} on {info.get('dataset', 'its data set')}: {K}-step sampling", "",
              f"Exported from a finished tract-repro run, `{run.path}`, by "
@@ -149,7 +154,7 @@ def render(run, fmt, ema_sha256, weights_file, weights_sha256, found):
              f"- **Method**: {METHODS.get(method, method)}."]
     if method in DISTILLED and _steps(info):
         lines.append(f"- **Schedule** (student step counts S₀ → … → S_P): {_steps(info)}; sampled with K = {K} DDIM steps "
-                     f"(clipped x̂) by default, any K dividing T = {info.get('T')} allowed.")
+                     f"({clipped}) by default, any K dividing T = {info.get('T')} allowed.")
         for p in info.get("phases") or []:
             lines.append(f"  - phase {p['index']}: {p['teacher_steps']} → {p['student_steps']} steps, training samples "
                          f"{p['start']:,}–{p['end']:,}")
@@ -157,7 +162,7 @@ def render(run, fmt, ema_sha256, weights_file, weights_sha256, found):
         lines.append(f"- **Sampling**: tract-repro's `ddim` sampler (DDIM-VE, K dividing T = {info.get('T')}; K = {K} by "
                      f"default) or `heun` (EDM's own K-step ρ-grid); no step distillation.")
     else:
-        lines.append(f"- **Sampling**: K = {K} DDIM steps (clipped x̂) by default, any K dividing T = {info.get('T')} "
+        lines.append(f"- **Sampling**: K = {K} DDIM steps ({clipped}) by default, any K dividing T = {info.get('T')} "
                      f"allowed; no step distillation.")
     lines.append(f"- **Time grid**: T = {info.get('T')}, {info.get('noise_schedule')} noise schedule, "
                  f"{info.get('parameterisation')} parameterisation.")
@@ -192,7 +197,7 @@ def render(run, fmt, ema_sha256, weights_file, weights_sha256, found):
                      "`results/*/eval/**/*.json`).")
     lines += ["", "## Files", "", f"- `{weights_file}`: the weights (safetensors, sha256 `{weights_sha256}`).",
               "- `config.gin`: the run's resolved configuration; `run.json`: its record (method, schedule, teacher, samples)."]
-    lines += usage(fmt, K, classes, guidance, image_shape(run.denoiser))
+    lines += layout[1] if layout else usage(fmt, K, classes, guidance, image_shape(run.denoiser))
     return "\n".join(front + lines) + "\n"
 
 

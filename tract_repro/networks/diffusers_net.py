@@ -36,7 +36,9 @@ class DiffusersNet(nn.Module):
     """F(x_t, λ, labels, cond) = model(x_t, τ(λ), context)[:, :in_channels] for a diffusers ``model``.
 
     ``schedule``: the teacher's DiscreteSchedule (λ → τ).  ``empty_text`` (1, L, D): the empty prompt's
-    embedding, for a text model (a UNet without class embeddings); None for a class model.
+    embedding, for a text model (a UNet without class embeddings); None for a class model.  ``folders``: where the
+    components came from, {'model': the diffusers folder of the UNet (and its VAE), 'text': the folder of the
+    tokenizer and text encoder}, None where there is none (an export copies the VAE and text components from them).
     """
 
     #: the denoiser passes λ in float64, so τ is exact at the trained timesteps
@@ -44,8 +46,9 @@ class DiffusersNet(nn.Module):
     num_outputs = 1
     extra_conditions = ()
 
-    def __init__(self, model, schedule, empty_text=None, gradient_checkpointing=False):
+    def __init__(self, model, schedule, empty_text=None, gradient_checkpointing=False, folders=None):
         super().__init__()
+        self.folders = {"model": None, "text": None, **(folders or {})}
         name = type(model).__name__
         if name not in MODELS:
             raise ConfigError(f"diffusers_network wraps {', '.join(MODELS)}, got {name}")
@@ -179,7 +182,8 @@ def from_config(config, empty_text_from, schedule, gradient_checkpointing=False)
     if cls.__name__ == "UNet2DConditionModel" and config.get("num_class_embeds") is None and empty_text_from is not None:
         check_text_encoder(Path(empty_text_from), model.config)
         empty = empty_prompt(Path(empty_text_from))
-    return DiffusersNet(model, schedule, empty, gradient_checkpointing)
+    return DiffusersNet(model, schedule, empty, gradient_checkpointing,
+                        folders={"text": Path(empty_text_from) if empty is not None else None})
 
 
 def model_class(name, where):
@@ -267,7 +271,8 @@ def load_folder(folder, empty_text_from=None, gradient_checkpointing=False):
             raise ConfigError(f"{path} does not fit {folder / component / 'config.json'} (older key names?): fetch "
                               f"{WEIGHTS} into {folder / component}") from None
     model.eval()
-    return DiffusersNet(model, schedule, empty_prompt(source) if text else None, gradient_checkpointing)
+    return DiffusersNet(model, schedule, empty_prompt(source) if text else None, gradient_checkpointing,
+                        folders={"model": folder, "text": source if text else None})
 
 
 def check_text_encoder(folder, unet_config):

@@ -23,6 +23,7 @@ class Sampler:
     network_calls: Callable   # network_calls(K) → NFE of K steps
     description: str          # how results name it
     seeded: bool = False      # draws noise while it samples: sample(..., noise=seeded_noise(seeds, shape))
+    clips: bool = False       # clips x̂ to [−1, 1] unless told sample(..., clip=False) (a run on unbounded data)
 
 
 def _edm_logsnrs(grid, steps):
@@ -31,11 +32,11 @@ def _edm_logsnrs(grid, steps):
 
 
 SAMPLERS = {
-    "ddim": Sampler("ddim", ddim, grid_logsnrs, lambda k: k, "ddim (clipped x̂)"),
+    "ddim": Sampler("ddim", ddim, grid_logsnrs, lambda k: k, "ddim (clipped x̂)", clips=True),
     "heun": Sampler("heun", heun_sampler, _edm_logsnrs, lambda k: 2 * k - 1, "heun (EDM, deterministic)"),
     "stochastic": Sampler("stochastic", stochastic, grid_logsnrs, lambda k: k,
                           "stochastic (Meng et al.: DDIM jumps of 2/N re-noised by 1/N, the last step deterministic)",
-                          seeded=True),
+                          seeded=True, clips=True),
 }
 
 
@@ -53,9 +54,10 @@ def network_calls(name, steps):
 
 
 @torch.no_grad()
-def sample(name, denoiser, grid, steps, noise, cond=None, seeds=None):
+def sample(name, denoiser, grid, steps, noise, cond=None, seeds=None, clip=True):
     """``steps`` steps of the sampler ``name`` on ``grid`` from standard noise z (x at the first λ is σ·z);
-    a sampler that draws noise as it goes draws it from ``seeds``, one per sample."""
+    a sampler that draws noise as it goes draws it from ``seeds``, one per sample.  ``clip = False``: x̂ is not
+    clipped to [−1, 1], for a run whose data are unbounded (latents: :attr:`FinishedRun.bounded`)."""
     sampler = get(name)
     logsnrs = sampler.logsnrs(grid, steps).to(noise.device)
     _, sigma = grid.alpha_sigma(logsnrs[:1])
@@ -64,4 +66,6 @@ def sample(name, denoiser, grid, steps, noise, cond=None, seeds=None):
         if seeds is None:
             raise ConfigError(f"the {name} sampler draws noise per sample: give it the samples' seeds")
         extra["noise"] = seeded_noise(seeds, tuple(noise.shape[1:]))
+    if sampler.clips:
+        extra["clip"] = bool(clip)
     return sampler.sample(denoiser, sigma * noise, logsnrs, grid.alpha_sigma, cond, **extra)

@@ -24,7 +24,7 @@ def noise_from_seeds(seeds, shape):
 
 @torch.no_grad()
 def ddim(denoiser, x, logsnrs, alpha_sigma, cond=None, clip=True):
-    """DDIM with x̂ clipped to [−1, 1] at every step (method-spec §2)."""
+    """DDIM with x̂ clipped to [−1, 1] at every step (method-spec §2); unclipped if not ``clip`` (latents)."""
     n = x.shape[0]
     for lam_t, lam_s in zip(logsnrs[:-1], logsnrs[1:]):
         lam_t, lam_s = lam_t.expand(n), lam_s.expand(n)

@@ -49,12 +49,13 @@ def seeded_noise(seeds, shape):
 
 
 @torch.no_grad()
-def stochastic(denoiser, x, logsnrs, alpha_sigma, cond=None, noise=None, jump=None):
+def stochastic(denoiser, x, logsnrs, alpha_sigma, cond=None, noise=None, jump=None, clip=True):
     """Meng et al.'s N-step stochastic sampler down λs (N + 1 levels): jump 2 levels, re-noise 1; the last step
-    deterministic.  ``noise(i, x)`` gives step i's ξ (see :func:`seeded_noise`); ``jump`` defaults to DDIM."""
+    deterministic.  ``noise(i, x)`` gives step i's ξ (see :func:`seeded_noise`); ``jump`` defaults to DDIM (x̂
+    clipped to [−1, 1] if ``clip``)."""
     if noise is None:
         raise ConfigError("the stochastic sampler needs per-sample noise: give it seeds")
-    jump = jump or ddim_jump(denoiser)
+    jump = jump or ddim_jump(denoiser, clip)
     n, steps = x.shape[0], len(logsnrs) - 1
     lam = [value.expand(n) for value in logsnrs]
     for i in range(steps - 1):

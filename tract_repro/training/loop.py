@@ -91,7 +91,7 @@ class Run:
                     phases=[dict(index=p.index, start=p.start, end=p.end, teacher_steps=p.teacher_steps,
                                  student_steps=p.student_steps) for p in phases],
                     parameters=sum(p.numel() for p in student.parameters()), dataset=self.data.name,
-                    device=self.dev.describe(), status="running")
+                    bounded=bounded(self.data), device=self.dev.describe(), status="running")
         if o.only_phase is not None:
             info.update(only_phase=o.only_phase, previous=str(o.previous) if o.previous else None)
         if o.method.guided:  # a guided teacher, or a w-conditioned student
@@ -270,7 +270,8 @@ class Run:
             Cond(labels=torch.arange(o.grid_size) % data.num_classes)
         cond = o.method.sampling_cond(cond.to(self.dev.device))
         with self.dev.autocast():
-            x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond).cpu()
+            x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond,
+                                clip=self.info["bounded"]).cpu()
         self.files.save_grid(name, x.clamp(-1, 1), o.grid_scale)
         self.board.grid(student_steps, self.state.samples, x.clamp(-1, 1), o.grid_scale)
 
@@ -282,6 +283,12 @@ class Run:
         self.info.update(status="complete", samples=self.state.samples, final_student_steps=final_steps)
         self.files.finish(self.state.inference_ema.module.state_dict(), self.info)
         self.world.barrier()
+
+
+def bounded(data):
+    """Whether the data lie in [−1, 1] (pixels: samplers clip x̂ there), as the data set declares (``bounded``,
+    False for latents); a data set that says nothing is bounded."""
+    return bool(getattr(data, "bounded", True))
 
 
 def crossed(before, after, every):

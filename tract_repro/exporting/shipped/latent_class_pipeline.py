@@ -1,0 +1,78 @@
+"""A class-conditional latent model as a diffusers pipeline: the stock UNet2DConditionModel, VAE and DDIMScheduler.
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("EXPORT_DIR", trust_remote_code=True)
+    images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps=K).images
+
+No stock diffusers pipeline takes class labels for a UNet2DConditionModel, so this file is the loop written
+out; every component is diffusers' own (this is the only code the folder ships).  Each step is
+StableDiffusionPipeline's, with the class embedding in place of the prompt:
+
+    x_T = init_noise_sigma · latents                         (latents ~ N(0, I), or given)
+    for t in scheduler.timesteps:
+        out = unet(x_t, t, encoder_hidden_states = 0 (B, 1, D), class_labels = c)
+        out = out(∅) + s·(out(c) − out(∅))                   (only if guidance_scale s > 1; ∅ = the last class row)
+        x   = scheduler.step(out, t, x_t).prev_sample
+    image = vae.decode(x_0 / scaling_factor + shift_factor)  (or x_0 itself, output_type="latent")
+
+The cross-attention layers, if any, attend to one zero token, as tract-repro's diffusers adapter feeds them.
+"""
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class ClassLatentPipeline(DiffusionPipeline):
+    """K-step sampling of a class-conditional latent UNet (``num_class_embeds`` = classes + 1, the last ∅)."""
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(self, unet, vae, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def num_classes(self):
+        return int(self.unet.config.num_class_embeds) - 1
+
+    def _labels(self, class_labels):
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self._execution_device).reshape(-1)
+        if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"class_labels must be classes 0..{self.num_classes - 1}, one per sample")
+        return labels
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps=50, guidance_scale=1.0, generator=None, latents=None,
+                 output_type="pil", return_dict=True):
+        unet, device = self.unet, self._execution_device
+        labels = self._labels(class_labels)
+        n = labels.shape[0]
+        size = unet.config.sample_size
+        shape = (n, unet.config.in_channels, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} given for {n} class labels: expected {shape}")
+        x = latents.to(device=device, dtype=unet.dtype) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        guided = guidance_scale > 1.0
+        rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+        context = x.new_zeros(rows.shape[0], 1, unet.config.cross_attention_dim)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            out = unet(x_in, t, encoder_hidden_states=context, class_labels=rows, return_dict=False)[0]
+            if guided:
+                cond, null = out.chunk(2)
+                out = null + guidance_scale * (cond - null)
+            x = self.scheduler.step(out, t, x, return_dict=False)[0]
+        if output_type == "latent":
+            images = x
+        else:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            decoded = self.vae.decode(x / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
