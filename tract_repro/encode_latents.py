@@ -6,6 +6,9 @@ folder's ``AutoencoderKL`` × its scaling factor and, for a Stable Diffusion fol
 caption embeddings and the empty prompt's ∅.  Rerun the same command after an interruption: it continues
 after the last complete shard, to the same bytes.  Train on it with ``train.dataset = @latents`` and
 ``latents.folder = 'OUT_DIR'``.
+
+``--source digits:32`` encodes scikit-learn's digits upsampled to 32×32 (nearest neighbour, 1 channel) with their
+labels, made in memory, e.g. with the latent digits' VAE of ``python -m tract_repro.train_vae``.
 """
 import argparse
 import sys
@@ -24,11 +27,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.encode_latents", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="diffusers model folder (vae/, and text_encoder/ + tokenizer/ "
                                                        "for captions)")
-    parser.add_argument("--source", required=True, help="a folder with captions.jsonl, a folder of WebDataset .tar "
-                                                        "shards, or a shard path or brace pattern")
+    parser.add_argument("--source", required=True, help="digits:R (the digits upsampled to R×R), a folder with "
+                                                        "captions.jsonl, a folder of WebDataset .tar shards, or a "
+                                                        "shard path or brace pattern")
     parser.add_argument("--out", required=True, help="output folder (new, empty, or this encoding to resume)")
-    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the VAE's "
-                                                                     "sample_size)")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: digits:R's R, "
+                                                                     "else the VAE's sample_size)")
     parser.add_argument("--posterior", default="mean", choices=["mean", "sample"],
                         help="the posterior's mean, or a sample seeded per sample index")
     parser.add_argument("--seed", type=int, default=0, help="seed of --posterior sample")

@@ -63,8 +63,9 @@ def main(argv=None):
             guided = "" if "w" not in row else (f"w {row['w']:g}  " + (f"accuracy {row['class_accuracy']:.3f}  digits-IS "
                                                                        f"{row['digits_is']:.2f}  " if "digits_is" in row else ""))
             print(f"{run}: {row['steps']:>4} steps ({row['nfe']} NFE)  {guided}digits-FD {row['digits_fd']:8.3f}  "
-                  f"fidelity RMSE {row['fidelity_rmse']:.4f}  (noise floor {metrics['digits_fd_noise_floor']:.3f})",
-                  flush=True)
+                  f"fidelity RMSE {row['fidelity_rmse']:.4f}  (noise floor {metrics['digits_fd_noise_floor']:.3f}"
+                  + (f", reconstruction floor {metrics['digits_fd_reconstruction_floor']:.3f}"
+                     if "digits_fd_reconstruction_floor" in metrics else "") + ")", flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ the evaluation modules that parse configurations binding them.
 """
 import gin
 
+import tract_repro.data.autoencoder  # noqa: F401  (train_vae.*, vae_architecture.*: python -m tract_repro.train_vae)
 import tract_repro.data.cifar10  # noqa: F401
 import tract_repro.data.digits  # noqa: F401
 import tract_repro.data.imagenet64  # noqa: F401

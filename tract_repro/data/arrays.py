@@ -40,6 +40,17 @@ class ImageArrays:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x, self.labels[idx]
 
+    #: images, not the encodings of images: ``decode`` is the identity and ``pixels()`` the data set itself
+    encoded = False
+
+    def decode(self, x):
+        """The images of samples ``x`` of this data set: x itself (an encoded data set decodes its latents)."""
+        return x
+
+    def pixels(self):
+        """The images this data set's samples are (of an encoded data set: the images it encoded): itself."""
+        return self
+
 
 class EpochOrder:
     """Epoch e visits the data in a permutation seeded by (seed, e); position = samples seen.

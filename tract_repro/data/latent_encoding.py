@@ -15,7 +15,7 @@ import numpy as np
 from tract_repro.common.errors import ConfigError
 from tract_repro.data import latent_store as store
 from tract_repro.data.latent_models import POSTERIORS, Encoders, check_model_folder, component_digests
-from tract_repro.data.latent_sources import open_source, prepare
+from tract_repro.data.latent_sources import open_source
 
 LATENT_DTYPES = ("float32", "float16")
 TEXT_DTYPE = "float16"
@@ -54,6 +54,10 @@ def _conditioning(encoders, source, num_classes):
 def build_manifest(encoders, source, model_spec, resolution, posterior, seed, shard_size, latent_dtype, num_classes):
     """The manifest of this encoding (no file written): what a resume must match exactly."""
     conditioning, classes = _conditioning(encoders, source, num_classes)
+    channels = int(encoders.vae.config.in_channels)
+    if source.channels != channels:
+        raise ConfigError(f"{source.spec} has {source.channels}-channel images but the VAE of {encoders.model} takes "
+                          f"{channels} channels: encode it with a VAE made for such images")
     text = None
     if encoders.has_text:
         config = encoders.text_encoder.config
@@ -77,7 +81,7 @@ def build_manifest(encoders, source, model_spec, resolution, posterior, seed, sh
         "text": text,
         "device": encoders.device.type,
         "source": source.identity(),
-        "preprocess": "center-square-crop+bicubic-resize, x = u8 / 127.5 - 1",
+        "preprocess": source.preprocess,
     }
 
 
@@ -93,7 +97,7 @@ def _take(items, n):
     return out
 
 
-def _encode_shard(encoders, manifest, items, first, stop, batch, pool):
+def _encode_shard(encoders, source, manifest, items, first, stop, batch, pool):
     """{kind: array} of samples [first, stop), encoded in batches [first + j·B, …)."""
     n, resolution = stop - first, manifest["resolution"]
     arrays = {"latents": np.empty((n, *manifest["latent_shape"]), dtype=manifest["latent_dtype"]),
@@ -102,7 +106,7 @@ def _encode_shard(encoders, manifest, items, first, stop, batch, pool):
         arrays["text"] = np.empty((n, manifest["text"]["length"], manifest["text"]["width"]), dtype=TEXT_DTYPE)
     for lo in range(0, n, batch):
         chunk = _take(items, min(batch, n - lo))
-        decode = lambda item: prepare(item.image, resolution, item.key)  # noqa: E731
+        decode = lambda item: source.pixels(item, resolution)  # noqa: E731
         x = np.stack(list(pool.map(decode, chunk) if pool else map(decode, chunk)))
         z = encoders.latents(x, range(first + lo, first + lo + len(chunk)), manifest["posterior"], manifest["seed"])
         if list(z.shape[1:]) != manifest["latent_shape"]:
@@ -119,7 +123,7 @@ def encode(model, source, out, resolution=None, posterior="mean", seed=0, batch=
            latent_dtype="float32", device="cpu", num_classes=None, workers=1, on_shard=None, progress=True):
     """Encode ``source`` with ``model``'s encoders into ``out``; returns the manifest.
 
-    ``resolution`` defaults to the VAE's ``sample_size``; ``on_shard(k)`` is called after shard k is
+    ``resolution`` defaults to the source's own (``digits:R``), else the VAE's ``sample_size``; ``on_shard(k)`` is called after shard k is
     written (tests interrupt a run there); ``workers`` threads decode images.
     """
     from tqdm import tqdm
@@ -128,7 +132,10 @@ def encode(model, source, out, resolution=None, posterior="mean", seed=0, batch=
     check_model_folder(model)
     src = open_source(source)  # the source's faults before the (slower) model loading
     encoders = Encoders(model, device)
-    resolution = int(resolution or encoders.vae.config.sample_size)
+    resolution = int(resolution or src.resolution or encoders.vae.config.sample_size)
+    if src.resolution is not None and resolution != src.resolution:
+        raise ConfigError(f"{src.spec} is {src.resolution}×{src.resolution}: drop --resolution {resolution} or name "
+                          f"the source digits:{resolution}")
     manifest = build_manifest(encoders, src, model, resolution, posterior, seed, shard_size, latent_dtype,
                               num_classes)
     out = Path(out)
@@ -146,7 +153,7 @@ def encode(model, source, out, resolution=None, posterior="mean", seed=0, batch=
     with bar, ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for k in range(done, total):
             first, stop = store.shard_rows(manifest, k)
-            arrays = _encode_shard(encoders, manifest, items, first, stop, batch, pool)
+            arrays = _encode_shard(encoders, src, manifest, items, first, stop, batch, pool)
             for kind in store.KINDS:  # latents last: its file marks the shard complete
                 if kind in arrays:
                     store.save_array(out / store.shard_file(kind, k), arrays[kind])

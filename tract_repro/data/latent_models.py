@@ -5,6 +5,8 @@ CLIP text encoder (``text_encoder/`` with ``tokenizer/``).
   scaling_factor with ε_i ~ N(0, I) drawn for sample i alone (a generator seeded by (seed, i)), so a sample's
   latent does not depend on the batch it is encoded in; shift is ``vae.config.shift_factor`` (0 when unset,
   as in SD 1/2).
+* Images from latents: x = D(z / scaling_factor + shift), D the VAE's decoder (:func:`decode_latents`), the inverse
+  of the encoding's scaling as diffusers' pipelines decode.
 * Caption embeddings: T(c) = CLIPTextModel(tokenizer(c, padded to max length, truncated)).last_hidden_state,
   (L, D), as Stable Diffusion's pipeline computes its prompt embeddings; ∅ = T("").
 """
@@ -70,21 +72,41 @@ def quiet_loading():
     transformers.utils.logging.disable_progress_bar()
 
 
+def load_vae(folder, device="cpu"):
+    """The ``AutoencoderKL`` of ``folder/vae`` (safetensors), float32 on ``device``, in eval mode; one line if it
+    does not load."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    try:
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"cannot load {folder / 'vae'} as an AutoencoderKL: "
+                          f"{' '.join(str(exc).split())[:300]}") from None
+    return vae.to(torch.device(device)).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_latents(vae, z, scaling_factor, shift_factor=None, batch=256):
+    """x = D(z / scaling_factor (+ shift_factor)) of latents z (N, C, h, w), ``batch`` at a time, in float32 on the
+    VAE's device: (N, C_image, H, W) float32 on z's device."""
+    device = next(vae.parameters()).device
+    out = []
+    for i in range(0, len(z), batch):
+        latent = z[i:i + batch].to(device, torch.float32) / scaling_factor
+        if shift_factor is not None:
+            latent = latent + shift_factor
+        out.append(vae.decode(latent).sample.float().to(z.device))
+    return torch.cat(out) if out else z.new_zeros((0,))
+
+
 class Encoders:
     """The folder's VAE (and text encoder with its tokenizer), in float32 on ``device``, in eval mode."""
 
     def __init__(self, model, device="cpu"):
-        from diffusers import AutoencoderKL
-
         self.model, self.has_text = check_model_folder(model)
         self.device = torch.device(device)
-        try:
-            self.vae = AutoencoderKL.from_pretrained(self.model / "vae", use_safetensors=True,
-                                                     torch_dtype=torch.float32)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ConfigError(f"cannot load {self.model / 'vae'} as an AutoencoderKL: "
-                              f"{' '.join(str(exc).split())[:300]}") from None
-        self.vae = self.vae.to(self.device).eval()
+        self.vae = load_vae(self.model, self.device)
         self.text_encoder = self.tokenizer = None
         if self.has_text:
             from transformers import CLIPTextModel, CLIPTokenizer

@@ -6,6 +6,9 @@ image files give the same pixels whichever way they are stored.
 
 * **Folder**: ``DIR/captions.jsonl``, one JSON object a line, ``{"file": "0001.png", "caption": "...",
   "label": 3}`` (``caption`` and ``label`` optional), the file relative to DIR.
+* **The upsampled digits** (``digits:R``, e.g. ``digits:32``): scikit-learn's 1797 digits with their labels,
+  upsampled by nearest neighbour to R×R, 1 channel in [−1, 1] (:func:`~tract_repro.data.digits.upsample`), made in
+  memory: no image file is written or decoded.
 * **WebDataset shards** (the LAION/COCO layout written by img2dataset): tar files holding ``key.jpg`` (or
   ``.jpeg``, ``.png``, ``.webp``) with ``key.txt`` (the caption) or ``key.json`` (``{"caption": ...}``), and
   optionally ``key.cls`` or a ``label``/``cls`` entry of the JSON.  Given as a directory (its ``*.tar``,
@@ -36,10 +39,11 @@ _META = re.compile(r"__[^/]*__($|/)")  # members webdataset skips (``__key__``-s
 
 @dataclass(frozen=True)
 class Item:
-    """One sample: ``image`` is the encoded file's bytes; ``caption`` and ``label`` may be None."""
+    """One sample: ``image`` is the encoded file's bytes (an array (C, R, R) in [−1, 1] for a source made in memory);
+    ``caption`` and ``label`` may be None."""
 
     key: str
-    image: bytes
+    image: bytes | np.ndarray
     caption: str | None
     label: int | None
 
@@ -82,10 +86,19 @@ def _label(value, where):
 
 
 class Source:
-    """What both kinds share: N, the captions and labels summary, and the checks on them."""
+    """What every kind shares: N, the captions and labels summary, and the checks on them; how an item becomes
+    pixels (:meth:`pixels`, described by ``preprocess``), with ``channels`` channels, at any resolution (or at the
+    source's own, ``resolution``)."""
 
     kind = ""
     spec = ""
+    preprocess = "center-square-crop+bicubic-resize, x = u8 / 127.5 - 1"
+    channels = 3
+    resolution = None  # a source of one fixed resolution says which
+
+    def pixels(self, item, resolution):
+        """Item ``item`` as the encoder's input: (C, R, R) float32 in [−1, 1]."""
+        return prepare(item.image, resolution, item.key)
 
     def __len__(self):
         return self.count
@@ -273,8 +286,50 @@ class ShardSource(Source):
             first += size
 
 
+class DigitsSource(Source):
+    """scikit-learn's digits with their labels, upsampled by nearest neighbour to R×R (``digits:R``), in memory."""
+
+    kind = "digits"
+    channels = 1
+
+    def __init__(self, spec, resolution):
+        from tract_repro.data.digits import digits_upsampled
+
+        self.spec, self.resolution = str(spec), int(resolution)
+        data = digits_upsampled(self.resolution)
+        self.images = data.images.numpy().astype(np.float32)
+        self.labels = data.labels.numpy()
+        self.count = len(self.images)
+        self.preprocess = (f"scikit-learn digits 8x8 in [0, 16] -> x = v / 8 - 1, nearest-neighbour upsampling to "
+                           f"{self.resolution}x{self.resolution}")
+        self._summarise([str(i) for i in range(self.count)], [int(v) for v in self.labels])
+
+    def identity(self):
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.images).tobytes() + self.labels.astype(np.int64).tobytes())
+        return {"kind": self.kind, "path": self.spec, "resolution": self.resolution, "interpolation": "nearest",
+                "sha256": digest.hexdigest()}
+
+    def items(self, start=0):
+        for i in range(start, self.count):
+            yield Item(str(i), self.images[i], None, int(self.labels[i]))
+
+    def pixels(self, item, resolution):
+        if resolution != self.resolution:
+            raise ConfigError(f"{self.spec} is {self.resolution}×{self.resolution}: encode it at --resolution "
+                              f"{self.resolution} (or name digits:{resolution})")
+        return item.image
+
+
 def open_source(spec):
-    """The source named by ``spec``: a folder with captions.jsonl, a folder of .tar shards, a shard path or pattern."""
+    """The source named by ``spec``: ``digits:R``, a folder with captions.jsonl, a folder of .tar shards, a shard
+    path or pattern."""
+    from tract_repro.data.digits import source_resolution
+
+    resolution = source_resolution(spec)
+    if resolution is not None:
+        return DigitsSource(spec, resolution)
     path = Path(spec)
     if path.is_dir() and (path / CAPTIONS).is_file():
         return FolderSource(path, str(spec))
@@ -285,5 +340,5 @@ def open_source(spec):
             raise ConfigError(f"no {CAPTIONS} in {path} (and no .tar shards): write one line "
                               '{"file": "0001.png", "caption": "..."} per image, or point --source at shards')
         return ShardSource(spec)
-    raise ConfigError(f"source {spec} not found: give a folder with {CAPTIONS}, a folder of .tar shards, "
+    raise ConfigError(f"source {spec} not found: give digits:R, a folder with {CAPTIONS}, a folder of .tar shards, "
                       "or a shard path or brace pattern")

@@ -4,8 +4,11 @@ The interface of :class:`~tract_repro.data.arrays.ImageArrays` (``len``, ``shape
 ``name``, ``batch``), except that ``batch`` returns ``(x, cond)``: x the latents z (float64), cond a
 :class:`~tract_repro.common.conditioning.Cond` with ``labels`` (B,) int64 (the class labels of a
 class-conditional encoding, zeros otherwise) and, for a text-conditioned one, ``extra["text"]`` (B, L, D)
-float32 caption embeddings.  A decoder recovers the VAE's latent as z / scaling_factor (+ shift_factor).
+float32 caption embeddings.  ``decode(z)`` turns latents back into images, x = D(z / scaling_factor (+ shift_factor))
+with D the decoder of the VAE the manifest names (checked against the digests recorded when it encoded), and
+``pixels()`` is the image data set that was encoded (the real set evaluation compares samples with).
 """
+import json
 from pathlib import Path
 
 import gin
@@ -23,6 +26,8 @@ class LatentArrays:
     """Encoded latents, labels and caption embeddings read from memory-mapped ``.npy`` shards."""
 
     hflip = False  # a latent is not flipped: the flip of z is not the latent of the flipped image
+    encoded = True  # samples are latents: decode() makes them images, pixels() is the set that was encoded
+    decode_batch = 256
     bounded = False  # z is not confined to [−1, 1]: samplers leave x̂ unclipped (run.json "bounded")
 
     def __init__(self, folder):
@@ -51,11 +56,66 @@ class LatentArrays:
     def shape(self):
         return tuple(self.manifest["latent_shape"])
 
-    def __getstate__(self):  # memory maps are reopened, not pickled, in another process
-        return {k: v for k, v in self.__dict__.items() if k != "_maps"}
+    def __getstate__(self):  # memory maps and the VAE are reopened, not pickled, in another process
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_vae", "_pixels")}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _maps={})
+
+    @property
+    def model(self):
+        """The diffusers folder whose VAE encoded these latents (as the manifest names it)."""
+        return Path(self.manifest["model"])
+
+    @property
+    def decoder_digest(self):
+        """sha256 of the VAE files (config and weights) recorded when the latents were encoded: which decoder
+        ``decode`` is (a cache of decoded samples keys on it)."""
+        import hashlib
+
+        vae = sorted((k, v) for k, v in self.manifest["files_sha256"].items() if k.startswith("vae/"))
+        return hashlib.sha256(json.dumps(vae).encode()).hexdigest()
+
+    def _decoder(self):
+        """The encoding's VAE, loaded once, after its files are checked against the manifest's digests."""
+        if getattr(self, "_vae", None) is None:
+            from tract_repro.data.latent_models import check_model_folder, component_digests, load_vae
+
+            model = self.model
+            check_model_folder(model)
+            recorded = {k: v for k, v in self.manifest["files_sha256"].items() if k.startswith("vae/")}
+            now = {k: v for k, v in component_digests(model, False).items() if k.startswith("vae/")}
+            if now != recorded:
+                changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+                raise ConfigError(f"the VAE in {model} is not the one that encoded {self.folder} ({changed[0]} "
+                                  f"differs): restore it, or encode again with " + ENCODE.format(folder=self.folder))
+            self._vae = load_vae(model)
+        return self._vae
+
+    def decode(self, z):
+        """Images x = D(z / scaling_factor (+ shift_factor)) of latents z (N, C, h, w), decoded in batches of
+        ``decode_batch`` on the CPU in float32: (N, C_image, H, W) in z's dtype, unclipped."""
+        from tract_repro.data.latent_models import decode_latents
+
+        return decode_latents(self._decoder(), z.cpu(), self.scaling_factor, self.shift_factor,
+                              self.decode_batch).to(z.dtype)
+
+    def pixels(self):
+        """The images that were encoded, with their labels, as an :class:`ImageArrays` in the encoder's input space
+        (sample i is latent i's image); one line if the source has changed since it was encoded."""
+        if getattr(self, "_pixels", None) is None:
+            from tract_repro.data.arrays import ImageArrays
+            from tract_repro.data.latent_sources import open_source
+
+            source = open_source(self.manifest["source"]["path"])
+            if source.identity() != self.manifest["source"]:
+                raise ConfigError(f"the source {source.spec} has changed since it was encoded into {self.folder}: "
+                                  "encode it again with " + ENCODE.format(folder=self.folder))
+            resolution = int(self.manifest["resolution"])
+            images = np.stack([source.pixels(item, resolution) for item in source.items()])
+            labels = torch.from_numpy(self._rows("labels", np.arange(len(self))).astype(np.int64))
+            self._pixels = ImageArrays(torch.from_numpy(images), labels, self.num_classes, name=source.spec)
+        return self._pixels
 
     def _shard(self, kind, k):
         """Shard k's ``kind`` array, memory-mapped (opened once)."""

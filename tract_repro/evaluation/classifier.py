@@ -40,6 +40,23 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+#: the side of the images the classifier reads: scikit-learn's digits
+RESOLUTION = 8
+
+
+def at_classifier_resolution(images):
+    """Images (N, 1, R, R) as the classifier reads them: R = 8 as they are; a multiple of 8 (the latent digits' 32×32
+    decoded samples) area-averaged over (R/8)² blocks back to 8×8, which undoes exactly the nearest-neighbour
+    upsampling of :func:`tract_repro.data.digits.upsample`."""
+    side = images.shape[-1]
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[-2] != side or side % RESOLUTION:
+        raise ConfigError(f"digits-FD reads 1-channel square digits of side 8 or a multiple of 8, not images of shape "
+                          f"{tuple(images.shape[1:])}: evaluate other images with python -m tract_repro.evaluation.fid")
+    if side == RESOLUTION:
+        return images
+    return torch.nn.functional.avg_pool2d(images, side // RESOLUTION)
+
+
 def split(n, seed, test_fraction):
     """A seeded train/test split of n indices."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

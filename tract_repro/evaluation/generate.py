@@ -1,4 +1,9 @@
-"""Samples from a run's weights with one seed per sample (as EDM), so results don't depend on batching."""
+"""Samples from a run's weights with one seed per sample (as EDM), so results don't depend on batching.
+
+A run on an encoded data set (latents) samples latents, with x̂ unclipped (``clip = False``: ``FinishedRun.bounded``);
+``decode`` (the data set's own, ``data.decode``) turns each batch into images before it is clipped to [−1, 1], so
+everything downstream sees images either way.
+"""
 import functools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -22,11 +27,13 @@ def labels_from_seeds(seeds, num_classes):
 
 @torch.no_grad()
 def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim",
-                     device=None, extra=None):
+                     device=None, extra=None, decode=None, clip=True):
     """Yield x₀ samples (B, *shape) in [−1, 1] batch by batch, seed i → sample i (see :func:`generate`).
 
     ``device``: where the denoiser and ``grid`` live; noise and labels are drawn on the CPU per seed and moved
     there, and each batch comes back on the CPU.  ``extra``: {name: value} inputs every sample gets (guidance's w).
+    ``decode``: latents → images, applied to each batch before the clip (None: the samples are images).
+    ``clip``: whether the sampler clips x̂ to [−1, 1] (False for unbounded data, latents).
     """
     seeds = list(seeds)
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"{sampler} {steps} steps", leave=False, disable=None):
@@ -36,13 +43,16 @@ def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_s
         noise = noise_from_seeds(chunk, shape)
         if device is not None:
             noise, cond = noise.to(device), cond.to(device)
-        x = registry.sample(sampler, denoiser, grid, steps, noise, cond, seeds=chunk).clamp(-1, 1)
+        x = registry.sample(sampler, denoiser, grid, steps, noise, cond, seeds=chunk, clip=clip)
+        if decode is not None:
+            x = decode(x)
+        x = x.clamp(-1, 1)
         yield x if device is None else x.cpu()
 
 
 def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim", workers=1,
-             extra=None):
-    """x₀ samples (N, *shape) in [−1, 1], seed i → sample i.
+             extra=None, decode=None, clip=True):
+    """x₀ samples (N, *shape) in [−1, 1], seed i → sample i (images: ``decode``'s output shape where it is given).
 
     ``ddim``: K = ``steps`` clipped DDIM steps on the training grid (K must divide T).
     ``heun``: EDM's deterministic Heun sampler on the schedule's own K-step grid (2K − 1 network calls).
@@ -52,9 +62,10 @@ def generate(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500,
     seeds = list(seeds)
     if workers <= 1 or len(seeds) < 2:
         return torch.cat(list(generate_batches(denoiser, grid, steps, seeds, shape, num_classes, batch_size, desc, sampler,
-                                               extra=extra)))
+                                               extra=extra, decode=decode, clip=clip)))
     one_process = functools.partial(generate, denoiser, grid, steps, shape=shape, num_classes=num_classes,
-                                    batch_size=batch_size, desc=desc, sampler=sampler, extra=extra)
+                                    batch_size=batch_size, desc=desc, sampler=sampler, extra=extra, decode=decode,
+                                    clip=clip)
     return _forked(one_process, _shares(seeds, workers))
 
 
@@ -90,12 +101,15 @@ def _forked(sample, shares):
 
 
 def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_dir, num_classes=1, batch_size=500,
-                      workers=1, extra=None):
+                      workers=1, extra=None, decode=None, decoder=None, clip=True):
     """The teacher's ``steps``-step DDIM output for ``seeds`` (at the inputs ``extra``, e.g. a guidance weight),
-    computed once and cached by weights digest."""
+    computed once and cached by weights digest.  ``decode``: latents → images (its ``decoder`` digest, which the
+    cache key includes: a reference decoded by another VAE is another reference); ``clip``: as for
+    :func:`generate` (an unclipped reference is keyed apart)."""
     seeds = list(seeds)
     inputs = "".join(f"_{k}{v:g}" for k, v in sorted((extra or {}).items()))
-    key = f"{sha256(weights_file)[:16]}_ddim{steps}{inputs}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
+    decoded = (f"_dec{decoder[:12]}" if decode is not None and decoder else "") + ("" if clip else "_unclipped")
+    key = f"{sha256(weights_file)[:16]}_ddim{steps}{inputs}{decoded}_seeds{seeds[0]}-{seeds[-1]}_n{len(seeds)}"
     path = Path(cache_dir) / f"reference_{key}.pt"
     if path.is_file():
         try:
@@ -103,7 +117,7 @@ def teacher_reference(teacher, weights_file, grid, steps, seeds, shape, cache_di
         except UnreadableCheckpoint as exc:  # a cache: computed again
             print(f"warning: {exc}; computing the teacher reference again", flush=True)
     samples = generate(teacher, grid, steps, seeds, shape, num_classes, batch_size, desc=f"teacher reference {steps} steps",
-                       workers=workers, extra=extra)
+                       workers=workers, extra=extra, decode=decode, clip=clip)
     save_atomic({"samples": samples}, path)
     write_json(path.with_suffix(".json"), dict(weights=str(weights_file), steps=steps, seeds=[seeds[0], seeds[-1]], n=len(seeds)))
     return samples

@@ -9,6 +9,12 @@ Guided rows (``--w``) also get, in the same classifier feature space as digits-F
 (:mod:`.precision_recall`, k = 3) and, for class-conditional runs, the class-conditional FD
 (:func:`.frechet.class_conditional_distance`); their fidelity is to the model they distil, at the same w
 (:func:`fidelity_reference`).
+
+A run on an encoded data set (latent digits) is evaluated on its decoded samples: it samples with x̂ unclipped (its
+run.json's ``bounded``), each batch of latents goes through the data set's ``decode`` before it is clipped, the real set is the data set's ``pixels()`` (the images it encoded),
+the classifier reads both area-averaged to 8×8 (:func:`.classifier.at_classifier_resolution`), fidelity is the RMSE
+of decoded images, and the metrics add the autoencoder's reconstruction floor (:func:`reconstruction_floor`) beside
+the noise floor.
 """
 import hashlib
 from pathlib import Path
@@ -18,7 +24,7 @@ import torch
 from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_json
 from tract_repro.evaluation import frechet, precision_recall
-from tract_repro.evaluation.classifier import load_classifier, split
+from tract_repro.evaluation.classifier import at_classifier_resolution, load_classifier, split
 from tract_repro.evaluation.generate import generate, labels_from_seeds, rmse, teacher_reference
 from tract_repro.evaluation.runs import load_run, per_weight_outputs
 from tract_repro.networks.guidance import GuidedDenoiser, takes_input
@@ -36,10 +42,40 @@ def real_set(classifier, data, seed=0):
     """(statistics, noise floor, feature function, features) of the real set in the classifier's feature space;
     the noise floor is the FD between two seeded halves of it."""
     feature_fn = frechet.classifier_feature_fn(classifier)
-    real = frechet.custom_features(data.images, feature_fn)
+    real = frechet.custom_features(at_classifier_resolution(data.images), feature_fn)
     a, b = split(len(real), seed, 0.5)
     floor = frechet.frechet_distance(frechet.statistics(real[a.numpy()]), frechet.statistics(real[b.numpy()]))
     return frechet.statistics(real), floor, feature_fn, real
+
+
+def reconstruction_floor(classifier, images, reconstructions, seed=0):
+    """An autoencoder's floor under digits-FD, by the noise floor's protocol: the real set split into the same seeded
+    halves A and B, FD(reconstructions of A, real B), where the noise floor is FD(real A, real B) (a perfect
+    autoencoder scores the noise floor).  Reconstructions are clipped to [−1, 1] as samples are; both sets go through
+    :func:`.classifier.at_classifier_resolution`.  Returns {digits_fd_reconstruction_floor, digits_fd_noise_floor,
+    digits_fd_reconstructions_all (FD of all reconstructions against all real images, 0 when perfect), halves, seed}."""
+    feature_fn = frechet.classifier_feature_fn(classifier)
+    real = frechet.custom_features(at_classifier_resolution(images), feature_fn)
+    made = frechet.custom_features(at_classifier_resolution(reconstructions.clamp(-1, 1)), feature_fn)
+    a, b = (i.numpy() for i in split(len(real), seed, 0.5))
+    half_b = frechet.statistics(real[b])
+    return dict(digits_fd_reconstruction_floor=frechet.frechet_distance(frechet.statistics(made[a]), half_b),
+                digits_fd_noise_floor=frechet.frechet_distance(frechet.statistics(real[a]), half_b),
+                digits_fd_reconstructions_all=frechet.frechet_distance(frechet.statistics(made), frechet.statistics(real)),
+                halves=[len(a), len(b)], seed=seed)
+
+
+def decoding(run):
+    """(decode, decoder digest) of a run whose data set is encoded (latents), else (None, None)."""
+    data = run.data
+    if data is None or not getattr(data, "encoded", False):
+        return None, None
+    return data.decode, data.decoder_digest
+
+
+def real_images(data):
+    """The images a run's samples are compared with: an encoded data set's ``pixels()``, else the data set."""
+    return data.pixels() if getattr(data, "encoded", False) else data
 
 
 def precision_recall_real(real, n, seed=0):
@@ -114,11 +150,19 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
         registry.get(sampler).logsnrs(run.grid, k)
     for w in ws:
         conditioned(run, w), conditioned(teacher, w)
-    key = ("real", str(classifier), data_digest(run.data))
+    pixels, (decode, decoder) = real_images(run.data), decoding(run)
+    key = ("real", str(classifier), data_digest(pixels))
     if key not in shared:
         model = load_classifier(classifier)
-        shared[key] = (*real_set(model, run.data), model)
+        shared[key] = (*real_set(model, pixels), model)
     real_stats, floor, feature_fn, real_features, model = shared[key]
+    recon = None
+    if decode is not None:  # the autoencoder's floor: decoded latents of the real set against the real set
+        key = ("reconstruction", str(classifier), data_digest(pixels), decoder, str(getattr(run.data, "folder", "")))
+        if key not in shared:
+            z = run.data.batch(torch.arange(len(run.data)))[0]
+            shared[key] = reconstruction_floor(model, pixels.images, decode(z))
+        recon = shared[key]
     reference_steps = reference_steps_on(teacher.grid.T, reference_steps)
     labels = labels_from_seeds(seeds, classes) if classes > 1 else None
     guided = any(w is not None for w in ws)
@@ -133,15 +177,18 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
         key = ("reference", teacher_sha, role, reference_steps, first_seed, samples, w)
         if key not in shared:
             ref_denoiser, ref_extra, _ = conditioned(teacher, w)
+            ref_decode, ref_decoder = decoding(teacher)
             shared[key] = teacher_reference(ref_denoiser, teacher.weights, teacher.grid, reference_steps, seeds, shape,
-                                            cache, classes, batch_size, workers, extra=ref_extra)
+                                            cache, classes, batch_size, workers, extra=ref_extra, decode=ref_decode,
+                                            decoder=ref_decoder, clip=teacher.bounded)
         reference = shared[key]
         for k in steps:
             own_reference = teacher is run and k == reference_steps and sampler == "ddim"
             x = reference if own_reference else generate(denoiser, run.grid, k, seeds, shape, classes, batch_size,
                                                          desc=f"{run.path.name} {k} steps", sampler=sampler,
-                                                         workers=workers, extra=extra)
-            features = frechet.custom_features(x, feature_fn)
+                                                         workers=workers, extra=extra, decode=decode,
+                                                         clip=run.bounded)
+            features = frechet.custom_features(at_classifier_resolution(x), feature_fn)
             fd = frechet.frechet_distance(frechet.statistics(features), real_stats)
             row = dict(steps=k, nfe=calls * registry.network_calls(sampler, k), digits_fd=fd, fidelity_rmse=rmse(x, reference))
             if w is not None:
@@ -151,21 +198,27 @@ def evaluate_run(run_dir, steps=(1,), samples=1797, first_seed=0, classifier="ru
                 row["precision"], row["recall"] = precision_recall.precision_recall(pr_real, features)
                 if labels is not None:
                     class_fd = frechet.class_conditional_distance(features, labels.numpy(), real_features,
-                                                                  run.data.labels.numpy())
+                                                                  pixels.labels.numpy())
                     row["class_fd"], row["class_fd_per_class"] = class_fd["mean"], class_fd["per_class"]
             rows.setdefault(w, []).append(row)
             suffix = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
             name = (lambda tail: out_dir / (f"{out_w.stem}_{suffix}{tail}.png" if out_w else f"samples_{suffix}{tail}.png"))
-            save_grid(x[:100], name(""), scale=4)
+            scale = max(1, 32 // x.shape[-1])  # 8×8 digits ×4, 32×32 decoded digits ×1
+            save_grid(x[:100], name(""), scale=scale)
             if w is not None and labels is not None:
                 images, columns = by_class(x, labels, classes)
-                save_grid(images, name("_classes"), ncol=columns, scale=4)
+                save_grid(images, name("_classes"), ncol=columns, scale=scale)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info["schedule_steps"],
                    weights_sha256=sha256(run.weights), sampler=registry.get(sampler).description, ema="inference",
                    seeds=[first_seed, first_seed + samples - 1], samples=samples,
                    reference=dict(run=str(teacher.path), sampler="ddim", steps=reference_steps, role=role,
                                   weights_sha256=teacher_sha),
                    digits_fd_noise_floor=floor)
+    if recon is not None:  # a latent run: its autoencoder's floor beside the noise floor
+        metrics["digits_fd_reconstruction_floor"] = recon["digits_fd_reconstruction_floor"]
+        metrics["decoded"] = dict(decoder_sha256=decoder, x_hat_clipped=run.bounded,
+                                  classifier_input="decoded images area-averaged to 8x8",
+                                  digits_fd_reconstructions_all=recon["digits_fd_reconstructions_all"])
     if guided:  # how the guided rows' extra metrics were computed
         metrics["precision_recall"] = dict(k=precision_recall.K, feature_space="digits classifier (as digits-FD)",
                                            real_samples=len(pr_real), generated_samples=samples)
@@ -210,6 +263,7 @@ def class_metrics(classifier, x, labels):
     exactly uniform labels, 9.90 for the labels of seeds 0..499."""
     if labels is None:
         return {}
+    x = at_classifier_resolution(x)
     with torch.no_grad():
         logits = torch.cat([classifier(x[i:i + 500].float()) for i in range(0, len(x), 500)]).double()
     p = torch.softmax(logits, 1)

@@ -260,7 +260,8 @@ class Run:
 
     def save_samples(self, name, student_steps):
         """A grid of the inference EMA's ``student_steps``-step DDIM samples, seeds 0..grid_size − 1, conditioned on
-        the data set's ``grid_cond(grid_size)`` where it has one (captions, say), else on labels 0, 1, … in turn."""
+        the data set's ``grid_cond(grid_size)`` where it has one (captions, say), else on labels 0, 1, … in turn;
+        decoded into images by the data set's ``decode`` where it has one (latents)."""
         if not self.world.is_main:
             return
         o, data = self.o, self.data
@@ -272,6 +273,8 @@ class Run:
         with self.dev.autocast():
             x = registry.sample("ddim", self.state.inference_ema.module, self.grid, student_steps, noise, cond,
                                 clip=self.info["bounded"]).cpu()
+        decode = getattr(data, "decode", None)
+        x = x if decode is None else decode(x)
         self.files.save_grid(name, x.clamp(-1, 1), o.grid_scale)
         self.board.grid(student_steps, self.state.samples, x.clamp(-1, 1), o.grid_scale)
 
