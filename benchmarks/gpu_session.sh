@@ -17,3 +17,6 @@ python benchmarks/gpu.py --steps 20 --repeats 3 --only digits_teacher digits_tra
     ${OUT:+--json "$OUT/gpu_digits.json"}
 python benchmarks/gpu.py --steps 5 --repeats 2 --only imagenet64_tract --batch 64 --options tf32+bf16 tf32+bf16+fast \
     ${OUT:+--json "$OUT/gpu_imagenet64.json"}
+# a Stable Diffusion-sized UNet step behind the adapter (bf16 autocast, SDPA), with and without diffusers' checkpointing
+python benchmarks/latent_unet.py --batch 16 --steps 5 2>&1 | tail -4
+python benchmarks/latent_unet.py --batch 32 --steps 5 --checkpointing 2>&1 | tail -3

@@ -44,3 +44,15 @@ def test_a_case_runs_from_its_run_file(run_step):
     assert row["case"] == "digits_teacher" and row["run_file"] == "gin/digits_teacher.gin"
     assert row["network_calls"] == "student fwd+bwd ×1" and row["parameters"] == 208369
     assert "train.tensorboard = False" in row["changed"] and KEYS <= set(row)
+
+
+def test_the_latent_benchmark_counts_a_stable_diffusion_1_5_unet(monkeypatch):
+    """benchmarks/latent_unet.py builds SD 1.5's UNet (859,520,964 parameters) behind the adapter and counts its
+    FLOPs on the meta device: the update (forward + backward) costs between 2 and 3.5 forward passes."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("latent_unet", None)
+    import latent_unet
+
+    forward, update, params = latent_unet.flops_per_sample()
+    assert params == 859_520_964
+    assert 700e9 < forward < 900e9 and 2.0 * forward < update < 3.5 * forward
