@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) -m tract_repro.launch
 
-.PHONY: setup lock test digits digits-table1 digits-guided digits-guided-ablations digits-sweep bench
+.PHONY: setup lock test digits digits-latent digits-table1 digits-guided digits-guided-ablations digits-sweep bench
 
 # Installs the pinned environment (requirements.lock), then the project itself without resolving again.
 $(VENV)/.installed: pyproject.toml requirements.lock
@@ -45,6 +45,12 @@ digits: setup
 	$(REPRO) $(DIGITS_GUIDED)
 	@echo "tables: results/table1.md results/table3.md results/table4.md results/table5.md results/table6.md results/btd_vs_tract.md results/table1_edm.md results/guided.md"
 	@echo "plots and sample grids: results/digits/*.png (guided: results/digits/guided.png, guided_grids.png), results/digits/eval/*/s0_1steps.png"
+
+# The latent embedded default: Table 1 on latent digits (docs/latent-digits.md): classifier → the digits VAE →
+# its latents → the class-conditional latent teacher → BTD and TRACT students → results/table1_latent.md.
+digits-latent: setup
+	$(REPRO) digits_table1_latent
+	@echo "table: results/table1_latent.md; plot: results/digits/table1_latent.png"
 
 # Guided distillation alone (Meng et al.: guided teacher, stage 1, BTD/TRACT/stochastic students at w = 0…4).
 digits-guided: setup

@@ -34,6 +34,8 @@ from tract_repro.common.errors import ConfigError, one_line
 
 CLASSIFIER_DIR = f"{DIGITS_RUNS}/classifier"
 CACHE_DIR = f"{DIGITS_RUNS}/cache"
+VAE_DIR = f"{DIGITS_RUNS}/vae"       # the latent digits' autoencoder (docs/latent-digits.md)
+LATENT_DIR = "data/latent_digits"   # its latents of the 32×32 digits: the `latents: true` runs' data set
 EVAL_DIR = "results/digits/eval"
 PIPELINES = "pipelines"
 TABLE_ORDER = ("table1", "table1_edm", "table3", "table4", "table5", "table6", "btd_vs_tract")  # own shared stages first
@@ -51,10 +53,27 @@ def teacher_stage(name, template):
     total = template.get("total", "teacher_total")
     teacher = template.get("teacher")
     start = [] if teacher is None else [f"--gin {quote(f'TEACHER = {run_dir(teacher)!r}')}"]
+    data = [LATENT_DIR] if template.get("latents") else []
     return dict(cmd=" ".join([LAUNCH, template["gin"], f"--gin \"TOTAL = '${{digits.{total}}}'\"", *start,
                               f"--executor local --workdir {run_dir(name)}"]),
-                deps=gin_deps(template["gin"]) + ([] if teacher is None else [run_dir(teacher)]),
+                deps=gin_deps(template["gin"]) + ([] if teacher is None else [run_dir(teacher)]) + data,
                 params=[f"digits.{total}"], outs=[run_dir(name)])
+
+
+def latent_stages():
+    """The latent digits' autoencoder (trained after the classifier, which scores its reconstruction floor) and
+    the encoding of the 32×32 digits into its latents (docs/latent-digits.md)."""
+    code = ["tract_repro/data/autoencoder.py", "tract_repro/data/digits.py", "tract_repro/train_vae.py"]
+    encoding = ["tract_repro/data/latent_encoding.py", "tract_repro/data/latent_sources.py",
+                "tract_repro/data/latent_models.py", "tract_repro/encode_latents.py"]
+    return {
+        "digits_vae": dict(cmd=f"python -m tract_repro.train_vae --out {VAE_DIR} --classifier {CLASSIFIER_DIR} "
+                               f"--gin \"train_vae.steps = ${{digits.vae_steps}}\"",
+                           deps=[*code, CLASSIFIER_DIR], params=["digits.vae_steps"], outs=[VAE_DIR]),
+        "digits_latents": dict(cmd=f"python -m tract_repro.encode_latents --model {VAE_DIR} --source digits:32 "
+                                   f"--out {LATENT_DIR} --device cpu",
+                               deps=[*encoding, VAE_DIR], outs=[LATENT_DIR]),
+    }
 
 
 def phase_stage(phase):
@@ -138,6 +157,8 @@ def build_digits(tables, templates, params):
         params=["digits.classifier_epochs"], outs=[CLASSIFIER_DIR])}
     used = {e["teacher"] for e in evaluations}
     used |= {before for name in list(used) for before in teachers_of(name, templates)}
+    if any(templates[name].get("latents") for name in used):
+        stages.update(latent_stages())
     for name, template in templates.items():
         if trained_once(template) and name in used:
             stages[f"digits_{name}"] = teacher_stage(name, template)

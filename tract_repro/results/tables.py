@@ -49,9 +49,10 @@ def digits_scores(table, eval_dir=EVAL_DIR):
             if hit:
                 records.append(dict(row=row["id"], seed=seed, nfe=hit[0]["nfe"], digits_fd=hit[0]["digits_fd"],
                                     fidelity_rmse=hit[0]["fidelity_rmse"], noise_floor=metrics["digits_fd_noise_floor"],
-                                    samples=metrics["samples"]))
+                                    samples=metrics["samples"],
+                                    reconstruction_floor=metrics.get("digits_fd_reconstruction_floor", float("nan"))))
     return pd.DataFrame.from_records(records, columns=["row", "seed", "nfe", "digits_fd", "fidelity_rmse",
-                                                       "noise_floor", "samples"])
+                                                       "noise_floor", "samples", "reconstruction_floor"])
 
 
 def training_curves(table, runs_root="runs/digits", evaluation_of=None):
@@ -201,8 +202,11 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
                      + (f"; {sum(o['holds'] for o in held_paper)} of {len(held_paper)} claimed pairwise orderings hold."
                         if held_paper else "."))
     if "noise_floor" in summary.attrs:
+        recon = summary.attrs.get("reconstruction_floor")  # latent runs: the autoencoder's floor (decoded reals)
         lines.append(f"digits-FD noise floor (two halves of the real set): {summary.attrs['noise_floor']:.2f}; "
-                     f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
+                     + (f"reconstruction floor (the autoencoder's reconstructions of one half against the other): "
+                        f"{recon:.2f}; " if recon is not None else "")
+                     + f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
     lines.append("Confidence letters and sources are those of `docs/paper-numbers.md` (P primary, S reliable secondary, "
                  "M machine-generated secondary, U uncertain). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale)"
                  + (" or `dvc repro " + table["table"] + "` (paper scale)." if any(r.get("paper_scale") for r in table["rows"])
@@ -304,6 +308,8 @@ def main(argv=None):
         summary = summarise(scores)
         if not scores.empty:
             summary.attrs.update(noise_floor=scores.noise_floor.mean(), samples=int(scores.samples.iloc[0]))
+            if scores.reconstruction_floor.notna().any():
+                summary.attrs.update(reconstruction_floor=scores.reconstruction_floor.mean())
         orderings = check_orderings(table, summary)
         if paper_mode:
             paper_scale = paper_scores(table)
