@@ -391,3 +391,21 @@ def test_a_folder_without_model_index_is_refused_through_launch_and_nothing_is_w
     assert done.returncode == 2 and "no model_index.json" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_clipping_method_on_latents_is_refused_through_launch_and_nothing_is_written(folders, tmp_path):
+    """TRACT clips its teacher's x̂ to [−1, 1] by default (the official code's rule for pixels); latents are not
+    bounded there, so TRACT on a latent data set with clip on is one line naming TRACT.clip = False."""
+    text = V_FINE_TUNE.format(folder=folders["text"], text=TEXT).replace(
+        "train.method = @TeacherTraining()\nTeacherTraining.sample_steps = 4\nTeacherTraining.p_uncond = 0.25\n",
+        f"train.method = @TRACT()\nTRACT.schedule = (64, 8, 1)\ntrain.teacher = '{folders['text']}'\n"
+    ).replace("train.parameterisation = 'v'", "train.parameterisation = 'eps'")  # the tiny folder's ε teacher
+    gin_file = tmp_path / "tract.gin"
+    gin_file.write_text(text)
+    done = launch(gin_file, tmp_path / "run")
+    assert done.returncode == 2 and "set TRACT.clip = False" in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    gin_file.write_text(text + "TRACT.clip = False\ntrain.total = 8\n")
+    done = launch(gin_file, tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]

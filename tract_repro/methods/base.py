@@ -95,6 +95,8 @@ class Method(abc.ABC):
     p_uncond = 0.0
     #: the loss weighting w(λ) of a diffusion loss, or None (it names the known divergences in errors)
     weight_fn = None
+    #: whether the targets' teacher steps clip x̂ to [−1, 1] (only meaningful for data bounded there: pixels)
+    clip = False
 
     @property
     def guided(self):

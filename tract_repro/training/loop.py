@@ -85,6 +85,10 @@ class Run:
         o, phases = self.o, self.phases
         student = self.dev.prepare(o.build_denoiser(self.grid.schedule))
         o.method.check(student, self.data)
+        if o.method.clip and not bounded(self.data):
+            name = type(o.method).__name__
+            raise ConfigError(f"{name}.clip = True clips the teacher's x̂ to [−1, 1], but this data set is not bounded "
+                              f"there (latents): set {name}.clip = False")
         info = dict(method=type(o.method).__name__, schedule_steps=list(o.method.steps(self.grid.T)), T=self.grid.T,
                     parameterisation=o.parameterisation, noise_schedule=type(self.grid.schedule).__name__,
                     batch_size=o.batch_size, world_size=self.world.size, accumulate=int(o.accumulate), seed=o.seed,
