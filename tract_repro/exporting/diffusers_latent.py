@@ -10,7 +10,8 @@ UNet weight: diffusers encodes the empty prompt itself).  Our K-step DDIM on the
     set_alpha_to_one = True         the last step lands on ᾱ(−1) = 1 (λ = +∞), where DDIM returns x̂ itself;
     clip_sample = False             latents are unbounded, so our sampler leaves x̂ unclipped (run.json "bounded");
     prediction_type                 v → "v_prediction", eps → "epsilon" (x and both have no diffusers twin here);
-    β schedule, steps_offset = 0    the teacher's β_n, and no shift of the timesteps.
+    β schedule, steps_offset = 1    the teacher's β_n; trailing spacing never reads the offset (1 is what
+                                    StableDiffusionPipeline expects: 0 makes it warn and rewrite the config).
 
 diffusers steps from t to t − N//K, so a K-step sample is ours when K divides N and T.  A text model becomes a
 ``StableDiffusionPipeline`` with the teacher folder's ``vae/``, ``text_encoder/`` and ``tokenizer/`` copied; a
@@ -121,7 +122,7 @@ def scheduler(run):
     schedule = run.grid.schedule
     return DDIMScheduler(num_train_timesteps=schedule.N, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
                          beta_schedule=schedule.beta_schedule, trained_betas=None, clip_sample=False,
-                         set_alpha_to_one=True, steps_offset=0, prediction_type=PREDICTION_TYPES[
+                         set_alpha_to_one=True, steps_offset=1, prediction_type=PREDICTION_TYPES[
                              run.denoiser.parameterisation], thresholding=False, timestep_spacing="trailing",
                          rescale_betas_zero_snr=False)
 
@@ -214,7 +215,7 @@ def card(run):
              f"of 50 steps is not this model's):", "", "```python", "import torch", *load, "```", "",
              "## What maps onto diffusers", "", what,
              f"- `scheduler/`: DDIMScheduler with `timestep_spacing=\"trailing\"`, `set_alpha_to_one=True`, "
-             f"`clip_sample=False`, `prediction_type=\"{prediction}\"`, the teacher's β schedule and `steps_offset=0`: "
+             f"`clip_sample=False`, `prediction_type=\"{prediction}\"`, the teacher's β schedule and `steps_offset=1`: "
              f"its K steps are tract-repro's K-step DDIM (unclipped x̂, latents) for K in {steps} (K dividing T = "
              f"{run.grid.T} and the {run.grid.schedule.N} trained timesteps).",
              f"- The same sample as tract-repro's from standard noise z: pass `latents = {sigma:.6f}·z` (σ at the "
