@@ -13,6 +13,7 @@ import torch
 
 from tests import tiny_diffusers as tiny
 from tests.test_methods import phase_of
+from tests.tiny_latents import CPU_RUN
 from tract_repro.common.errors import ConfigError
 from tract_repro.diffusion.ddim import ddim_step
 from tract_repro.diffusion.grid import TimeGrid
@@ -274,17 +275,8 @@ TeacherTraining.sample_steps = 4
 TeacherTraining.p_uncond = 0.25
 train.batch_size = 4
 train.total = 12
-train.threads = 1
-train.log_every = 4
 train.checkpoint_every = 8
-train.grid_size = 2
-train.grid_max_steps = 4
-train.tensorboard = False
-train.device = @Device()
-Device.name = 'cpu'
-adam.lr = 1e-3
-inference_ema_momentum.momentum = 0.5
-"""
+""" + CPU_RUN
 
 
 def launch(gin_file, workdir):

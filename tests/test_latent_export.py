@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from tests import tiny_diffusers as tiny
+from tests.test_export import listing, refused
+from tests.tiny_latents import CPU_RUN
 from tract_repro.data.latent_models import Encoders
 from tract_repro.evaluation.runs import load_run
 from tract_repro.export import main
@@ -62,17 +64,8 @@ train.method = @BTD()
 BTD.final_steps = {final}
 train.batch_size = 4
 train.total = {total}
-train.threads = 1
-train.log_every = 4
 train.checkpoint_every = 64
-train.grid_size = 2
-train.grid_max_steps = 4
-train.tensorboard = False
-train.device = @Device()
-Device.name = 'cpu'
-adam.lr = 1e-3
-inference_ema_momentum.momentum = 0.5
-"""
+""" + CPU_RUN
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +93,6 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
-
-
-def listing(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def export(run, out):
@@ -220,16 +209,6 @@ def test_a_class_student_is_a_diffusers_pipeline_of_stock_components(runs, tmp_p
     assert decoded.shape == (2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
     with pytest.raises(ValueError, match="class_labels must be classes 0..9"):
         pipe(class_labels=[10], num_inference_steps=1)
-
-
-def refused(args, capsys, expect, folder):
-    """Exit status 2, one line containing ``expect``, and ``folder`` byte for byte as it was."""
-    before = listing(folder)
-    capsys.readouterr()
-    assert main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and expect in err, err
-    assert listing(folder) == before
 
 
 def test_an_x_head_and_an_existing_folder_are_refused_and_nothing_is_written(runs, tmp_path, capsys):

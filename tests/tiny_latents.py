@@ -40,6 +40,20 @@ class TinyLatents:
         return self.cond(torch.arange(n) % len(self))
 
 
+#: the settings every tiny latent run of the tests shares (one thread on the CPU, small logs and grids); a run file
+#: appends it and sets its own train.checkpoint_every
+CPU_RUN = """train.threads = 1
+train.log_every = 4
+train.grid_size = 2
+train.grid_max_steps = 4
+train.tensorboard = False
+train.device = @Device()
+Device.name = 'cpu'
+adam.lr = 1e-3
+inference_ema_momentum.momentum = 0.5
+"""
+
+
 @gin.configurable
 def tiny_latents(n=32, channels=4, size=8, num_classes=10, text_shape=None, seed=0):
     """``n`` latents (channels, size, size) ~ N(0, I); class labels, or (text_shape = (L, D)) caption embeddings."""
