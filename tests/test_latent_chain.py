@@ -8,6 +8,7 @@ gives the same 1-step latents from the same starting latents, to test_latent_exp
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -57,9 +58,10 @@ def captioned_images(folder):
     return folder
 
 
-def test_the_latent_chain_runs_as_a_user_runs_it(tmp_path, monkeypatch):
-    from diffusers import StableDiffusionPipeline
-
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Steps (1)-(3) as a user runs them: encode, v fine-tune, TRACT; returns the folders."""
+    tmp_path = tmp_path_factory.mktemp("chain")
     folder = tiny.stable_diffusion_folder(tmp_path / "sd")  # ε prediction: the v fine-tune changes the head
     images = captioned_images(tmp_path / "images")
 
@@ -90,6 +92,15 @@ def test_the_latent_chain_runs_as_a_user_runs_it(tmp_path, monkeypatch):
     student_dir = tmp_path / "student"
     ok(launch(tmp_path / "tract.gin", student_dir), "launch (TRACT)")
     assert json.loads((student_dir / "run.json").read_text())["status"] == "complete"
+    return types.SimpleNamespace(tmp=tmp_path, folder=folder, encoded=encoded, data=data, teacher=teacher,
+                                 student=student_dir)
+
+
+def test_the_latent_chain_runs_as_a_user_runs_it(chain, tmp_path, monkeypatch):
+    """(4)-(5): the student sampled by us and, exported, by the stock pipeline, from the same latents."""
+    from diffusers import StableDiffusionPipeline
+
+    data, student_dir = chain.data, chain.student
 
     # (4) our 1-step DDIM of the student from fixed noise and captions of the encoding
     student = load_run(student_dir, with_data=False)
@@ -109,3 +120,84 @@ def test_the_latent_chain_runs_as_a_user_runs_it(tmp_path, monkeypatch):
     theirs = pipe(prompt_embeds=cond.extra["text"].float(), num_inference_steps=1, guidance_scale=1.0,
                   latents=latents, output_type="latent").images
     print("TRACT student from the v fine-tune, K = 1: max |Δ| = %.3g, relative %.3g" % close(theirs, mine))
+
+
+def _expected_images(chain, student, seeds):
+    """Our 1-step DDIM of ``seeds`` with caption s mod N of the encoding, decoded by its VAE and clipped: (S, 3, H, W)."""
+    from tract_repro.sampling import registry
+    from tract_repro.sampling.samplers import noise_from_seeds
+
+    cond = chain.data.cond([s % N for s in seeds])
+    z = registry.sample("ddim", student.denoiser, student.grid, 1, noise_from_seeds(seeds, chain.data.shape), cond,
+                        seeds=list(seeds), clip=False)
+    return chain.data.decode(z).clamp(-1, 1)
+
+
+def test_a_text_to_image_student_is_scored_on_decoded_images_with_their_captions(chain, tmp_path):
+    """(6) evaluation as ``fid evaluate RUN --prompts FOLDER --clip DIR`` does it, with a stand-in for Inception
+    (offline): the reference is the encoded images', samples are decoded latents with caption s mod N for seed s
+    (20 seeds wrap the 16 captions), FID and the CLIP score equal a direct computation on those images, and the
+    grid carries the captions; ``fid sample --prompts`` dumps the same images with their captions."""
+    from PIL import Image
+
+    from tests.test_fid import FakeExtractor
+    from tract_repro.evaluation import fid, frechet
+    from tract_repro.evaluation.clip_score import ClipScorer
+    from tract_repro.evaluation.dump import dump_samples
+    from tract_repro.evaluation.inception import ImageFeatures
+    from tract_repro.evaluation.references import latent_reference, load_reference
+    from tract_repro.sampling.images import to_uint8
+
+    clip = tiny.clip_folder(tmp_path / "clip")
+    features = ImageFeatures(FakeExtractor(), resize=lambda a: a, workers=1)
+    ref = latent_reference(tmp_path / "ref.npz", chain.encoded, features, batch_size=5)
+    stats, meta = load_reference(ref)
+    assert meta["images"] == N and tuple(meta["shape"]) == (3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    real = torch.cat(list(chain.data.image_batches(7)))
+    torch.testing.assert_close(real, chain.data.pixels().images.float())  # streamed = the set that was encoded
+
+    seeds = range(20)
+    out = tmp_path / "eval" / "fid.json"
+    metrics = fid.evaluate_fid(chain.student, (1,), ref, (0,), len(seeds), batch_size=8, extractor_factory=FakeExtractor,
+                               resize=lambda a: a, out=out, prompts=chain.encoded, clip=clip)
+    student = load_run(chain.student, with_data=False)
+    images = _expected_images(chain, student, seeds)
+    captions = [chain.data.captions([s % N])[0] for s in seeds]
+    row = metrics["results"][0]
+    direct_fid = frechet.frechet_distance(frechet.statistics(features(to_uint8(images))), stats)
+    assert row["fid"][0] == pytest.approx(direct_fid, rel=1e-9)
+    assert row["clip_score"][0] == pytest.approx(ClipScorer(clip)(images, captions)["clip_score"], abs=1e-5)
+    assert metrics["prompts"]["wraps"] and metrics["prompts"]["captions"] == N
+    assert metrics["decoded"]["x_hat_clipped"] is False and metrics["clip"]["model"]["folder"] == "clip"
+    grid = Image.open(out.with_name("fid_1steps.png"))
+    assert grid.width == 4 * (tiny.IMAGE_SIZE + 4) + 4 and grid.height > 4 * tiny.IMAGE_SIZE  # 4 a row, text below
+
+    dumped = dump_samples(chain.student, 1, len(seeds), tmp_path / "s.npz", prompts=chain.encoded, batch_size=6)
+    assert torch.equal(torch.from_numpy(dumped["arr_0"]).permute(0, 3, 1, 2), to_uint8(images))
+    assert list(dumped["captions"]) == captions
+
+
+def test_a_text_to_image_run_without_its_prompts_stops_in_one_line(chain, tmp_path):
+    from tract_repro.common.errors import ConfigError
+    from tract_repro.evaluation import fid
+    from tract_repro.evaluation.references import save_reference
+
+    ref = save_reference(tmp_path / "ref.npz", np.zeros(5), np.eye(5), protocol="tract", dataset="x", images=1,
+                         shape=(3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))
+    run = dict(run_dir=chain.student, steps=(1,), reference=ref, first_seeds=(0,), samples=4, extractor_factory=object)
+    with pytest.raises(ConfigError, match="text-to-image run: give the captions to sample with, --prompts FOLDER"):
+        fid.evaluate_fid(**run)
+    with pytest.raises(ConfigError, match="--clip scores samples against their captions: give the captions with --prompts"):
+        fid.evaluate_fid(**run, clip=tmp_path)
+    other = tmp_path / "other"  # an encoding whose text encoder is another one
+    other.mkdir()
+    for f in chain.encoded.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((other / "latents.json").read_text())
+    key = next(k for k in manifest["files_sha256"] if k.startswith("text_encoder/"))
+    manifest["files_sha256"][key] = "0" * 64
+    (other / "latents.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="was encoded with the text encoder of .*encode the prompts with its model"):
+        fid.evaluate_fid(**run, prompts=other)
+    assert not (chain.student / "eval").exists()  # nothing written
+    assert fid.main(["reference", "latents", "--out", str(tmp_path / "r.npz")]) == 2  # --root is required

@@ -116,6 +116,10 @@ class Source:
         self.has_labels = all(have)
         self.max_label = max(labels) if self.has_labels else None
 
+    def captions(self):
+        """Every sample's caption (None where it has none), in order, without reading an image."""
+        return list(self._captions)
+
     def require_captions(self, why):
         """One line naming the first samples without a caption, if there are any."""
         if self.keys_without_caption:
@@ -150,6 +154,7 @@ class FolderSource(Source):
             label = None if obj.get("label") is None else _label(obj["label"], f"{path}:{n}")
             self.entries.append((obj["file"], None if caption is None else str(caption), label))
         self.count = len(self.entries)
+        self._captions = [c for _, c, _ in self.entries]
         missing = [f for f, _, _ in self.entries if not (self.root / f).is_file()]
         if missing:
             raise ConfigError(f"{path} lists {len(missing)} images missing from {self.root}: {_names(missing)}; "
@@ -239,7 +244,7 @@ class ShardSource(Source):
         self.shards = shard_paths(spec)
         if not self.shards:
             raise ConfigError(f"{spec} holds no {CAPTIONS} and no .tar shards: add one or the other")
-        self.sizes, keys_without_caption, labels = [], [], []
+        self.sizes, keys_without_caption, labels, self._captions = [], [], [], []
         for shard in self.shards:
             if not shard.is_file():
                 raise ConfigError(f"cannot read shard {shard}: no such file; check the shard pattern")
@@ -251,6 +256,7 @@ class ShardSource(Source):
                 caption, label = _fields(sample, f"{shard}:{key}")
                 if caption is None:
                     keys_without_caption.append(f"{shard.name}:{key}")
+                self._captions.append(caption)
                 labels.append(label)
             self.sizes.append(len(samples))
         self.count = sum(self.sizes)
@@ -300,6 +306,7 @@ class DigitsSource(Source):
         self.images = data.images.numpy().astype(np.float32)
         self.labels = data.labels.numpy()
         self.count = len(self.images)
+        self._captions = [None] * self.count
         self.preprocess = (f"scikit-learn digits 8x8 in [0, 16] -> x = v / 8 - 1, nearest-neighbour upsampling to "
                            f"{self.resolution}x{self.resolution}")
         self._summarise([str(i) for i in range(self.count)], [int(v) for v in self.labels])

@@ -57,7 +57,7 @@ class LatentArrays:
         return tuple(self.manifest["latent_shape"])
 
     def __getstate__(self):  # memory maps and the VAE are reopened, not pickled, in another process
-        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_vae", "_pixels")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_vae", "_pixels", "_source")}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _maps={})
@@ -94,23 +94,60 @@ class LatentArrays:
 
     def decode(self, z):
         """Images x = D(z / scaling_factor (+ shift_factor)) of latents z (N, C, h, w), decoded in batches of
-        ``decode_batch`` on the CPU in float32: (N, C_image, H, W) in z's dtype, unclipped."""
+        ``decode_batch`` in float32 on z's device: (N, C_image, H, W) in z's dtype, unclipped."""
         from tract_repro.data.latent_models import decode_latents
 
-        return decode_latents(self._decoder(), z.cpu(), self.scaling_factor, self.shift_factor,
-                              self.decode_batch).to(z.dtype)
+        vae = self._decoder()
+        if next(vae.parameters()).device != z.device:
+            vae.to(z.device)
+        return decode_latents(vae, z, self.scaling_factor, self.shift_factor, self.decode_batch).to(z.dtype)
 
-    def pixels(self):
-        """The images that were encoded, with their labels, as an :class:`ImageArrays` in the encoder's input space
-        (sample i is latent i's image); one line if the source has changed since it was encoded."""
-        if getattr(self, "_pixels", None) is None:
-            from tract_repro.data.arrays import ImageArrays
+    @property
+    def image_shape(self):
+        """(C, H, W) of the decoded images: the VAE's output channels at the encoded resolution."""
+        config = json.loads((self.model / "vae" / "config.json").read_text())
+        resolution = int(self.manifest["resolution"])
+        return (int(config.get("out_channels", 3)), resolution, resolution)
+
+    def source(self):
+        """The source these latents were encoded from, opened once; one line if it has changed since."""
+        if getattr(self, "_source", None) is None:
             from tract_repro.data.latent_sources import open_source
 
             source = open_source(self.manifest["source"]["path"])
             if source.identity() != self.manifest["source"]:
                 raise ConfigError(f"the source {source.spec} has changed since it was encoded into {self.folder}: "
                                   "encode it again with " + ENCODE.format(folder=self.folder))
+            self._source = source
+        return self._source
+
+    def captions(self, idx):
+        """The caption strings of samples ``idx`` (as the source gives them), for a text-conditioned encoding."""
+        if not self.text:
+            raise ConfigError(f"{self.folder} holds no caption embeddings (encoded without text): encode a "
+                              "text-conditioned model's captions with " + ENCODE.format(folder=self.folder))
+        captions = self.source().captions()
+        return [captions[i] for i in self._indices(idx)]
+
+    def image_batches(self, batch=256):
+        """The encoded images, in order, ``batch`` at a time: (B, C, R, R) float32 in [−1, 1], read from the source
+        as the encoder read them (a reference set too large to hold in memory streams through this)."""
+        source, resolution, chunk = self.source(), int(self.manifest["resolution"]), []
+        for item in source.items():
+            chunk.append(source.pixels(item, resolution))
+            if len(chunk) == batch:
+                yield torch.from_numpy(np.stack(chunk))
+                chunk = []
+        if chunk:
+            yield torch.from_numpy(np.stack(chunk))
+
+    def pixels(self):
+        """The images that were encoded, with their labels, as an :class:`ImageArrays` in the encoder's input space
+        (sample i is latent i's image); one line if the source has changed since it was encoded."""
+        if getattr(self, "_pixels", None) is None:
+            from tract_repro.data.arrays import ImageArrays
+
+            source = self.source()
             resolution = int(self.manifest["resolution"])
             images = np.stack([source.pixels(item, resolution) for item in source.items()])
             labels = torch.from_numpy(self._rows("labels", np.arange(len(self))).astype(np.int64))

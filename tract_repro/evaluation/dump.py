@@ -6,7 +6,9 @@ evaluator's sample batches (``arr_0``), which EDM's ``fid.py`` and clean-fid rea
 images are written out; ``--png DIR`` writes one PNG per sample, ``<seed>.png``, the folder EDM's
 ``fid.py calc --images`` and clean-fid's ``compute_fid(folder, …)`` take.  Sample i comes from seed
 ``first_seed + i`` exactly as in every evaluation here (noise, label and, for the stochastic sampler,
-its re-noising draws from that seed alone).
+its re-noising draws from that seed alone).  A latent run's samples are decoded by its data set's VAE; a
+text-to-image run samples caption s mod N of ``--prompts`` (an encoded caption set) for seed s, and the
+``.npz`` keeps those captions (``captions``).
 """
 import io
 from pathlib import Path
@@ -31,11 +33,12 @@ def check_outputs(out, png):
 
 
 def dump_samples(run_dir, steps, samples, out, first_seed=0, sampler="ddim", w=None, png=None, batch_size=500,
-                 device="cpu", protocol="tract"):
+                 device="cpu", protocol="tract", prompts=None):
     """Write ``samples`` K-step samples of a finished run (its inference EMA) to ``out`` (and PNGs to ``png``)."""
     from tract_repro.evaluation.generate import generate_batches, labels_from_seeds
     from tract_repro.evaluation.metrics import conditioned
-    from tract_repro.evaluation.runs import image_shape, load_run
+    from tract_repro.evaluation.prompts import for_run
+    from tract_repro.evaluation.runs import load_run, sample_shape
     from tract_repro.sampling import registry
     from tract_repro.evaluation.protocols import get as get_protocol
 
@@ -44,21 +47,26 @@ def dump_samples(run_dir, steps, samples, out, first_seed=0, sampler="ddim", w=N
                           f"one step, and a first seed of at least 0")
     quantise = get_protocol(protocol).quantise
     check_outputs(out, png)
-    run = load_run(run_dir, with_data=False)
+    run = load_run(run_dir, with_data="encoded")
     registry.get(sampler).logsnrs(run.grid, steps)  # the sampler exists and takes K steps on this grid (one line)
     denoiser, extra, _ = conditioned(run, w)
-    shape = image_shape(run.denoiser)
+    shape = sample_shape(run)
+    decode = run.data.decode if getattr(run.data, "encoded", False) else None
+    prompt_set = for_run(run, prompts)
     classes = run.denoiser.net.num_classes if run.denoiser.conditional else 1
     device = torch.device(device)
     denoiser.to(device)
     seeds = range(first_seed, first_seed + samples)
     images = torch.cat([quantise(x) for x in generate_batches(denoiser, run.grid.to(device), steps, seeds, shape, classes,
                                                                batch_size, desc=f"{run.path.name} {steps} steps",
-                                                               sampler=sampler, device=device, extra=extra)])
+                                                               sampler=sampler, device=device, extra=extra,
+                                                               decode=decode, clip=run.bounded, prompts=prompt_set)])
     nhwc = images.permute(0, 2, 3, 1).numpy()
     arrays = dict(arr_0=nhwc, seeds=np.arange(first_seed, first_seed + samples))
     if classes > 1:
         arrays["arr_1"] = labels_from_seeds(seeds, classes).numpy()
+    if prompt_set is not None:
+        arrays["captions"] = np.array(prompt_set.captions(seeds), dtype=str)
     if png is not None:
         folder = Path(png)
         folder.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,9 @@ from tract_repro.common.errors import ConfigError
 from tract_repro.common.files import sha256, write_atomic, write_json
 from tract_repro.evaluation import frechet, protocols, sanity, sources
 from tract_repro.evaluation.inception import ImageFeatures, inception_extractor
-from tract_repro.evaluation.references import cifar10_reference, dataset_reference, file_reference, load_reference
-from tract_repro.evaluation.runs import image_shape, per_weight_outputs
+from tract_repro.evaluation.references import (cifar10_reference, dataset_reference, file_reference, latent_reference,
+                                               load_reference)
+from tract_repro.evaluation.runs import per_weight_outputs, sample_shape
 from tract_repro.sampling import registry
 
 FIRST_SEEDS = (0, 50_000, 100_000)
@@ -67,9 +68,15 @@ def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
 
 def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAMPLES, protocol=None, batch_size=500,
                  device="cpu", sampler="ddim", inception=None, extractor_factory=None, resize=None, out=None,
-                 grid_samples=100, ws=(None,), extrapolate_to=None):
+                 grid_samples=100, ws=(None,), extrapolate_to=None, prompts=None, clip=None, clip_batch=64):
     """FID of a finished run's inference-EMA samples at each guidance weight w in ``ws`` (None: unguided) and
     step count K, per seed range and mean ± std.
+
+    A run on latents (an encoded data set) samples latents unclipped and its data set's VAE decodes each batch
+    before the features; the reference is of images.  A text-to-image run takes its captions from ``prompts``
+    (an encoded caption set, :class:`~tract_repro.evaluation.prompts.Prompts`: seed s → caption s mod N), and
+    ``clip`` (a local CLIP folder) adds the CLIP score of each seed range's samples against their captions
+    (:mod:`tract_repro.evaluation.clip_score`); its grids carry the captions.
 
     ``protocol`` (default: the reference statistics') names the FID protocol.  ``extractor_factory(protocol=,
     path=, device=)`` builds the feature network (default: the protocol's Inception from local weights); it is
@@ -78,8 +85,9 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     """
     from tract_repro.evaluation.generate import generate_batches
     from tract_repro.evaluation.metrics import conditioned
+    from tract_repro.evaluation.prompts import for_run
     from tract_repro.evaluation.runs import load_run
-    from tract_repro.sampling.images import save_grid
+    from tract_repro.sampling.images import save_captioned_grid, save_grid
 
     ranges = seed_ranges(first_seeds, samples)
     if not steps or any(k < 1 for k in steps):
@@ -90,11 +98,22 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
     if made_with is not None and made_with != spec:
         raise ConfigError(f"reference statistics {reference} are of FID protocol {made_with.name!r}, not {spec.name!r}: "
                          f"compute a reference with --protocol {spec.name}")
-    run = load_run(run_dir, with_data=False)
-    shape = image_shape(run.denoiser)
-    if "shape" in ref and tuple(ref["shape"]) != shape:
+    if clip is not None and prompts is None:
+        raise ConfigError("--clip scores samples against their captions: give the captions with --prompts FOLDER too")
+    run = load_run(run_dir, with_data="encoded")
+    encoded = getattr(run.data, "encoded", False)
+    decode = run.data.decode if encoded else None
+    shape = sample_shape(run)
+    image = tuple(run.data.image_shape) if encoded else shape
+    if "shape" in ref and tuple(ref["shape"]) != image:
         raise ConfigError(f"reference statistics {reference} are of {ref['dataset']} images {ref['shape']}, but "
-                         f"{run.path} makes {shape}: use the reference of its dataset")
+                         f"{run.path} makes {image}: use the reference of its dataset")
+    prompt_set = for_run(run, prompts)
+    scorer = None
+    if clip is not None:
+        from tract_repro.evaluation.clip_score import ClipScorer
+
+        scorer = ClipScorer(clip, device)  # loaded once, before any sampling
     for w in ws:  # a run that takes no w, or a w-student without one: one line before any work
         conditioned(run, w)
     device = torch.device(device)
@@ -112,15 +131,26 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
         denoiser, extra, calls = conditioned(run, w)
         name = f"{k}steps" if w is None else f"{k}steps_w{w:g}"
         out = per_w[w] if per_w else single
-        fids, scores, extrapolated = [], [], []
+        fids, scores, extrapolated, clip_scores = [], [], [], []
         for r, seeds in enumerate(ranges):
-            feats = []
+            feats, cosines = [], []
             for b, x in enumerate(generate_batches(denoiser, grid, k, seeds, shape, classes, batch_size,
                                                    desc=f"{run.path.name} {name}, seeds {seeds.start}..",
-                                                   sampler=sampler, device=device, extra=extra)):
+                                                   sampler=sampler, device=device, extra=extra, decode=decode,
+                                                   clip=run.bounded, prompts=prompt_set)):
+                chunk = seeds[b * batch_size:b * batch_size + len(x)]
                 if r == 0 and b == 0 and grid_samples:
-                    save_grid(x[:grid_samples], out.with_name(f"{out.stem}_{name}.png"), scale=2)
+                    png = out.with_name(f"{out.stem}_{name}.png")
+                    if prompt_set is not None:  # captioned: a few images, at their own size
+                        few = min(grid_samples, 16)
+                        save_captioned_grid(x[:few], prompt_set.captions(chunk[:few]), png, ncol=4)
+                    else:
+                        save_grid(x[:grid_samples], png, scale=2 if image[-1] < 128 else 1)
                 feats.append(features(spec.quantise(x)))
+                if scorer is not None:
+                    cosines.append(scorer.cosines(x, prompt_set.captions(chunk), clip_batch, progress=False))
+            if cosines:
+                clip_scores.append(float((100 * torch.cat(cosines).clamp(min=0)).mean()))
             feats = np.concatenate(feats)
             fids.append(frechet.frechet_distance(frechet.statistics(feats), ref_stats))
             if extrapolate_to:
@@ -136,6 +166,9 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                    is_std=float(np.std(scores, ddof=STD_DDOF)) if len(scores) > 1 else None)
         if extrapolate_to:
             row.update(extrapolated_to=extrapolate_to, fid_extrapolated=extrapolated)
+        if clip_scores:
+            row.update(clip_score=clip_scores, clip_mean=float(np.mean(clip_scores)),
+                       clip_std=float(np.std(clip_scores, ddof=STD_DDOF)) if len(clip_scores) > 1 else None)
         rows.append(row if w is None else dict(w=w, **row))
     weights_file = sources.inception_file(spec.name, inception)
     metrics = dict(run=str(run.path), method=run.info["method"], schedule_steps=run.info.get("schedule_steps"),
@@ -147,6 +180,15 @@ def evaluate_fid(run_dir, steps, reference, first_seeds=FIRST_SEEDS, samples=SAM
                    inception=dict(path=str(weights_file), sha256=sha256(weights_file))
                    if weights_file.is_file() else None,
                    device=str(device), results=rows)
+    if encoded:
+        metrics["decoded"] = dict(decoder_sha256=run.data.decoder_digest, x_hat_clipped=run.bounded,
+                                  latents=str(run.data.folder), image_shape=list(image))
+    if prompt_set is not None:
+        metrics["prompts"] = prompt_set.record(ranges[0])
+    if scorer is not None:
+        from tract_repro.evaluation.clip_score import CONVENTION
+
+        metrics["clip"] = dict(convention=CONVENTION, model=scorer.record, per="seed range")
     if per_w:  # one file per guidance weight
         for w in ws:
             write_json(per_w[w], dict(metrics, results=[r for r in rows if r["w"] == w]), ensure_ascii=False)
@@ -206,13 +248,23 @@ def run(args):
         from tract_repro.evaluation.dump import dump_samples
 
         arrays = dump_samples(args.run, args.steps, args.samples, args.out, args.first_seed, args.sampler, args.w,
-                              args.png, args.batch, device, args.protocol)
+                              args.png, args.batch, device, args.protocol, args.prompts)
         print(f"{args.out}: {len(arrays['arr_0'])} samples {tuple(arrays['arr_0'].shape[1:])} uint8 NHWC, "
               f"{args.steps} {args.sampler} steps, seeds {args.first_seed}..{args.first_seed + args.samples - 1}"
               + (f"; PNGs in {args.png}" if args.png else ""))
         return 0
     if args.command == "reference":
-        if args.source == "file":
+        if args.dataset == "latents":
+            missing = sources.missing_inception(args.protocol, args.inception)
+            if missing:
+                raise ConfigError(missing)
+            from tract_repro.data.latents import LatentArrays
+
+            LatentArrays(args.root).source()  # the folder and its source, checked before the network is built
+            features = ImageFeatures(inception_extractor(protocol=args.protocol, path=args.inception, device=device),
+                                     args.protocol, device)
+            path = latent_reference(args.out, args.root, features, args.batch)
+        elif args.source == "file":
             path = file_reference(args.out, args.file, args.protocol, args.dataset)
         elif args.dataset == "cifar10" and args.source == "cleanfid":
             path = cifar10_reference(args.out, args.protocol)
@@ -245,12 +297,14 @@ def run(args):
     if missing:
         raise ConfigError(missing)
     metrics = evaluate_fid(args.run, args.steps, args.reference, args.seed_ranges, args.samples, args.protocol,
-                           args.batch, device, args.sampler, args.inception, out=args.out, ws=args.w or (None,))
+                           args.batch, device, args.sampler, args.inception, out=args.out, ws=args.w or (None,),
+                           prompts=args.prompts, clip=args.clip)
     for row in metrics["results"]:
         guided = f"w {row['w']:g}  " if "w" in row else ""
         best = f", best {row['fid_min']:.3f}" if protocols.get(row["protocol"]).best_of_ranges else ""
+        clip = f", CLIP score {row['clip_mean']:.2f}" if row.get("clip_mean") is not None else ""
         print(f"{args.run}: {row['steps']:>4} steps ({row['nfe']} NFE)  {guided}FID {row['fid_mean']:.3f} ± "
-              f"{row['fid_std'] or 0:.3f}{best} over {len(row['fid'])} seed ranges of {row['samples_per_range']} "
+              f"{row['fid_std'] or 0:.3f}{best}{clip} over {len(row['fid'])} seed ranges of {row['samples_per_range']} "
               f"(protocol {row['protocol']})")
     return 0
 
@@ -316,6 +370,8 @@ def _parser():
             p.add_argument("--w", type=float, help="guidance weight (s = 1 + w elsewhere)")
             p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT,
                            help="whose 8-bit quantiser (tract: round(127.5·(x + 1)); edm: ⌊127.5·x + 128⌋)")
+            p.add_argument("--prompts", metavar="FOLDER", help="text-to-image runs: an encoded caption set (seed s → "
+                                                               "caption s mod N); the captions go into the .npz")
         elif name == "evaluate":
             p.add_argument("run", help="a finished run directory (ema.pt, config.gin, run.json)")
             p.add_argument("--steps", type=int, nargs="+", required=True, help="sampler step counts K")
@@ -329,8 +385,15 @@ def _parser():
             p.add_argument("--protocol", choices=list(protocols.PROTOCOLS),
                            help="FID protocol: tract (the official TRACT code's), clean (clean-fid's) or edm (EDM's); "
                                 "default: the reference statistics'")
+            p.add_argument("--prompts", metavar="FOLDER",
+                           help="text-to-image runs: an encoded caption set (COCO 2014 validation for FID-30K); seed s "
+                                "→ caption s mod N")
+            p.add_argument("--clip", metavar="DIR", help="a local CLIP folder: add the CLIP score (100·max(cos, 0)) of "
+                                                         "the samples against their captions (needs --prompts)")
         else:
-            p.add_argument("dataset", choices=["cifar10", "imagenet64"])
+            p.add_argument("dataset", choices=["cifar10", "imagenet64", "latents"],
+                           help="latents: the images an encoded folder (--root) was encoded from, e.g. COCO 2014 "
+                                "validation for a text-to-image run's FID-30K")
             p.add_argument("--out", required=True, help="where to write the .npz")
             p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT,
                            help="FID protocol whose network computes the statistics")
@@ -374,6 +437,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command == "reference" and args.source == "file" and not args.file:
         raise ConfigError("reference --source file needs --file F.npz (statistics with mu and sigma)")
+    if args.command == "reference" and args.dataset == "latents" and not args.root:
+        raise ConfigError("reference latents needs --root, the encoded folder (e.g. data/coco2014_val_latents)")
     if args.command == "reference" and args.source != "file" and (args.dataset == "imagenet64" or args.source == "loader") \
             and not args.root:
         raise ConfigError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")

@@ -27,19 +27,23 @@ def labels_from_seeds(seeds, num_classes):
 
 @torch.no_grad()
 def generate_batches(denoiser, grid, steps, seeds, shape, num_classes=1, batch_size=500, desc=None, sampler="ddim",
-                     device=None, extra=None, decode=None, clip=True):
+                     device=None, extra=None, decode=None, clip=True, prompts=None):
     """Yield x₀ samples (B, *shape) in [−1, 1] batch by batch, seed i → sample i (see :func:`generate`).
 
     ``device``: where the denoiser and ``grid`` live; noise and labels are drawn on the CPU per seed and moved
     there, and each batch comes back on the CPU.  ``extra``: {name: value} inputs every sample gets (guidance's w).
     ``decode``: latents → images, applied to each batch before the clip (None: the samples are images).
     ``clip``: whether the sampler clips x̂ to [−1, 1] (False for unbounded data, latents).
+    ``prompts``: seeds → :class:`Cond` (a text-to-image run's captions, :class:`~tract_repro.evaluation.prompts.Prompts`),
+    instead of a class label per seed.
     """
     seeds = list(seeds)
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc or f"{sampler} {steps} steps", leave=False, disable=None):
         chunk = seeds[i:i + batch_size]
-        cond = Cond(labels_from_seeds(chunk, num_classes) if num_classes > 1 else None,
-                    {k: torch.full((len(chunk),), float(v), dtype=torch.float64) for k, v in (extra or {}).items()})
+        base = prompts.cond(chunk) if prompts is not None else \
+            Cond(labels_from_seeds(chunk, num_classes) if num_classes > 1 else None)
+        cond = Cond(base.labels, {**base.extra, **{k: torch.full((len(chunk),), float(v), dtype=torch.float64)
+                                                   for k, v in (extra or {}).items()}})
         noise = noise_from_seeds(chunk, shape)
         if device is not None:
             noise, cond = noise.to(device), cond.to(device)

@@ -100,3 +100,21 @@ def dataset_reference(out, images, features, dataset, batch_size=500):
     mu, sigma = frechet.statistics(np.concatenate(feats))
     return save_reference(out, mu, sigma, protocol=features.protocol, dataset=dataset, images=len(images),
                           shape=tuple(images.shape[1:]), source="computed from the training-set loader")
+
+
+def latent_reference(out, folder, features, batch_size=500):
+    """Statistics of the images an encoded folder was encoded from (e.g. COCO 2014 validation for FID-30K), streamed
+    from its source as the encoder read them (centre crop and resize to the encoded resolution), never all in memory."""
+    from tqdm import tqdm
+
+    from tract_repro.data.latents import LatentArrays
+    from tract_repro.sampling.images import to_uint8
+
+    data = LatentArrays(folder)
+    feats = [features(to_uint8(x)) for x in tqdm(data.image_batches(batch_size), desc=f"reference {folder}",
+                                                 total=-(-len(data) // batch_size), disable=None)]
+    mu, sigma = frechet.statistics(np.concatenate(feats))
+    return save_reference(out, mu, sigma, protocol=features.protocol, dataset=f"latents:{data.manifest['source']['path']}",
+                          images=len(data), shape=tuple(data.image_shape),
+                          source=f"the images encoded into {folder} ({data.manifest['source']['kind']} source, "
+                                 f"{data.manifest['resolution']} px)")

@@ -31,7 +31,9 @@ class FinishedRun:
 def load_run(path, with_data=True):
     """The run at ``path`` with its ema.pt loaded; one-line error if it isn't finished.
 
-    ``with_data = False`` leaves ``data`` None (image FID needs no training set in memory).
+    ``with_data = False`` leaves ``data`` None (image FID needs no training set in memory); ``"encoded"`` opens the
+    data set only for a run on encoded (unbounded) data, whose samples its ``decode`` makes images (latents open
+    memory-mapped, nothing is read into memory).
     """
     path = Path(path)
     weights, saved = path / "ema.pt", path / "config.gin"
@@ -42,10 +44,19 @@ def load_run(path, with_data=True):
         how = (f"finish it with `python -m tract_repro.launch {saved} --workdir {path}`" if saved.is_file()
                else f"train it with `python -m tract_repro.launch <its gin files> --workdir {path}`")
         raise ConfigError(f"{path} is not a finished run (no ema.pt): {how}, then evaluate it")
+    info = json.loads((path / "run.json").read_text())
+    if with_data == "encoded":
+        with_data = info.get("bounded", True) is False
     run = rebuild(saved.read_text(), path, with_data)
     run.denoiser.load_state_dict(ckpt.load(weights))
-    info = json.loads((path / "run.json").read_text())
     return FinishedRun(path, info, run.denoiser.eval().requires_grad_(False), run.grid, run.data, weights, run.options)
+
+
+def sample_shape(run):
+    """(C, H, W) of what a run's sampler draws: its data's latents for an encoded data set, else its images."""
+    if getattr(run.data, "encoded", False):
+        return tuple(run.data.shape)
+    return image_shape(run.denoiser)
 
 
 def image_shape(denoiser):

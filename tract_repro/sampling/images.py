@@ -44,3 +44,37 @@ def grid_image(x, ncol=None, scale=1, pad=1):
         r, q = divmod(k, ncol)
         canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img[k]
     return canvas
+
+
+def save_captioned_grid(x, captions, path, ncol=None, scale=1, lines=3):
+    """Tile images (N, C, H, W) in [−1, 1] into one PNG with each image's caption written under it (PIL's default
+    font, wrapped to the image's width, at most ``lines`` lines, the last cut with "...")."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    n, c, h, w = x.shape
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    font = ImageFont.load_default()
+    char_w = max(1, int(font.getlength("x")))
+    line_h = int(sum(font.getmetrics())) + 2
+    cell_w, pad = w * scale, 4
+    text_h = lines * line_h + pad
+    sheet = Image.new("RGB", (ncol * (cell_w + pad) + pad, nrow * (h * scale + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    pictures = to_uint8(x)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        left, top = pad + q * (cell_w + pad), pad + r * (h * scale + text_h + pad)
+        array = pictures[k].permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[:, :, 0] if c == 1 else array).convert("RGB")
+        sheet.paste(picture.resize((cell_w, h * scale), Image.NEAREST), (left, top))
+        wrapped = textwrap.wrap(str(captions[k] or ""), width=max(4, cell_w // char_w)) or [""]
+        if len(wrapped) > lines:
+            wrapped = wrapped[:lines - 1] + [wrapped[lines - 1][:-3] + "..."]
+        for j, line in enumerate(wrapped):
+            draw.text((left, top + h * scale + 2 + j * line_h), line, fill="black", font=font)
+    return write_atomic(path, lambda f: sheet.save(f, format="PNG"))
