@@ -201,3 +201,27 @@ def test_a_text_to_image_run_without_its_prompts_stops_in_one_line(chain, tmp_pa
         fid.evaluate_fid(**run, prompts=other)
     assert not (chain.student / "eval").exists()  # nothing written
     assert fid.main(["reference", "latents", "--out", str(tmp_path / "r.npz")]) == 2  # --root is required
+
+
+#: the only bindings that take the paper-scale SD 1.5 run files down to the tiny chain on the CPU: its folders, sizes
+#: and cadences; everything else (data, network, schedule, method, weighting, precision switches) is the files' own
+TINY_SD15 = ["train.batch_size = 4", "train.threads = 1", "train.checkpoint_every = 4", "train.log_every = 4",
+             "train.grid_every = None", "train.tensorboard = False", "Device.name = 'cpu'", "Device.autocast = None",
+             "Device.tf32 = False"]
+
+
+def test_the_paper_scale_sd15_run_files_train_the_tiny_chain_unchanged(chain, tmp_path):
+    """gin/sd15_v_finetune.gin and gin/sd15_tract.gin, as `dvc repro sd15` runs them, with only folders, sizes and
+    the CPU bound: the same code path as the paper scale (latents, diffusers folder, its schedule, gradient
+    checkpointing, the v fine-tune and TRACT unclipped)."""
+    folders = [f"MODEL = '{chain.folder}'", f"DATA = '{chain.encoded}'"]
+    runs = {"v": (["gin/sd15_v_finetune.gin"], ["TOTAL = '8'", "learning_rate.warmup = 0"]),
+            "tract": (["gin/sd15_tract.gin"], [f"TEACHER = '{chain.teacher}'", "T = 64", "SCHEDULE = (64, 8, 1)",
+                                               "TOTAL = '8'"])}
+    for name, (files, sizes) in runs.items():
+        args = [*files, *[a for b in folders + sizes + TINY_SD15 for a in ("--gin", b)], "--workdir", tmp_path / name]
+        ok(command("tract_repro.launch", *args), f"launch {files[0]}")
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["status"] == "complete" and info["bounded"] is False
+        assert info["noise_schedule"] == "DiscreteSchedule" and info["parameterisation"] == "v"
+    assert json.loads((tmp_path / "tract" / "run.json").read_text())["method"] == "TRACT"

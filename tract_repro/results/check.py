@@ -5,7 +5,9 @@
 
 A *setup* is a dataset with a teacher: ``cifar10_pd``, ``cifar10_edm``, ``imagenet64_pd``,
 ``imagenet64_edm``; or, for guided distillation, a dataset whose guided teacher the pipeline trains itself
-(``cifar10_guided``, ``imagenet64_guided``: no teacher file to fetch).  The check looks for the training data, the teacher file, the FID
+(``cifar10_guided``, ``imagenet64_guided``: no teacher file to fetch); or a latent setup (``sd15``: Stable
+Diffusion 1.5's diffusers folder, image–caption WebDataset shards to train on, COCO 2014 validation captions
+and images to evaluate on (``--prompts-data``) and a CLIP folder (``--clip``) for the CLIP score).  The check looks for the training data, the teacher file, the FID
 protocol's Inception weights, (CIFAR-10) clean-fid's precomputed training-set statistics of that protocol, the executor options file and
 (``--executor slurm``) SLURM's sbatch, and reports everything missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
 files and sizes) and ``OUT/teacher.json`` (the teacher's sha256): the identities that the
@@ -38,12 +40,33 @@ SETUPS = {
     # guided distillation: the class-conditional teacher with label dropout is trained by the pipeline (no public one)
     "cifar10_guided": ("cifar10", None, None),
     "imagenet64_guided": ("imagenet64", None, None),
+    # latent: a diffusers folder (safetensors only) fine-tuned to v by the pipeline, then distilled
+    "sd15": ("sd15", "Stable Diffusion 1.5 diffusers folder",
+             "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude '*.bin' '*.ckpt' "
+             "'*.fp16.*' --local-dir {path}"),
 }
+#: latent setups: what their evaluation prompts are, the resolution they are encoded at, and the CLIP to score with
+LATENT_SETUPS = {"sd15": dict(resolution=512, prompts="COCO 2014 validation", prompts_data="coco2014_val",
+                              clip="openai/clip-vit-large-patch14")}
+COCO_URL = "http://images.cocodataset.org"
+#: the components a text-to-image diffusers folder needs, and the weights file each is read from
+DIFFUSERS_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                   "tokenizer": None}
+
+
+def latent(setup):
+    return setup in LATENT_SETUPS
 
 
 def data_files(dataset, root):
     """([(relative name, size)] of the training files, or None) and the fetch instruction when they are missing."""
     root = Path(root)
+    if dataset in LATENT_SETUPS:
+        shards = sorted(p for p in root.glob("*.tar")) if root.is_dir() else []
+        if shards:
+            return [(p.name, p.stat().st_size) for p in shards], None
+        return None, (f"image-caption WebDataset shards (*.tar) not found in {root}/: write LAION-style shards there "
+                      f"(img2dataset --output_format webdataset: key.jpg with key.txt, the caption, per sample)")
     if dataset == "cifar10":
         folder = root / "cifar-10-batches-py"
         files = [folder / f"data_batch_{i}" for i in range(1, 6)]
@@ -60,14 +83,54 @@ def data_files(dataset, root):
                   f"{IMAGENET64_URL} into {root}/")
 
 
-def check(setup, data, teacher, inception, protocol="tract", executor="inline", cluster=None):
+def diffusers_folder_problem(folder, what, fetch):
+    """None, or one line: what a text-to-image diffusers folder lacks (model_index.json, a component, its
+    safetensors weights; a pickled ``.bin`` alone is not read), and how to fetch it."""
+    folder = Path(folder) if folder else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return f"{what} {folder} not found (no model_index.json): {fetch.format(path=folder)}"
+    for part, weights in DIFFUSERS_PARTS.items():
+        if not (folder / part).is_dir():
+            return f"{what} {folder} has no {part}/: {fetch.format(path=folder)}"
+        if weights and not any((folder / part).glob(f"{weights}.safetensors*")) \
+                and not (folder / part / f"{weights}.safetensors.index.json").is_file():
+            return (f"{what} {folder}/{part} has no {weights}.safetensors (pickled weights are not loaded): "
+                    f"{fetch.format(path=folder)}")
+    return None
+
+
+def prompts_problem(setup, root):
+    """None, or one line: the evaluation captions and images of a latent setup, and how to make them."""
+    root = Path(root) if root else None
+    if root is not None and ((root / "captions.jsonl").is_file() or any(root.glob("*.tar"))):
+        return None
+    return (f"{LATENT_SETUPS[setup]['prompts']} captions not found in {root}/: download {COCO_URL}/zips/val2014.zip and "
+            f"{COCO_URL}/annotations/annotations_trainval2014.zip, unzip both, then python -m tract_repro.data.coco "
+            f"--annotations annotations/captions_val2014.json --images val2014 --out {root}")
+
+
+def clip_problem(setup, clip):
+    """None, or one line: the CLIP folder (config.json of model_type clip, safetensors weights) and how to fetch it."""
+    folder = Path(clip) if clip else None
+    if folder is not None and (folder / "config.json").is_file() and \
+            (any(folder.glob("model.safetensors*")) or (folder / "model.safetensors.index.json").is_file()):
+        return None
+    name = LATENT_SETUPS[setup]["clip"]
+    return (f"CLIP model {folder} not found (config.json and model.safetensors, for the CLIP score): huggingface-cli "
+            f"download {name} --exclude '*.bin' '*.msgpack' '*.h5' --local-dir {folder}")
+
+
+def check(setup, data, teacher, inception, protocol="tract", executor="inline", cluster=None, prompts=None, clip=None):
     """(problems, data identity, teacher identity) of a setup; problems is a list of one-line instructions."""
     if setup not in SETUPS:
         raise ConfigError(f"unknown setup {setup!r}: choose {', '.join(SETUPS)}")
     dataset, what, fetch = SETUPS[setup]
     files, problem = data_files(dataset, data)
     problems = [problem] if problem else []
-    if what is not None and (teacher is None or not Path(teacher).is_file()):
+    if latent(setup):
+        problems += [p for p in (diffusers_folder_problem(teacher, what, fetch), prompts_problem(setup, prompts),
+                                 clip_problem(setup, clip)) if p]
+    elif what is not None and (teacher is None or not Path(teacher).is_file()):
         problems.append(f"{what} {teacher} not found: {fetch.format(path=teacher)}")
     for missing in (sources.missing_inception(protocol, inception),
                     sources.missing_cleanfid_stats(protocol) if dataset == "cifar10" else None):
@@ -83,6 +146,11 @@ def check(setup, data, teacher, inception, protocol="tract", executor="inline", 
         return problems, None, None
     if what is None:
         return [], dict(dataset=dataset, root=str(data), files=files), dict(setup=setup, trained_by="the pipeline")
+    if latent(setup):  # a folder of several GB: its model_index.json's digest and every file's size
+        listing = sorted((p.relative_to(teacher).as_posix(), p.stat().st_size) for p in Path(teacher).rglob("*")
+                         if p.is_file() and not p.name.startswith("."))
+        return [], dict(dataset=dataset, root=str(data), files=files), \
+            dict(setup=setup, path=str(teacher), sha256=sha256(Path(teacher) / "model_index.json"), files=listing)
     return [], dict(dataset=dataset, root=str(data), files=files), \
         dict(setup=setup, path=str(teacher), size=Path(teacher).stat().st_size, sha256=sha256(teacher))
 
@@ -92,7 +160,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tract_repro.results.check", description=__doc__.splitlines()[0])
     parser.add_argument("setup", choices=sorted(SETUPS))
     parser.add_argument("--data", required=True, help="dataset root, e.g. data/cifar10")
-    parser.add_argument("--teacher", help="teacher file, e.g. ckpts/cifar_original (not for the *_guided setups)")
+    parser.add_argument("--teacher", help="teacher file, e.g. ckpts/cifar_original (not for the *_guided setups), or "
+                                          "a latent setup's diffusers folder")
+    parser.add_argument("--prompts-data", help="latent setups: the evaluation captions and images (COCO 2014 validation)")
+    parser.add_argument("--clip", help="latent text-to-image setups: the CLIP folder of the CLIP score")
     parser.add_argument("--inception", required=True, help="Inception weights file or folder")
     parser.add_argument("--protocol", default="tract", help="FID protocol of the evaluations (tract, clean, edm)")
     parser.add_argument("--executor", default="inline", help="where the stages run (slurm needs sbatch on PATH)")
@@ -101,7 +172,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         problems, data, teacher = check(args.setup, args.data, args.teacher, args.inception, args.protocol, args.executor,
-                                        args.cluster)
+                                        args.cluster, args.prompts_data, args.clip)
     except (ConfigError, OSError) as exc:  # an unreadable input is one more missing input
         problems = [one_line(exc)]
     if problems:

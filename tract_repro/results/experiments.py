@@ -262,6 +262,9 @@ def setup_of_parsed():
     from tract_repro import config
 
     dataset = config.query("train.dataset")
+    scoped = getattr(dataset, "scoped_selector", "")
+    if "/" in scoped:  # a gin scope names a latent setup: train.dataset = @sd15/latents
+        return scoped.split("/")[0]
     name = getattr(dataset, "selector", str(dataset)).split(".")[-1]
     if config.query("UNet.null_class"):  # guided distillation: a teacher the pipeline trains with label dropout
         return f"{name}_guided"

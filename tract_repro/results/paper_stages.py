@@ -1,6 +1,8 @@
 """The paper-scale stages of dvc.yaml (params.yaml ``paper:``), written by :mod:`tract_repro.results.pipeline`.
 
 paper_check_<setup> (data, teacher, Inception and reference sources present, else one line) →
+(latent setups) paper_encode_<setup>_train and paper_encode_<setup>_prompts (the training shards and the
+evaluation captions and images through the model folder's VAE and text encoder, once, resumable) →
 paper_fid_ref_<setup> (reference statistics) and paper_import_<name> (an imported teacher, for the
 teacher rows) or paper_train_<name> (a run the pipeline trains once: guided distillation's teacher and
 stage 1) → paper_run_<phase> (one stage per shared phase, ``python -m tract_repro.launch … --executor
@@ -8,34 +10,67 @@ ${paper.executor} --wait``) → paper_eval_<run> (FID and IS, 3 seed ranges, per
 <table> (the paper-scale column of results/<table>.md).
 """
 from tract_repro.common.errors import ConfigError
-from tract_repro.results.check import SETUPS
+from tract_repro.results.check import LATENT_SETUPS, SETUPS, latent
 from tract_repro.results.experiments import PAPER_RUNS, expand_paper, paper_eval_file
 from tract_repro.results.stages import EVALUATIONS, LAUNCH, gin_deps, index, quote, w_key
 
 CHECKS = f"{PAPER_RUNS}/checks"
 FID_REF = f"{PAPER_RUNS}/fid_ref"
+LATENTS = f"{PAPER_RUNS}/latents"
 #: sanity_<dataset>: (setup, imported teacher run) whose FID params.yaml's paper.sanity.<dataset> checks
 SANITY = {"cifar10": ("cifar10_pd", "cifar10_teacher")}
+
+
+def latent_folder(setup, part):
+    """Where a latent setup's encoded ``train`` shards or evaluation ``prompts`` live."""
+    return f"{LATENTS}/{setup}_{part}"
+
+
+def prompts_data(setup):
+    """The params key of a latent setup's evaluation captions and images (COCO 2014 validation)."""
+    return f"paper.data.{LATENT_SETUPS[setup]['prompts_data']}"
 
 
 def check_stage(setup):
     dataset, teacher = SETUPS[setup][:2]
     out = f"{CHECKS}/{setup}"
     fetched = teacher is not None  # a guided setup's teacher is trained by the pipeline: nothing to fetch
+    extra = f"--prompts-data ${{{prompts_data(setup)}}} --clip ${{paper.text_to_image.clip}} " if latent(setup) else ""
     return dict(cmd=f"python -m tract_repro.results.check {setup} --data ${{paper.data.{dataset}}} "
-                    + (f"--teacher ${{paper.teachers.{setup}}} " if fetched else "")
+                    + (f"--teacher ${{paper.teachers.{setup}}} " if fetched else "") + extra
                     + f"--inception ${{paper.inception}} "
                     f"--protocol ${{paper.fid.protocol}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}",
-                params=[f"paper.data.{dataset}", *([f"paper.teachers.{setup}"] if fetched else []), "paper.inception",
+                params=[f"paper.data.{dataset}", *([f"paper.teachers.{setup}"] if fetched else []),
+                        *([prompts_data(setup), "paper.text_to_image.clip"] if latent(setup) else []), "paper.inception",
                         "paper.fid.protocol", "paper.executor", "paper.cluster"],
                 outs=[{f"{out}/data.json": {"cache": False}}, {f"{out}/teacher.json": {"cache": False}}],
                 always_changed=True)
 
 
+def encode_stage(setup, part):
+    """A latent setup's training shards (``train``) or evaluation captions and images (``prompts``) encoded once by
+    the model folder's VAE and text encoder; an interrupted encoding resumes exactly when the stage runs again."""
+    source = f"${{paper.data.{SETUPS[setup][0]}}}" if part == "train" else f"${{{prompts_data(setup)}}}"
+    out = latent_folder(setup, part)
+    return dict(cmd=f"python -m tract_repro.encode_latents --model ${{paper.teachers.{setup}}} --source {source} "
+                    f"--out {out} --resolution {LATENT_SETUPS[setup]['resolution']} ${{paper.encode}}",
+                deps=[f"{CHECKS}/{setup}/data.json", f"{CHECKS}/{setup}/teacher.json"],
+                params=[f"paper.teachers.{setup}", f"paper.data.{SETUPS[setup][0]}" if part == "train"
+                        else prompts_data(setup), "paper.encode"],
+                outs=[{out: {"cache": False, "persist": True}}])
+
+
 def reference_stage(setup):
-    """Reference statistics for a setup's dataset (CIFAR-10: clean-fid's file; ImageNet64: our loader, on a GPU)."""
+    """Reference statistics for a setup's dataset (CIFAR-10: clean-fid's file; ImageNet64: our loader, on a GPU;
+    a latent setup: the evaluation images it encoded)."""
     dataset = SETUPS[setup][0]
     out = f"{FID_REF}/{setup}.npz"
+    if latent(setup):
+        cmd = (f"python -m tract_repro.evaluation.fid reference latents --root {latent_folder(setup, 'prompts')} "
+               f"--protocol ${{paper.fid.protocol}} --inception ${{paper.inception}} --batch ${{paper.fid.batch}} "
+               f"--executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}")
+        return dict(cmd=cmd, deps=[latent_folder(setup, "prompts")], outs=[out],
+                    params=["paper.fid.protocol", "paper.fid.batch", "paper.inception", "paper.executor", "paper.cluster"])
     if dataset == "cifar10":
         cmd = f"python -m tract_repro.evaluation.fid reference cifar10 --protocol ${{paper.fid.protocol}} --out {out}"
         params = ["paper.fid.protocol"]
@@ -50,8 +85,14 @@ def reference_stage(setup):
 
 def setup_bindings(setup, teacher_run=None):
     """The --gin bindings that point a paper run at the params' data and at its teacher: the params' teacher
-    file, or the folder of a run the pipeline trains (``teacher_run``)."""
+    file, or the folder of a run the pipeline trains (``teacher_run``).  A latent setup's runs read the encoded
+    shards (DATA) and take their network from the params' model folder (MODEL)."""
     dataset = SETUPS[setup][0]
+    if latent(setup):
+        values = dict(MODEL=f"${{paper.teachers.{setup}}}", DATA=latent_folder(setup, "train"))
+        if teacher_run is not None:
+            values = dict(TEACHER=f"{PAPER_RUNS}/{teacher_run}", **values)
+        return [f"--gin {quote(f'{k} = {v!r}')}" for k, v in values.items()], [f"paper.teachers.{setup}"]
     data = f"--gin {quote(f'DATA = {chr(39)}${{paper.data.{dataset}}}{chr(39)}')}"
     if teacher_run is not None:
         return [f"--gin {quote(f'TEACHER = {chr(39)}{PAPER_RUNS}/{teacher_run}{chr(39)}')}", data], [f"paper.data.{dataset}"]
@@ -62,7 +103,10 @@ def setup_bindings(setup, teacher_run=None):
 def paper_train_stage(name, spec):
     """A run the pipeline trains once at paper scale (guided distillation's teacher, or its stage 1 from that)."""
     teacher_run = spec.get("teacher_run")
-    if teacher_run is None:
+    if teacher_run is None and latent(spec["setup"]):  # from the params' model folder, on the encoded shards
+        paths, params = setup_bindings(spec["setup"])
+        deps = [latent_folder(spec["setup"], "train"), f"{CHECKS}/{spec['setup']}/teacher.json"]
+    elif teacher_run is None:
         dataset = SETUPS[spec["setup"]][0]
         paths, params = [f"--gin {quote(f'DATA = {chr(39)}${{paper.data.{dataset}}}{chr(39)}')}"], [f"paper.data.{dataset}"]
         deps = [f"{CHECKS}/{spec['setup']}/data.json"]
@@ -108,6 +152,7 @@ def paper_eval_stage(target, setup, requests):
     for (sampler, w), steps in requests.items():
         groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append(w)
     cmds, metrics, pngs = [], [], []
+    text = f" ${{paper.text_to_image}} --prompts {latent_folder(setup, 'prompts')}" if latent(setup) else ""
     for (sampler, steps), ws in sorted(groups.items(), key=lambda kv: (kv[0][0], [-k for k in kv[0][1]])):
         ws = sorted(ws, key=w_key)
         guided = ws != [None]
@@ -117,7 +162,7 @@ def paper_eval_stage(target, setup, requests):
         chosen = ("" if sampler == "ddim" else f" --sampler {sampler}") + (f" --w {' '.join(f'{w:g}' for w in ws)}"
                                                                           if guided else "")
         cmds.append(f"python -m tract_repro.evaluation.fid evaluate {PAPER_RUNS}/{target} --steps "
-                    f"{' '.join(map(str, steps))}{chosen} --reference {FID_REF}/{setup}.npz ${{paper.fid}} "
+                    f"{' '.join(map(str, steps))}{chosen} --reference {FID_REF}/{setup}.npz ${{paper.fid}}{text} "
                     f"--inception ${{paper.inception}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} "
                     f"--out {out}")
         for w in ws:
@@ -125,8 +170,10 @@ def paper_eval_stage(target, setup, requests):
             metrics.append({done: {"cache": False}})
             pngs += [{done.replace(".json", f"_{k}steps" + ("" if w is None else f"_w{w:g}") + ".png"): {"cache": False}}
                      for k in steps]
-    return dict(cmd=cmds if len(cmds) > 1 else cmds[0], deps=[f"{PAPER_RUNS}/{target}", f"{FID_REF}/{setup}.npz"],
-                params=["paper.fid", "paper.inception", "paper.executor", "paper.cluster"], metrics=metrics, outs=pngs)
+    return dict(cmd=cmds if len(cmds) > 1 else cmds[0],
+                deps=[f"{PAPER_RUNS}/{target}", f"{FID_REF}/{setup}.npz", *([latent_folder(setup, "prompts")] if text else [])],
+                params=["paper.fid", *(["paper.text_to_image"] if text else []), "paper.inception", "paper.executor",
+                        "paper.cluster"], metrics=metrics, outs=pngs)
 
 
 def sanity_stage(dataset, steps):
@@ -153,6 +200,9 @@ def build_paper(tables, paper, digits_tables=()):
     stages = {}
     for setup in setups:
         stages[f"paper_check_{setup}"] = check_stage(setup)
+    for setup in filter(latent, setups):
+        for part in ("train", "prompts"):
+            stages[f"paper_encode_{setup}_{part}"] = encode_stage(setup, part)
     for setup in setups:
         stages[f"paper_fid_ref_{setup}"] = reference_stage(setup)
     for name in sorted(teachers):

@@ -121,6 +121,8 @@ def paper_scores(table, eval_dir=PAPER_EVAL):
                                   sampler=r["sampler"], protocol=spec.name, samples_per_range=r["samples_per_range"],
                                   seed_ranges=r["seed_ranges"], reference_sha256=r["reference_sha256"],
                                   run=metrics["run"], weights_sha256=metrics["weights_sha256"])
+            if r.get("clip_mean") is not None:  # a text-to-image row: the CLIP score of the same samples
+                out[row["id"]].update(clip_mean=r["clip_mean"], clip_model=metrics["clip"]["model"]["folder"])
     return out
 
 
@@ -133,9 +135,10 @@ def paper_orderings(table, scores):
 def _fmt_paper(value):
     if isinstance(value, dict):
         std = f" ± {value['fid_std']:.2f}" if value.get("fid_std") is not None else ""
+        clip = f"; CLIP {value['clip_mean']:.2f}" if value.get("clip_mean") is not None else ""
         if protocols.get(value["protocol"]).best_of_ranges:  # EDM's headline: the best range, mean ± std beside it
-            return f"{value['fid_min']:.2f} best, {value['fid_mean']:.2f}{std} ({value['protocol']})"
-        return f"{value['fid_mean']:.2f}{std} ({value['protocol']})"
+            return f"{value['fid_min']:.2f} best, {value['fid_mean']:.2f}{std} ({value['protocol']}{clip})"
+        return f"{value['fid_mean']:.2f}{std} ({value['protocol']}{clip})"
     return f"{value:.2f}"
 
 
@@ -168,6 +171,9 @@ def _fmt(mean, std, n):
 def render(table, summary, orderings, paper_scale=None, paper_order=None):
     """The Markdown table: row, paper value (confidence), ours at paper scale, ours at digits scale, ordering."""
     labels = {r["id"]: r["label"] for r in table["rows"]}
+    digits_scale = bool(table["digits"].get("metric"))  # a paper-only table (sd15) has no digits columns
+    if not digits_scale:
+        orderings = paper_order or [dict(better=a, worse=b, holds=None) for a, b in table["ordering"]["pairs"]]
     lines, rows = [], []
     for row in table["rows"]:
         p = row.get("paper") or {}
@@ -179,16 +185,18 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
             digits = _fmt(s.fd_mean, s.fd_std, int(s.n))
         marks = [("✓" if o["holds"] else "✗" if o["holds"] is False else "?") + f" < {labels[o['worse']]}"
                  for o in orderings if o["better"] == row["id"]]
-        rows.append([row["label"], paper, ours_paper, digits, "; ".join(marks)])
+        rows.append([row["label"], paper, ours_paper, digits, "; ".join(marks)] if digits_scale
+                    else [row["label"], paper, ours_paper, "; ".join(marks)])
     metric = table["digits"].get("metric") or "—"
     headers = ["row", f"paper: {table['paper']['metric']}", "ours, paper scale", f"ours, digits scale ({metric})",
-               "paper's ordering at digits scale"]
+               "paper's ordering at digits scale"] if digits_scale else \
+        ["row", f"paper: {table['paper']['metric']}", "ours, paper scale", "claimed ordering at paper scale"]
     lines.append(f"# {table['title']}\n")
     lines.append(f"Paper setting: {table['paper']['setting']}.  \nPaper claim: {table['ordering']['claim']}.\n")
     lines.append(tabulate(rows, headers=headers, tablefmt="github"))
     held = [o for o in orderings if o["holds"] is not None]
     lines.append("")
-    if held:
+    if held and digits_scale:
         lines.append(f"At digits scale {sum(o['holds'] for o in held)} of {len(held)} claimed pairwise orderings hold "
                      f"(✓ holds, ✗ reversed, ? not yet measured).")
     measured = [v for v in (paper_scale or {}).values() if isinstance(v, dict)]
@@ -198,7 +206,10 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
         lines.append("Paper scale: FID mean ± std over " + ", ".join(f"{n} seed ranges of {k:,} samples (FID protocol "
                                                                   f"{m}: {protocols.get(m).description})"
                                                                   for n, k, m in sorted(ranges))
-                     + f", against the training-set reference statistics; {len(measured)} rows measured"
+                     + (", against the training-set reference statistics" if not any("clip_mean" in v for v in measured)
+                        else ", against the evaluation images' reference statistics, and the CLIP score (100·max(cos, 0), "
+                             "CLIP " + ", ".join(sorted({v["clip_model"] for v in measured if "clip_mean" in v})) + ")")
+                     + f"; {len(measured)} rows measured"
                      + (f"; {sum(o['holds'] for o in held_paper)} of {len(held_paper)} claimed pairwise orderings hold."
                         if held_paper else "."))
     if "noise_floor" in summary.attrs:
@@ -208,9 +219,11 @@ def render(table, summary, orderings, paper_scale=None, paper_order=None):
                         f"{recon:.2f}; " if recon is not None else "")
                      + f"{summary.attrs['samples']} samples per evaluation, one seed each; lower is better.")
     lines.append("Confidence letters and sources are those of `docs/paper-numbers.md` (P primary, S reliable secondary, "
-                 "M machine-generated secondary, U uncertain). Regenerate with `dvc repro digits_" + table["table"] + "` (digits scale)"
-                 + (" or `dvc repro " + table["table"] + "` (paper scale)." if any(r.get("paper_scale") for r in table["rows"])
-                    else "."))
+                 "M machine-generated secondary, U uncertain). Regenerate with "
+                 + ("`dvc repro digits_" + table["table"] + "` (digits scale)" if digits_scale else "")
+                 + (" or " if digits_scale and any(r.get("paper_scale") for r in table["rows"]) else "")
+                 + ("`dvc repro " + table["table"] + "` (paper scale)" if any(r.get("paper_scale") for r in table["rows"])
+                    else "") + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,202 @@
+"""Stable Diffusion 1.5 at paper scale (`dvc repro sd15`): the chain check → encode → reference → v fine-tune →
+BTD and TRACT → FID-30K and CLIP score → table, the one line it stops with offline, the check passing on tiny real
+inputs, and COCO 2014 validation turned into an evaluation caption set."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_paper_pipeline import ROOT, offline_copy
+from tract_repro.common.errors import ConfigError
+from tract_repro.data import coco
+from tract_repro.results import check, pipeline
+from tract_repro.results.experiments import expand_paper, load_tables
+from tract_repro.results.paper_stages import latent_folder
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return pipeline.load_stages(ROOT)
+
+
+@pytest.fixture(scope="module")
+def expansion():
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return expand_paper({"sd15": load_tables()["sd15"]})
+    finally:
+        os.chdir(cwd)
+
+
+def test_the_sd15_chain_from_check_to_table(stages, expansion):
+    phases, teachers, evaluations = expansion
+    check_cmd = stages["paper_check_sd15"]["cmd"]
+    for option in ("--teacher ${paper.teachers.sd15}", "--data ${paper.data.sd15}",
+                   "--prompts-data ${paper.data.coco2014_val}", "--clip ${paper.text_to_image.clip}"):
+        assert option in check_cmd
+    train, prompts = stages["paper_encode_sd15_train"], stages["paper_encode_sd15_prompts"]
+    assert "--source ${paper.data.sd15} --out runs/paper/latents/sd15_train --resolution 512" in train["cmd"]
+    assert "--source ${paper.data.coco2014_val} --out runs/paper/latents/sd15_prompts" in prompts["cmd"]
+    assert "runs/paper/checks/sd15/teacher.json" in train["deps"] and train["outs"][0][latent_folder("sd15", "train")]["persist"]
+    reference = stages["paper_fid_ref_sd15"]
+    assert "reference latents --root runs/paper/latents/sd15_prompts" in reference["cmd"]
+    assert reference["deps"] == ["runs/paper/latents/sd15_prompts"]
+    v = stages["paper_train_sd15_v"]  # the v fine-tune: from the params' folder, on the encoded shards
+    assert "gin/sd15_v_finetune.gin" in v["cmd"] and "MODEL = '${paper.teachers.sd15}'" in v["cmd"]
+    assert "DATA = 'runs/paper/latents/sd15_train'" in v["cmd"] and "TEACHER" not in v["cmd"]
+    assert set(v["deps"]) >= {"runs/paper/latents/sd15_train", "runs/paper/checks/sd15/teacher.json"}
+    assert teachers["sd15_v"]["setup"] == "sd15" and teachers["sd15_v"]["trains"]
+    by_row = {e["row"]: e for e in evaluations}
+    assert {e["setup"] for e in evaluations} == {"sd15"}
+    for row, steps in (("tract_1step", 1), ("tract_2steps", 2), ("btd_1step", 1), ("btd_8steps", 8)):
+        first = phases[by_row[row]["target"]]
+        while first.previous is not None:
+            first = first.previous
+        cmd = stages[f"paper_run_{first.key}"]["cmd"]
+        assert "TEACHER = 'runs/paper/sd15_v'" in cmd and "DATA = 'runs/paper/latents/sd15_train'" in cmd, row
+        evaluation = stages[f"paper_eval_{by_row[row]['target']}"]
+        assert f"--steps {steps}" in str(evaluation["cmd"]) and "${paper.fid} ${paper.text_to_image} --prompts " \
+            "runs/paper/latents/sd15_prompts" in str(evaluation["cmd"]), row
+        assert "runs/paper/latents/sd15_prompts" in evaluation["deps"] and "paper.text_to_image" in evaluation["params"]
+    # TRACT's two rows share their first phase; BTD's nine halvings and TRACT's two phases see the same samples
+    assert phases[by_row["tract_1step"]["target"]].previous is phases[by_row["tract_2steps"]["target"]].previous
+    assert "_n10240000_" in by_row["btd_1step"]["target"] and "_n1024000_" in by_row["btd_8steps"]["target"]
+    assert stages["sd15"]["outs"] == [{"results/sd15.md": {"cache": False}}]
+
+
+def test_btd_and_tract_train_on_the_same_number_of_samples(in_repo_tables):
+    from tract_repro import config
+    from tract_repro.methods.phases import plan_phases
+
+    totals = {}
+    for gin_file in ("gin/sd15_btd.gin", "gin/sd15_tract.gin"):
+        config.parse([gin_file])
+        method = config.build("train.method")
+        phases = plan_phases(method.steps(config.query("train.T")), config.query("train.total"),
+                             config.query("train.phase_lengths"))
+        totals[gin_file] = sum(p.length for p in phases)
+    assert totals["gin/sd15_btd.gin"] == totals["gin/sd15_tract.gin"] == 36_000 * 1024
+
+
+@pytest.fixture
+def in_repo_tables(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_dvc_repro_sd15_offline_fails_fast_in_one_line(tmp_path):
+    """No model folder, shards, COCO captions, CLIP or Inception weights: the check names each, in one line."""
+    env = offline_copy(tmp_path)
+    done = subprocess.run(["dvc", "repro", "sd15"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, done.stdout + done.stderr
+    for needed in ("ckpts/stable-diffusion-v1-5", "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   "data/sd15_shards", "data/coco2014_val", "python -m tract_repro.data.coco",
+                   "ckpts/clip-vit-large-patch14", "openai/clip-vit-large-patch14", "pt_inception-2015-12-05-6726825d.pth"):
+        assert needed in errors[0], needed
+    assert "Running stage 'paper_check_sd15'" in done.stdout and "paper_encode_" not in done.stdout
+    assert not (tmp_path / "runs" / "paper" / "checks" / "sd15" / "data.json").exists()
+
+
+def _shard(path):
+    import io
+
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": "a cat"})
+    return path
+
+
+def test_the_sd15_check_passes_on_tiny_real_inputs_and_refuses_pickled_weights(tmp_path):
+    pytest.importorskip("diffusers")
+    from tests import tiny_diffusers as tiny
+
+    model = tiny.stable_diffusion_folder(tmp_path / "sd")
+    shards = _shard(tmp_path / "shards" / "00000.tar").parent
+    prompts = tmp_path / "coco"
+    prompts.mkdir()
+    (prompts / "captions.jsonl").write_text('{"file": "a.png", "caption": "a cat"}\n')
+    clip = tiny.clip_folder(tmp_path / "clip")
+    (tmp_path / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"weights")
+    args = ["sd15", "--data", str(shards), "--teacher", str(model), "--prompts-data", str(prompts), "--clip", str(clip),
+            "--inception", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert check.main(args) == 0
+    data = json.loads((tmp_path / "out" / "data.json").read_text())
+    teacher = json.loads((tmp_path / "out" / "teacher.json").read_text())
+    assert data["files"] == [["00000.tar", (shards / "00000.tar").stat().st_size]]
+    assert teacher["sha256"] == check.sha256(model / "model_index.json")
+    assert ["unet/diffusion_pytorch_model.safetensors", (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size] \
+        in teacher["files"]
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))  # only a pickle left: refused, not loaded
+    problems = check.check("sd15", shards, model, tmp_path, prompts=prompts, clip=clip)[0]
+    assert problems == [f"Stable Diffusion 1.5 diffusers folder {model}/unet has no diffusion_pytorch_model.safetensors "
+                        f"(pickled weights are not loaded): huggingface-cli download stable-diffusion-v1-5/"
+                        f"stable-diffusion-v1-5 --exclude '*.bin' '*.ckpt' '*.fp16.*' --local-dir {model}"]
+
+
+def _coco(tmp_path, n_images=6):
+    images = tmp_path / "val2014"
+    images.mkdir()
+    annotations = {"images": [], "annotations": []}
+    for i in range(n_images):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (20, 16), (i * 40, 0, 0)).save(images / name)
+        annotations["images"].append({"id": 100 + i, "file_name": name})
+        for j in range(2):
+            annotations["annotations"].append({"image_id": 100 + i, "id": 10 * i + j, "caption": f"image {i}  caption {j}\n"})
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps(annotations))
+    return path, images
+
+
+def test_coco_becomes_a_caption_set_drawn_once_with_one_caption_per_image(tmp_path):
+    from tract_repro.data.latent_sources import open_source
+
+    annotations, images = _coco(tmp_path)
+    pairs = coco.write_caption_set(annotations, images, tmp_path / "a", samples=4, seed=3)
+    again = coco.draw(coco.read_annotations(annotations), 4, seed=3)
+    assert pairs == again and len({f for f, _ in pairs}) == 4  # the same draw; distinct images
+    for name, caption in pairs:
+        i = int(name[-16:-4])
+        assert caption in (f"image {i} caption 0", f"image {i} caption 1")  # one of its own, whitespace normalised
+    source = open_source(str(tmp_path / "a"))  # what encode_latents reads, images found through the relative paths
+    assert source.captions() == [c for _, c in pairs] and len(list(source.items())) == 4
+    assert json.loads((tmp_path / "a" / "selection.json").read_text())["seed"] == 3
+    assert coco.draw(coco.read_annotations(annotations), 4, seed=4) != pairs
+
+
+@pytest.mark.parametrize("case, says", [
+    ("exists", "captions.jsonl exists: choose a new --out"),
+    ("missing_image", "drawn images are missing from"),
+    ("too_many", "--samples 7: choose 1 to 6"),
+    ("not_coco", "is not a COCO captions file"),
+])
+def test_a_bad_coco_input_stops_in_one_line_before_anything_is_written(tmp_path, case, says):
+    annotations, images = _coco(tmp_path)
+    out, samples = tmp_path / "out", 6
+    if case == "exists":
+        out.mkdir()
+        (out / "captions.jsonl").write_text("mine\n")
+    elif case == "missing_image":
+        next(images.iterdir()).unlink()
+    elif case == "too_many":
+        samples = 7
+    else:
+        annotations.write_text('{"images": []}')
+    with pytest.raises(ConfigError, match=says.replace("-", r"\-")):
+        coco.write_caption_set(annotations, images, out, samples=samples)
+    assert not (out / "selection.json").exists()
+    if case == "exists":
+        assert (out / "captions.jsonl").read_text() == "mine\n"
