@@ -15,6 +15,7 @@ warm.forward(__name__, __spec__)  # under `python -m tract_repro.warm`: run in i
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -252,7 +253,7 @@ def plot(table, summary, path, params=None):
         ax.set_xscale("log")
     metric = f"{table['digits']['metric']} (lower is better), mean ± std over seeds"
     (ax.set_ylabel if series and params is not None else ax.set_xlabel)(metric)
-    ax.set_title(table["title"], fontsize=8)
+    ax.set_title(textwrap.fill(table["title"], 75), fontsize=8)  # a long title wraps instead of running off
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
