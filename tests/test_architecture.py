@@ -22,7 +22,7 @@ LAYERS = [
     ["evaluation"],  # samples → digits-FD, FID, teacher fidelity
     ["results"],     # experiments → DVC pipeline → results tables
     ["exporting"],   # finished runs → safetensors, model cards, diffusers pipelines
-    ["launch", "evaluate", "warm", "import_teacher", "export", "encode_latents", "train_vae"],  # the commands users type: thin mains
+    ["launch", "evaluate", "warm", "import_teacher", "export", "encode_latents", "train_vae", "edit"],  # the commands users type: thin mains
 ]
 
 

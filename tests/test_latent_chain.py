@@ -225,3 +225,15 @@ def test_the_paper_scale_sd15_run_files_train_the_tiny_chain_unchanged(chain, tm
         assert info["status"] == "complete" and info["bounded"] is False
         assert info["noise_schedule"] == "DiscreteSchedule" and info["parameterisation"] == "v"
     assert json.loads((tmp_path / "tract" / "run.json").read_text())["method"] == "TRACT"
+
+
+def test_an_encoding_submitted_as_a_job_equals_the_inline_one(chain, tmp_path):
+    """``encode_latents --executor local`` (a submitit job, waited for) writes the same bytes as the inline run."""
+    out = tmp_path / "latents"
+    ok(command("tract_repro.encode_latents", "--model", chain.folder, "--source", chain.tmp / "images", "--out", out,
+               "--batch", 4, "--shard-size", 8, "--device", "cpu", "--executor", "local",
+               "--gin", "local_executor.gpus_per_node = 0"), "encode_latents --executor local")
+    mine = sorted(p.name for p in chain.encoded.iterdir() if p.suffix == ".npy")
+    assert mine and sorted(p.name for p in out.iterdir() if p.suffix == ".npy") == mine
+    for name in mine:
+        assert (out / name).read_bytes() == (chain.encoded / name).read_bytes(), name

@@ -46,7 +46,6 @@ FIRST_SEEDS = (0, 50_000, 100_000)
 SAMPLES = 50_000
 IS_SPLITS = 10  # Inception Score: each seed range split in 10, the usual protocol
 STD_DDOF = 1
-JOBS = Path("runs/jobs")  # submitit/SLURM logs of submitted evaluations (runs/ is not version-controlled)
 
 
 def seed_ranges(first_seeds=FIRST_SEEDS, samples=SAMPLES):
@@ -321,28 +320,11 @@ def _job(argv):
 
 
 def _submit(argv, kind, cluster, gin_bindings, folder):
-    """Run this command as a job and wait for it: launch's local executor, or one SLURM task on one GPU.
-
-    ``cluster`` (a gin file) and ``gin_bindings`` give the executor's options (``slurm.*``, ``local_executor.*``);
-    a SLURM job keeps the partition, time limit and so on, but asks for one node, one task and at most one GPU.
-    """
-    import dataclasses
-
-    from tract_repro import config
+    """Run this command as a job and wait for it (:func:`tract_repro.launching.commands.submit`)."""
     from tract_repro.evaluation.fid import _job as job_body  # by its module name, also when run as __main__
-    from tract_repro.launching import local, slurm
+    from tract_repro.launching import commands
 
-    config.parse([cluster] if cluster else [], gin_bindings)
-    if kind == "local":
-        job = local.local_executor(folder).submit(job_body, argv)
-        print(f"submitted job {job.job_id}; logs in {folder}", flush=True)
-        return local.wait(job)
-    options = slurm.SlurmOptions()
-    options = dataclasses.replace(options, nodes=1, tasks_per_node=1, gpus_per_node=min(options.gpus_per_node, 1))
-    slurm.check_available()
-    job = slurm.submit_run(slurm.SlurmRun(job_body, argv), folder, options, default_name="tract-fid")
-    print(f"submitted SLURM job {job.job_id}; logs in {folder}", flush=True)
-    return slurm.wait(job)
+    return commands.submit(job_body, argv, kind, cluster, gin_bindings, folder, "tract-fid")
 
 
 def _parser():
@@ -415,20 +397,9 @@ def _parser():
 
 def job_folder(out):
     """Where the job computing ``out`` logs: under runs/jobs/, named after ``out`` (results/ keeps only results)."""
-    return JOBS / str(Path(out).with_suffix("")).strip("/").replace("/", "_")
+    from tract_repro.launching.commands import job_folder as folder_of
 
-
-def _inline(argv):
-    """The same command line with ``--executor inline`` (and without the executor's options)."""
-    out, skip = [], 0
-    for a in argv:
-        if skip:
-            skip -= 1
-        elif a in ("--executor", "--gin", "--cluster"):
-            skip = 1
-        elif not a.startswith(("--executor=", "--gin=", "--cluster=")):
-            out.append(a)
-    return out + ["--executor", "inline"]
+    return folder_of(out)
 
 
 @command
@@ -444,7 +415,7 @@ def main(argv=None):
         raise ConfigError(f"reference {args.dataset} from the loader needs --root (e.g. data/{args.dataset})")
     if args.executor == "inline":
         return run(args)
-    _submit(_inline(argv), args.executor, args.cluster, args.gin, job_folder(args.out))
+    _submit(argv, args.executor, args.cluster, args.gin, job_folder(args.out))
     return 0
 
 

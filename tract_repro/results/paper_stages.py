@@ -53,10 +53,11 @@ def encode_stage(setup, part):
     source = f"${{paper.data.{SETUPS[setup][0]}}}" if part == "train" else f"${{{prompts_data(setup)}}}"
     out = latent_folder(setup, part)
     return dict(cmd=f"python -m tract_repro.encode_latents --model ${{paper.teachers.{setup}}} --source {source} "
-                    f"--out {out} --resolution {LATENT_SETUPS[setup]['resolution']} ${{paper.encode}}",
+                    f"--out {out} --resolution {LATENT_SETUPS[setup]['resolution']} ${{paper.encode}} "
+                    f"--executor ${{paper.executor}} --cluster ${{paper.cluster}}",
                 deps=[f"{CHECKS}/{setup}/data.json", f"{CHECKS}/{setup}/teacher.json"],
                 params=[f"paper.teachers.{setup}", f"paper.data.{SETUPS[setup][0]}" if part == "train"
-                        else prompts_data(setup), "paper.encode"],
+                        else prompts_data(setup), "paper.encode", "paper.executor", "paper.cluster"],
                 outs=[{out: {"cache": False, "persist": True}}])
 
 
