@@ -237,3 +237,27 @@ def test_an_encoding_submitted_as_a_job_equals_the_inline_one(chain, tmp_path):
     assert mine and sorted(p.name for p in out.iterdir() if p.suffix == ".npy") == mine
     for name in mine:
         assert (out / name).read_bytes() == (chain.encoded / name).read_bytes(), name
+
+
+def test_the_stochastic_sampler_runs_on_latents_unclipped(chain):
+    """Meng et al.'s stochastic sampler on the latent student, 2 steps, as its definition writes it out: a DDIM jump
+    λ₀ → λ₂ with x̂ unclipped, re-noising to λ₁ with seed j's ξ, then the last DDIM step λ₁ → λ₂."""
+    from tract_repro.diffusion.ddim import ddim_step
+    from tract_repro.sampling import registry
+    from tract_repro.sampling.samplers import noise_from_seeds
+    from tract_repro.sampling.stochastic import renoise, seeded_noise
+
+    student = load_run(chain.student, with_data=False)
+    seeds, shape = [3, 4], chain.data.shape
+    cond = chain.data.cond([0, 1])
+    z = noise_from_seeds(seeds, shape)
+    got = registry.sample("stochastic", student.denoiser, student.grid, 2, z, cond, seeds=seeds, clip=False)
+    lam = registry.get("stochastic").logsnrs(student.grid, 2)
+    (a0, s0), (a1, s1), (a2, s2) = (student.grid.alpha_sigma(lam[i:i + 1]) for i in range(3))
+    x = s0 * z
+    x_hat = student.denoiser(x, lam[0].expand(2), cond)
+    assert x_hat.abs().max() > 1  # latents: clipping would change the result
+    x = ddim_step(x, x_hat, a0, s0, a2, s2, clip=False)
+    x = renoise(x, lam[2].expand(2), lam[1].expand(2), student.grid.alpha_sigma, seeded_noise(seeds, shape)(0, x))
+    x = ddim_step(x, student.denoiser(x, lam[1].expand(2), cond), a1, s1, a2, s2, clip=False)
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
