@@ -12,10 +12,17 @@ folder's own tokenizer and text encoder, padded to their maximum length: Stable 
 class model its null class (the last of a UNet's ``num_class_embeds`` rows; a DiT's row ``num_classes``).  So
 label dropout and the guided denoiser work on these networks as on the PD UNet.
 
+Guidance weight w (guided distillation's student): a UNet built with diffusers' ``time_cond_proj_dim`` = D takes
+``cond['w']`` (B,) as ``timestep_cond``, the guidance embedding e(w) of :func:`guidance_embedding` (the latent
+consistency pipelines' embedding of their w = s − 1, which is ours); ``time_embedding.cond_proj`` (Linear(D, C),
+no bias) adds it to the timestep features.  ``diffusers_network.time_cond_proj_dim`` adds that input to a folder's
+or config's UNet with ``cond_proj`` at zero, so the student computes its teacher exactly at every w.
+
 Nothing here is read above ``networks/``: the loop, methods and samplers see a network like any other.
 """
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import gin
@@ -39,12 +46,15 @@ class DiffusersNet(nn.Module):
     embedding, for a text model (a UNet without class embeddings); None for a class model.  ``folders``: where the
     components came from, {'model': the diffusers folder of the UNet (and its VAE), 'text': the folder of the
     tokenizer and text encoder}, None where there is none (an export copies the VAE and text components from them).
+    A UNet with ``time_cond_proj_dim`` takes the guidance weight: ``extra_conditions`` = ('w',).
     """
 
     #: the denoiser passes λ in float64, so τ is exact at the trained timesteps
     logsnr_dtype = torch.float64
     num_outputs = 1
     extra_conditions = ()
+    #: the binding that removes the w input (named when a teacher without one is loaded into a student with one)
+    w_input_setting = "unset diffusers_network.time_cond_proj_dim"
 
     def __init__(self, model, schedule, empty_text=None, gradient_checkpointing=False, folders=None):
         super().__init__()
@@ -67,6 +77,8 @@ class DiffusersNet(nn.Module):
             self.text = classes is None
             self.num_classes = 1 if self.text else int(classes) - 1  # the last row is the null class ∅
             self.has_null = not self.text
+            if config.get("time_cond_proj_dim") is not None:
+                self.extra_conditions = ("w",)
         else:
             if config.get("norm_type") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
                 raise ConfigError(f"{name} is wrapped as a class-conditional DiT (norm_type 'ada_norm_zero', "
@@ -101,21 +113,37 @@ class DiffusersNet(nn.Module):
 
     def forward(self, x, logsnr, labels=None, cond=None):
         cond = dict(cond or {})
-        unknown = set(cond) - ({"text"} if self.text else set())
+        unknown = set(cond) - ({"text"} if self.text else set()) - set(self.extra_conditions)
         if unknown:
-            raise ConfigError(f"this diffusers network takes {'text' if self.text else 'class labels'}, not "
-                              f"{sorted(unknown)}")
+            what = ("text" if self.text else "class labels") + (" and w" if self.extra_conditions else "")
+            raise ConfigError(f"this diffusers network takes {what}, not {sorted(unknown)}")
         tau = self.schedule.timestep(logsnr).float()
         n = x.shape[0]
+        w = self.w_input(cond.get("w"))
         if self.text:
-            out = self.model(x, tau, encoder_hidden_states=self.context(labels, cond.get("text"), n), return_dict=False)[0]
+            out = self.model(x, tau, encoder_hidden_states=self.context(labels, cond.get("text"), n), return_dict=False,
+                             **w)[0]
         elif self.is_unet:  # a class model's cross-attention, if any, attends to one zero token
             context = x.new_zeros(n, 1, self.model.config.cross_attention_dim)
             out = self.model(x, tau, encoder_hidden_states=context, class_labels=self.class_index(labels),
-                             return_dict=False)[0]
+                             return_dict=False, **w)[0]
         else:
             out = self.model(x, timestep=tau, class_labels=self.class_index(labels), return_dict=False)[0]
         return out[:, :self.in_channels]  # a DiT's learned-σ channels dropped
+
+    def w_input(self, w):
+        """The UNet's keyword for the guidance weight: {'timestep_cond': e(w)} for a model with the w input, else {}."""
+        if not self.extra_conditions:
+            return {}
+        if w is None:
+            raise ConfigError("this diffusers network takes a guidance weight w (time_cond_proj_dim) that was not "
+                              "given: sample it with one (e.g. evaluate --w ...)")
+        proj = self.model.time_embedding.cond_proj.weight
+        return {"timestep_cond": guidance_embedding(w, proj.shape[1]).to(proj.device, proj.dtype)}
+
+    def fresh_prefixes(self, names):
+        """Where the branches of the new inputs ``names`` are in this network's state dict (w: diffusers' cond_proj)."""
+        return tuple("model.time_embedding.cond_proj." for name in names if name == "w")
 
     def context(self, labels, text, n):
         """The text embeddings (B, L, D): each caption's, or the empty prompt's where the label is ∅ (or no text)."""
@@ -158,26 +186,59 @@ def check_sdpa(model):
                           f"diffusers sets them")
 
 
+def guidance_embedding(w, dim):
+    """e(w) = [sin(1000·w·f_k), cos(1000·w·f_k)]_{k<h}, f_k = 10000^(−k/(h−1)), h = ⌊dim/2⌋, zero-padded to dim."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * (-math.log(10000.0) / (half - 1)))
+    angles = (1000.0 * w).float()[:, None] * freqs[None, :]
+    return nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))
+
+
+def with_w_input(model, dim, where):
+    """``model`` rebuilt with diffusers' guidance-weight input (``time_cond_proj_dim`` = dim) and its own weights;
+    the new ``time_embedding.cond_proj`` is zero, so it computes what ``model`` computes at every w."""
+    name = type(model).__name__
+    if name != "UNet2DConditionModel":
+        raise ConfigError(f"diffusers_network.time_cond_proj_dim gives a UNet2DConditionModel a w input, but {where} "
+                          f"is a {name}: leave it unset")
+    if model.config.get("time_cond_proj_dim") is not None:
+        raise ConfigError(f"{where} already takes w (time_cond_proj_dim = {model.config.time_cond_proj_dim}): leave "
+                          f"diffusers_network.time_cond_proj_dim unset")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:
+        raise ConfigError(f"diffusers_network.time_cond_proj_dim = {dim!r}: give the width of w's embedding, an "
+                          f"integer ≥ 4 (the latent consistency models' 256)")
+    new = type(model).from_config({**model.config, "time_cond_proj_dim": dim})
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert list(missing) == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        new.time_embedding.cond_proj.weight.zero_()
+    return new.train(model.training)
+
+
 @gin.configurable
-def diffusers_network(folder=None, config=None, empty_text_from=None, schedule=None, gradient_checkpointing=False):
+def diffusers_network(folder=None, config=None, empty_text_from=None, schedule=None, gradient_checkpointing=False,
+                      time_cond_proj_dim=None):
     """The network of a local diffusers ``folder`` (its pretrained weights, scheduler and, for a text model, the
     empty prompt from its tokenizer and text encoder), or a fresh one from a ``config`` dict (its ``_class_name``,
     UNet2DConditionModel by default; ``schedule`` a DiscreteSchedule, ``empty_text_from`` a folder with tokenizer/
-    and text_encoder/ for a text model).  ``gradient_checkpointing``: diffusers' own."""
+    and text_encoder/ for a text model).  ``gradient_checkpointing``: diffusers' own.  ``time_cond_proj_dim``: the
+    UNet gets the guidance-weight input w (e(w) of that width, :func:`with_w_input`), its branch at zero."""
     if (folder is None) == (config is None):
         raise ConfigError("diffusers_network needs exactly one of folder (a local diffusers folder) and config "
                           "(a model config dict, to train from scratch)")
     if folder is not None:
-        return load_folder(folder, empty_text_from, gradient_checkpointing)
+        return load_folder(folder, empty_text_from, gradient_checkpointing, time_cond_proj_dim)
     return from_config(config, empty_text_from, DiscreteSchedule() if schedule is None else schedule,
-                       gradient_checkpointing)
+                       gradient_checkpointing, time_cond_proj_dim)
 
 
-def from_config(config, empty_text_from, schedule, gradient_checkpointing=False):
+def from_config(config, empty_text_from, schedule, gradient_checkpointing=False, time_cond_proj_dim=None):
     """A freshly initialised :class:`DiffusersNet` from a model config dict (``_class_name`` picks the class)."""
     config = dict(config)
     cls = model_class(config.pop("_class_name", "UNet2DConditionModel"), "diffusers_network.config")
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    if time_cond_proj_dim is not None:
+        model = with_w_input(model, time_cond_proj_dim, "diffusers_network.config")
     empty = None
     if cls.__name__ == "UNet2DConditionModel" and config.get("num_class_embeds") is None and empty_text_from is not None:
         check_text_encoder(Path(empty_text_from), model.config)
@@ -249,8 +310,9 @@ def weights_file(folder):
     return pickles[0]
 
 
-def load_folder(folder, empty_text_from=None, gradient_checkpointing=False):
-    """The :class:`DiffusersNet` of a diffusers folder, with its pretrained weights; one line for what does not fit."""
+def load_folder(folder, empty_text_from=None, gradient_checkpointing=False, time_cond_proj_dim=None):
+    """The :class:`DiffusersNet` of a diffusers folder, with its pretrained weights (and, given
+    ``time_cond_proj_dim``, a w input at zero); one line for what does not fit."""
     folder = Path(folder)
     component, name, config = folder_layout(folder)
     text = name == "UNet2DConditionModel" and config.get("num_class_embeds") is None
@@ -270,6 +332,8 @@ def load_folder(folder, empty_text_from=None, gradient_checkpointing=False):
         except RuntimeError:
             raise ConfigError(f"{path} does not fit {folder / component / 'config.json'} (older key names?): fetch "
                               f"{WEIGHTS} into {folder / component}") from None
+    if time_cond_proj_dim is not None:
+        model = with_w_input(model, time_cond_proj_dim, str(folder / component))
     model.eval()
     return DiffusersNet(model, schedule, empty_prompt(source) if text else None, gradient_checkpointing,
                         folders={"model": folder, "text": source if text else None})

@@ -69,8 +69,8 @@ def _teacher_info(weights):
     from tract_repro.networks.diffusers_net import folder_of, folder_process
 
     folder = folder_of(weights)
-    if folder is not None:
-        return folder_process(folder)
+    if folder is not None:  # its ∅ (empty prompt, null class) is trained: SD and DiT drop 10% of conditions
+        return dict(folder_process(folder), guided=True)
     info_file = weights.parent / "run.json"
     return json.loads(info_file.read_text()) if info_file.is_file() else {}
 
@@ -83,11 +83,18 @@ def _gin_hint(path, gin_dir):
     return "gin/<teacher>.gin"
 
 
+def fresh_prefixes(net, names):
+    """The state-dict prefixes of ``net``'s branches for the new inputs ``names``: the network's own
+    ``fresh_prefixes`` (a diffusers UNet's cond_proj), else the PD UNet's ``cond_emb.<name>.``; under ``net.``."""
+    own = getattr(net, "fresh_prefixes", None)
+    return tuple(f"net.{prefix}" for prefix in (own(names) if own is not None else (f"cond_emb.{n}." for n in names)))
+
+
 def load_into(denoiser, spec, expect=None, new_inputs=(), guided=False):
     """Load teacher weights into ``denoiser``; check ``expect`` (e.g. parameterisation) against its run.json.
 
-    ``new_inputs``: extra inputs of ``denoiser`` the teacher lacks; their branches keep their initial
-    (zero) weights.  ``guided``: the teacher must have been trained with label dropout (p_uncond > 0).
+    ``new_inputs``: extra inputs of ``denoiser`` the teacher lacks; their branches (:func:`fresh_prefixes`) keep
+    their initial (zero) weights.  ``guided``: the teacher must have been trained with label dropout (p_uncond > 0).
     """
     weights = resolve(spec)
     info = _teacher_info(weights)
@@ -100,12 +107,14 @@ def load_into(denoiser, spec, expect=None, new_inputs=(), guided=False):
                            f"to guide with: train it with TeacherTraining.p_uncond = 0.1 and UNet.null_class = True")
     state = read_weights(weights, denoiser)
     own = denoiser.state_dict()
-    fresh = tuple(f"net.cond_emb.{name}." for name in new_inputs)
+    net = getattr(denoiser, "net", None)
+    fresh = fresh_prefixes(net, new_inputs)
     missing = {k for k in own.keys() - state.keys() if not k.startswith(fresh)} if fresh else own.keys() - state.keys()
     unexpected = state.keys() - own.keys()
-    if missing and all(k.startswith("net.cond_emb.w.") for k in missing):
+    if missing and all(k.startswith(fresh_prefixes(net, ("w",))) for k in missing):
+        drop = getattr(net, "w_input_setting", "drop 'w' from UNet.extra_conditions")
         raise TeacherError(f"teacher {weights} has no w input: distil guidance into it first (train.method = "
-                           f"@GuidedDistillation(), stage 1), or drop 'w' from UNet.extra_conditions")
+                           f"@GuidedDistillation(), stage 1), or {drop}")
     misshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or misshaped:
         raise TeacherError(f"teacher {weights} does not fit this run's network ({len(missing)} missing, "
