@@ -265,3 +265,13 @@ def test_a_dit_folder_with_another_vae_is_refused_before_loading(folder, tmp_pat
     copy = Path(shutil.copytree(folder, tmp_path / "dit"))
     edit_json(copy / "vae" / "config.json", latent_channels=8)
     one_line(lambda: load_folder(copy), "latent_channels = 8", "transformer takes in_channels = 4")
+
+
+def test_a_transformer_config_without_norm_type_is_refused_in_one_line():
+    from tract_repro.common.errors import ConfigError
+    from tract_repro.diffusion.schedules import DiscreteSchedule
+    from tract_repro.networks.diffusers_net import from_config
+
+    with pytest.raises(ConfigError, match="needs norm_type 'ada_norm_zero' and num_embeds_ada_norm"):
+        from_config({"_class_name": "Transformer2DModel", "sample_size": 8, "in_channels": 4}, None,
+                    DiscreteSchedule())

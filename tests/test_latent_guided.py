@@ -217,3 +217,14 @@ def test_stage_1_of_a_class_conditional_diffusers_student_runs_through_launch(fo
     with torch.no_grad():
         out = run.denoiser(x, SCHEDULE.grid(64)[[1, 20, 40, 64]], Cond(torch.tensor([1, 2, 3, 4]), {"w": torch.full((4,), 2.0)}))
     assert torch.isfinite(out).all()
+
+
+def test_stage_1_of_a_text_to_image_diffusers_student_runs_through_launch(folders, tmp_path):
+    """The same with captions: the text folder's UNet with a w input distils its own guided x̂^w (∅ the empty prompt)."""
+    gin_file = tmp_path / "stage1.gin"
+    gin_file.write_text(STAGE_1.format(folder=folders["text"], dim=D) + f"tiny_latents.text_shape = {TEXT}\n")
+    done = launch(gin_file, tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["status"], info["method"], info["guided"]) == ("complete", "GuidedDistillation", True)
+    assert ckpt.load(tmp_path / "run" / "ema.pt")["net.model.time_embedding.cond_proj.weight"].any()

@@ -19,7 +19,8 @@ class TinyLatents:
         self.latents = torch.randn(n, channels, size, size, generator=g)
         self.num_classes = 1 if text_shape else num_classes
         self.labels = torch.randint(self.num_classes, (n,), generator=g)
-        self.text = torch.randn(n, *text_shape, generator=g) if text_shape else None
+        self.text = bool(text_shape)  # captioned, as LatentArrays.text says
+        self.embeddings = torch.randn(n, *text_shape, generator=g) if text_shape else None
         self.grid_calls = []
 
     def __len__(self):
@@ -30,7 +31,7 @@ class TinyLatents:
         return tuple(self.latents.shape[1:])
 
     def cond(self, rows):
-        return Cond(self.labels[rows], {} if self.text is None else {"text": self.text[rows]})
+        return Cond(self.labels[rows], {"text": self.embeddings[rows]} if self.text else {})
 
     def batch(self, idx, generator=None):
         return self.latents[idx].double(), self.cond(idx)

@@ -41,9 +41,11 @@ class GuidedDistillation(Method):
         return self.grid_w
 
     def check(self, student, data):
-        if not (takes_input(student, "w") and getattr(student, "conditional", False) and data.num_classes > 1):
-            raise ConfigError("guided distillation trains a class-conditional student with a w input: set "
-                              "UNet.extra_conditions = ('w',) on the teacher's class-conditional network")
+        conditioned = data.num_classes > 1 or getattr(data, "text", False)  # class labels, or captions (latents)
+        if not (takes_input(student, "w") and getattr(student, "conditional", False) and conditioned):
+            raise ConfigError("guided distillation trains a conditional student (class labels or captions) with a w "
+                              "input: set UNet.extra_conditions = ('w',) on the teacher's class-conditional network, "
+                              "or diffusers_network.time_cond_proj_dim on a diffusers UNet")
 
     @torch.no_grad()
     def __call__(self, x, cond, phase, nets, grid, generator):

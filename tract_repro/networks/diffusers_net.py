@@ -236,6 +236,9 @@ def from_config(config, empty_text_from, schedule, gradient_checkpointing=False,
     """A freshly initialised :class:`DiffusersNet` from a model config dict (``_class_name`` picks the class)."""
     config = dict(config)
     cls = model_class(config.pop("_class_name", "UNet2DConditionModel"), "diffusers_network.config")
+    if cls.__name__ == "Transformer2DModel" and "norm_type" not in config:  # diffusers' class lookup would KeyError
+        raise ConfigError("diffusers_network.config for a Transformer2DModel needs norm_type 'ada_norm_zero' and "
+                          "num_embeds_ada_norm (a class-conditional DiT)")
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     if time_cond_proj_dim is not None:
         model = with_w_input(model, time_cond_proj_dim, "diffusers_network.config")
