@@ -179,7 +179,8 @@ def render(run, fmt, ema_sha256, weights_file, weights_sha256, found, layout=Non
         lines.append(f"- **Conditioning**: {classes} classes (`class_labels`, one per sample).")
     if guidance == "input":
         low, high = info.get("w_range") or (None, None)
-        lines.append(f"- **Guidance**: w is a network input (`guidance_weight`), trained on w ∈ [{low}, {high}]; one "
+        keyword = "`guidance_weight`" if layout is None else "diffusers' `guidance_scale` = 1 + w"
+        lines.append(f"- **Guidance**: w is a network input ({keyword}), trained on w ∈ [{low}, {high}]; one "
                      f"network call a step.")
     elif guidance == "classifier-free":
         lines.append(f"- **Guidance**: trained with label dropout (p = {info.get('p_uncond')}): `guidance_weight` w "

@@ -16,6 +16,13 @@ UNet weight: diffusers encodes the empty prompt itself).  Our K-step DDIM on the
 diffusers steps from t to t − N//K, so a K-step sample is ours when K divides N and T.  A text model becomes a
 ``StableDiffusionPipeline`` with the teacher folder's ``vae/``, ``text_encoder/`` and ``tokenizer/`` copied; a
 class-conditional one the UNet, VAE and scheduler with a short ``pipeline.py`` (``ClassLatentPipeline``).
+
+A guided-distillation student (a UNet with diffusers' ``time_cond_proj_dim``: the network takes w) exports the same
+way.  StableDiffusionPipeline itself feeds such a UNet ``timestep_cond = get_guidance_scale_embedding(guidance_scale −
+1)``, the embedding e(w) of our adapter, and turns its own classifier-free guidance off (``do_classifier_free_guidance``
+is false for it): one UNet call a step, so ``guidance_scale`` = 1 + w gives our K-step DDIM at w.  ClassLatentPipeline
+does the same.  (The LatentConsistencyModelPipeline embeds the same w but steps with LCMScheduler; given a
+DDIMScheduler it fails, passing ``original_inference_steps`` to its ``set_timesteps`` and ``eta=None`` to its ``step``.)
 """
 import json
 import math
@@ -193,10 +200,14 @@ def card(run):
     sigma = math.sqrt(1 - float(run.grid.schedule.alphas_cumprod[-1]))
     steps = ", ".join(map(str, valid_steps(run)))
     prediction = PREDICTION_TYPES[run.denoiser.parameterisation]
+    takes_w = "w" in net.extra_conditions
+    low, high = run.info.get("w_range") or (None, None)
+    scale = f"guidance_scale={1.0 + (high if high is not None else 1.0)}" if takes_w else "guidance_scale=1.0"
     if net.text:
         load = ["from diffusers import StableDiffusionPipeline", "",
                 "pipe = StableDiffusionPipeline.from_pretrained('THIS_FOLDER')",
-                f"image = pipe('a prompt', num_inference_steps={K}, guidance_scale=1.0).images[0]"]
+                f"image = pipe('a prompt', num_inference_steps={K}, {scale}).images[0]" + (
+                    "  # guidance_scale = 1 + w" if takes_w else "")]
         what = ("- The folder is a stock `StableDiffusionPipeline`: `unet/` (diffusers' `UNet2DConditionModel`, the "
                 "run's EMA weights), `vae/`, `text_encoder/` and `tokenizer/` (the teacher's, copied), `scheduler/` "
                 "(`DDIMScheduler`). No code ships; nothing needs `trust_remote_code`.")
@@ -205,12 +216,19 @@ def card(run):
     else:
         load = ["from diffusers import DiffusionPipeline", "",
                 "pipe = DiffusionPipeline.from_pretrained('THIS_FOLDER', trust_remote_code=True)",
-                f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={K}).images"]
+                f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={K}" + (
+                    f", {scale}).images  # guidance_scale = 1 + w" if takes_w else ").images")]
         what = ("- `unet/` (diffusers' `UNet2DConditionModel`, the run's EMA weights), `vae/` (the teacher's), "
                 "`scheduler/` (`DDIMScheduler`) are stock; `pipeline.py` (`ClassLatentPipeline`) is the only code, "
                 "because no stock pipeline takes class labels for this UNet.")
         guidance = ("- `guidance_scale` s > 1 guides with the null class (the UNet's last class row), our "
                     "x̂^w = (1 + w)·x̂(c) − w·x̂(∅) with s = 1 + w.")
+    if takes_w:
+        guidance = (f"- Guidance is a network input (guided distillation's w, trained on w ∈ [{low}, {high}]): the UNet has "
+                    f"`time_cond_proj_dim` = {net.model.config.time_cond_proj_dim} and takes `timestep_cond` = "
+                    f"`get_guidance_scale_embedding(w)`, which the pipeline computes from `guidance_scale = 1 + w` "
+                    f"(`guidance_scale=1.0` is w = 0). One UNet call a step: the pipeline applies no classifier-free "
+                    f"guidance on top for such a UNet (the student is guided already; negative prompts have no effect).")
     lines = ["", "## Use", "", f"With diffusers, K = {K} steps (the distilled step count; the pipelines' own default "
              f"of 50 steps is not this model's):", "", "```python", "import torch", *load, "```", "",
              "## What maps onto diffusers", "", what,

@@ -11,14 +11,19 @@ StableDiffusionPipeline's, with the class embedding in place of the prompt:
     x_T = init_noise_sigma · latents                         (latents ~ N(0, I), or given)
     for t in scheduler.timesteps:
         out = unet(x_t, t, encoder_hidden_states = 0 (B, 1, D), class_labels = c)
-        out = out(∅) + s·(out(c) − out(∅))                   (only if guidance_scale s > 1; ∅ = the last class row)
+        out = out(∅) + s·(out(c) − out(∅))                   (only if guidance_scale s > 1; ∅ = the last class row;
+                                                               a w student instead: timestep_cond = e(s − 1))
         x   = scheduler.step(out, t, x_t).prev_sample
     image = vae.decode(x_0 / scaling_factor + shift_factor)  (or x_0 itself, output_type="latent")
 
 The cross-attention layers, if any, attend to one zero token, as tract-repro's diffusers adapter feeds them.
+
+A guided-distillation student (a UNet with ``time_cond_proj_dim``) takes the guidance weight as an input, as
+StableDiffusionPipeline feeds such a UNet: ``timestep_cond = get_guidance_scale_embedding(w)`` with w =
+guidance_scale − 1, one call a step and no classifier-free guidance on top (the student is guided already).
 """
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, StableDiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -58,12 +63,18 @@ class ClassLatentPipeline(DiffusionPipeline):
             raise ValueError(f"latents of shape {tuple(latents.shape)} given for {n} class labels: expected {shape}")
         x = latents.to(device=device, dtype=unet.dtype) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        guided = guidance_scale > 1.0
+        dim = unet.config.time_cond_proj_dim
+        guided = guidance_scale > 1.0 and dim is None  # a UNet with a w input is guided already
         rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         context = x.new_zeros(rows.shape[0], 1, unet.config.cross_attention_dim)
+        w_input = None
+        if dim is not None:  # diffusers' own embedding of w = guidance_scale − 1, as StableDiffusionPipeline's
+            w = torch.tensor(guidance_scale - 1.0).repeat(n)
+            w_input = StableDiffusionPipeline.get_guidance_scale_embedding(self, w, embedding_dim=dim).to(device, x.dtype)
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            out = unet(x_in, t, encoder_hidden_states=context, class_labels=rows, return_dict=False)[0]
+            out = unet(x_in, t, encoder_hidden_states=context, class_labels=rows, timestep_cond=w_input,
+                       return_dict=False)[0]
             if guided:
                 cond, null = out.chunk(2)
                 out = null + guidance_scale * (cond - null)
