@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests import tiny_diffusers as tiny
-from tract_repro.common.errors import ConfigError
+from tests.test_latent_engine import one_line
 from tract_repro.diffusion.schedules import DiscreteSchedule, diffusers_schedule
 from tract_repro.networks.conditioning import NULL_LABEL, Cond
 from tract_repro.networks.denoiser import VPDenoiser, build_denoiser
@@ -56,14 +56,6 @@ def edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def one_line(call, *words):
-    with pytest.raises(ConfigError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for word in words:
-        assert word in message, message
-    return message
 
 
 @pytest.fixture(scope="module", params=["dit-dpm", "legacy-ddim"])

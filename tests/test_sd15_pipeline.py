@@ -8,33 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_paper_pipeline import ROOT, offline_copy
+from tests.test_paper_pipeline import expansion, in_repo, offline_copy, stages  # noqa: F401 (fixtures)
 from tract_repro.common.errors import ConfigError
 from tract_repro.data import coco
-from tract_repro.results import check, pipeline
-from tract_repro.results.experiments import expand_paper, load_tables
+from tract_repro.results import check
 from tract_repro.results.paper_stages import latent_folder
-
-
-@pytest.fixture(scope="module")
-def stages():
-    return pipeline.load_stages(ROOT)
-
-
-@pytest.fixture(scope="module")
-def expansion():
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        return expand_paper({"sd15": load_tables()["sd15"]})
-    finally:
-        os.chdir(cwd)
 
 
 def test_the_sd15_chain_from_check_to_table(stages, expansion):
     phases, teachers, evaluations = expansion
+    evaluations = [e for e in evaluations if e["table"] == "sd15"]
     check_cmd = stages["paper_check_sd15"]["cmd"]
     for option in ("--teacher ${paper.teachers.sd15}", "--data ${paper.data.sd15}",
                    "--prompts-data ${paper.data.coco2014_val}", "--clip ${paper.text_to_image.clip}"):
@@ -69,7 +52,7 @@ def test_the_sd15_chain_from_check_to_table(stages, expansion):
     assert stages["sd15"]["outs"] == [{"results/sd15.md": {"cache": False}}]
 
 
-def test_btd_and_tract_train_on_the_same_number_of_samples(in_repo_tables):
+def test_btd_and_tract_train_on_the_same_number_of_samples(in_repo):
     from tract_repro import config
     from tract_repro.methods.phases import plan_phases
 
@@ -81,11 +64,6 @@ def test_btd_and_tract_train_on_the_same_number_of_samples(in_repo_tables):
                              config.query("train.phase_lengths"))
         totals[gin_file] = sum(p.length for p in phases)
     assert totals["gin/sd15_btd.gin"] == totals["gin/sd15_tract.gin"] == 36_000 * 1024
-
-
-@pytest.fixture
-def in_repo_tables(monkeypatch):
-    monkeypatch.chdir(ROOT)
 
 
 def test_dvc_repro_sd15_offline_fails_fast_in_one_line(tmp_path):
