@@ -1,14 +1,24 @@
 """A latent guided stage-1 run (the class-conditional tiny diffusers folder, tiny latents, CPU) killed with SIGKILL
-after its first checkpoint and started again with the same command ends bit-identical to an uninterrupted run."""
+after its first checkpoint and started again with the same command ends bit-identical to an uninterrupted run; and
+such a run, sampled at a w outside its run.json's w_range, warns once in one line (a guided teacher never does)."""
 import json
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests import tiny_diffusers as tiny
 from tests.conftest import bitwise_equal
+from tests.test_latent_engine import SCHEDULE
 from tests.test_latent_guided import D, STAGE_1
 from tests.test_resume import finish, kill_after_checkpoint, launch
+from tract_repro.common.errors import GuidanceRangeWarning
+from tract_repro.evaluation.metrics import conditioned
+from tract_repro.evaluation.runs import load_run
+from tract_repro.networks.denoiser import VPDenoiser
+from tract_repro.networks.diffusers_net import load_folder
+from tract_repro.networks.guidance import GuidedDenoiser
 from tract_repro.training import checkpoint as ckpt
 
 TOTAL = 32  # 8 steps of 4 latents, a checkpoint every 8 samples
@@ -46,3 +56,40 @@ def test_a_latent_stage_1_run_killed_after_its_first_checkpoint_resumes_exactly(
     rows = [[line.split('"samples_per_s"')[0] for line in (root / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("straight", "resumed")]
     assert rows[0] == rows[1]  # the metrics log rewound to the checkpoint, not duplicated
+
+
+def range_warnings(run, w):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        denoiser, extra, calls = conditioned(run, w)
+    return [c for c in caught if issubclass(c.category, GuidanceRangeWarning)], (denoiser, extra, calls)
+
+
+def test_a_w_outside_the_trained_range_warns_once_in_one_line(runs):
+    root, _ = runs
+    run = load_run(root / "straight")
+    for w in (-0.5, 4.5, 7.5):
+        found, (denoiser, extra, calls) = range_warnings(run, w)
+        assert len(found) == 1, [str(f.message) for f in found]
+        message = str(found[0].message)
+        assert "\n" not in message and str(run.path) in message and f"w = {w:g}" in message, message
+        assert "[0, 4]" in message and "not trained there" in message, message
+        assert issubclass(found[0].category, UserWarning)
+        assert (denoiser, extra, calls) == (run.denoiser, {"w": w}, 1)  # it still samples, at the w asked for
+    for w in (0.0, 1.0, 4.0):
+        assert range_warnings(run, w)[0] == []
+
+
+def test_a_run_without_w_range_takes_any_w_without_a_warning(runs):
+    """A guided teacher (label dropout, no w input, no w_range: the folder's own UNet) and a w student whose run.json
+    records no range are sampled at any w silently."""
+    root, _ = runs
+    run = load_run(root / "straight")
+    unranged = replace(run, info={k: v for k, v in run.info.items() if k != "w_range"})
+    found, (denoiser, extra, calls) = range_warnings(unranged, 9.0)
+    assert found == [] and (denoiser, extra, calls) == (run.denoiser, {"w": 9.0}, 1)
+    teacher = replace(run, path=root / "classes", info={"p_uncond": 0.1},
+                      denoiser=VPDenoiser(load_folder(root / "classes"), SCHEDULE, "eps"))
+    for w in (-0.5, 0.0, 9.0):
+        found, (denoiser, extra, calls) = range_warnings(teacher, w)
+        assert found == [] and isinstance(denoiser, GuidedDenoiser) and (extra, calls) == ({"w": w}, 2)

@@ -23,6 +23,10 @@ class JobFailed(TractError, RuntimeError):
     exit_status = 1
 
 
+class GuidanceRangeWarning(UserWarning):
+    """A w-conditioned student is sampled at a guidance weight outside the range it was trained on (one line)."""
+
+
 def one_line(exc):
     """The first non-empty line of an exception's message (its type's name if it has none)."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]

@@ -17,11 +17,12 @@ of decoded images, and the metrics add the autoencoder's reconstruction floor (:
 the noise floor.
 """
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
 
-from tract_repro.common.errors import ConfigError
+from tract_repro.common.errors import ConfigError, GuidanceRangeWarning
 from tract_repro.common.files import sha256, write_json
 from tract_repro.evaluation import frechet, precision_recall
 from tract_repro.evaluation.classifier import at_classifier_resolution, load_classifier, split
@@ -239,7 +240,8 @@ def conditioned(run, w):
     """(denoiser, extra inputs, network calls per step) that sample ``run`` at guidance weight ``w`` (None: as it is).
 
     A guided teacher (trained with label dropout) is wrapped in the guided denoiser, two predictions a step;
-    a w-conditioned student gets w as its input, with a warning if it was trained on a range without w.
+    a w-conditioned student gets w as its input, with one :class:`GuidanceRangeWarning` if its run.json's
+    ``w_range`` does not hold w (a run without ``w_range``, such as a guided teacher, takes any w).
     """
     if w is None:
         if takes_input(run.denoiser, "w"):
@@ -248,7 +250,8 @@ def conditioned(run, w):
     if takes_input(run.denoiser, "w"):
         low, high = run.info.get("w_range") or (w, w)
         if not low <= w <= high:
-            print(f"warning: {run.path} was trained on w in [{low:g}, {high:g}]: it never saw w = {w:g}", flush=True)
+            warnings.warn(GuidanceRangeWarning(f"{run.path} was trained on w in [{low:g}, {high:g}]: it never saw "
+                                               f"w = {w:g}, the student was not trained there"))
         return run.denoiser, {"w": float(w)}, 1
     if run.info.get("p_uncond"):
         return GuidedDenoiser(run.denoiser), {"w": float(w)}, 2
