@@ -27,7 +27,7 @@ EXPECTED = {
     "gin/imagenet64_tract_edm.gin": EDM_IMAGENET64,
 }
 #: latent run files: the network is the user's diffusers folder (MODEL), so its size is the folder's, not a count here
-LATENT_RUN_FILES = {"gin/sd15_v_finetune.gin", "gin/sd15_btd.gin", "gin/sd15_tract.gin"}
+LATENT_RUN_FILES = {f"gin/{p.name}" for p in (ROOT / "gin").glob("sd15*.gin")}
 
 
 def paper_rows():

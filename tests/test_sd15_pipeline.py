@@ -12,6 +12,7 @@ from tests.test_paper_pipeline import expansion, in_repo, offline_copy, stages  
 from tract_repro.common.errors import ConfigError
 from tract_repro.data import coco
 from tract_repro.results import check
+from tract_repro.results.experiments import load_tables
 from tract_repro.results.paper_stages import latent_folder
 
 
@@ -178,3 +179,45 @@ def test_a_bad_coco_input_stops_in_one_line_before_anything_is_written(tmp_path,
     assert not (out / "selection.json").exists()
     if case == "exists":
         assert (out / "captions.jsonl").read_text() == "mine\n"
+
+
+def test_guided_sd_distils_guidance_from_the_shared_v_fine_tune_and_scores_every_w(stages, expansion):
+    phases, teachers, evaluations = expansion
+    evaluations = [e for e in evaluations if e["table"] == "guided_sd"]
+    assert teachers["sd15_guided_stage1"]["teacher_run"] == "sd15_v" and teachers["sd15_guided_stage1"]["setup"] == "sd15"
+    stage1 = stages["paper_train_sd15_guided_stage1"]
+    assert "gin/sd15_guided_stage1.gin" in stage1["cmd"] and "TEACHER = 'runs/paper/sd15_v'" in stage1["cmd"]
+    assert "runs/paper/sd15_v" in stage1["deps"]
+    assert {e["w"] for e in evaluations} == {2, 4, 6, 8, 10, 14}  # paper.w: Meng et al.'s text-to-image range
+    row = next(e for e in evaluations if e["row"] == "tract_2steps@w6")
+    first = phases[row["target"]].previous
+    assert "TEACHER = 'runs/paper/sd15_guided_stage1'" in stages[f"paper_run_{first.key}"]["cmd"]
+    evaluation = str(stages[f"paper_eval_{row['target']}"]["cmd"])
+    assert "--w 2 4 6 8 10 14" in evaluation and "--prompts runs/paper/latents/sd15_prompts" in evaluation
+    # the v fine-tune is one stage for both tables, evaluated unguided (sd15) and at every w (guided_sd)
+    v_eval = stages["paper_eval_sd15_v"]["cmd"]
+    assert isinstance(v_eval, list) and any("--w 2 4 6 8 10 14" in c for c in v_eval) and any("--w" not in c for c in v_eval)
+
+
+def test_guided_sd_reports_the_clip_score_and_plots_fid_against_it(tmp_path):
+    from tract_repro.results import guided_paper
+
+    table = load_tables()["guided_sd"]
+    records = [dict(row="teacher_64", w=w, sampler="ddim", nfe=128, protocol="tract", fid_mean=fid, fid_std=None,
+                    fid=[fid], fid_headline=fid, is_mean=None, is_std=None, clip_mean=clip, clip_std=None,
+                    samples_per_range=30000) for w, fid, clip in ((2, 12.5, 30.25), (14, 25.0, 32.75))]
+    text = guided_paper.render_paper(table, records)
+    clip_section = text.split("## CLIP score")[1]
+    assert "30.25" in clip_section and "32.75" in clip_section and "12.50" in text.split("## Inception")[0]
+    guided_paper.plot_tradeoff(table, records, tmp_path / "tradeoff.png")
+    assert Image.open(tmp_path / "tradeoff.png").size[0] > 100
+
+
+def test_dvc_repro_guided_sd_offline_fails_at_the_sd15_check_in_one_line(tmp_path):
+    env = offline_copy(tmp_path)
+    done = subprocess.run(["dvc", "repro", "guided_sd"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "ckpts/stable-diffusion-v1-5" in errors[0] and "data/coco2014_val" in errors[0]
+    assert "Running stage 'paper_check_sd15'" in done.stdout and "paper_train_" not in done.stdout

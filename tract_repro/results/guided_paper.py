@@ -32,9 +32,40 @@ def paper_records(table, eval_dir="results/paper/eval"):
                 records.append(dict(row=row["id"], w=evaluation.get("w"), sampler=r["sampler"], nfe=r["nfe"],
                                     protocol=spec.name, fid_mean=r["fid_mean"], fid_std=r["fid_std"], fid=r["fid"],
                                     fid_headline=spec.headline(r["fid"]), is_mean=r.get("is_mean"),
-                                    is_std=r.get("is_std"), samples_per_range=r["samples_per_range"],
+                                    is_std=r.get("is_std"), clip_mean=r.get("clip_mean"), clip_std=r.get("clip_std"),
+                                    samples_per_range=r["samples_per_range"],
                                     seed_ranges=r["seed_ranges"], run=metrics["run"], weights_sha256=metrics["weights_sha256"]))
     return records
+
+
+#: guided tables of text-to-image models, whose rows also carry the CLIP score
+TEXT_TO_IMAGE = {"guided_sd"}
+
+
+def plot_tradeoff(table, records, path):
+    """FID against CLIP score over w, one curve per row (model, sampler and step count), as Meng et al. plot it."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from tract_repro.common.files import write_atomic
+
+    matplotlib.use("Agg")
+    labels = {r["id"]: r["label"] for r in table["rows"]}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in table["rows"]:
+        points = sorted((r["w"], r["clip_mean"], r["fid_headline"]) for r in records
+                        if r["row"] == row["id"] and r.get("clip_mean") is not None)
+        if points:
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=labels[row["id"]])
+            for w, x, y in points:
+                ax.annotate(f"{w:g}", (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("CLIP score (higher is better)")
+    ax.set_ylabel("FID-30K (lower is better)")
+    ax.set_title("FID against CLIP score over w (labels: w)", fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
 
 
 def training_samples(spec, table):
@@ -57,27 +88,32 @@ def training_samples(spec, table):
 def render_paper(table, records):
     """results/<table>.md at paper scale: FID and IS per (row, w), beside the paper's values."""
     frame = pd.DataFrame.from_records(records, columns=["row", "w", "sampler", "nfe", "protocol", "fid_mean", "fid_std",
-                                                        "fid_headline", "is_mean", "is_std", "samples_per_range"])
+                                                        "fid_headline", "is_mean", "is_std", "clip_mean", "clip_std",
+                                                        "samples_per_range"])
     ws = (table.get("paper") or {}).get("w") or []
     by = {(r.row, float(r.w)): r for r in frame.itertuples()}
     out = [f"# {table['title']}\n",
            "Guidance: x̂^w = (1 + w)·x̂(x_t, c) − w·x̂(x_t, ∅), w = 0 conditional (a guidance scale s = 1 + w elsewhere); "
            "the guided teacher is counted as 2 NFE a step.\n",
            f"Paper setting: {table['paper']['setting']}.  \nPaper claim: {table['ordering']['claim']}.\n"]
-    for metric, title in (("fid", "FID (lower is better)"), ("is", "Inception Score (higher is better)")):
+    sections = [("fid", "FID (lower is better)"), ("is", "Inception Score (higher is better)")]
+    if table["table"] in TEXT_TO_IMAGE:  # text-to-image: the CLIP score of the same samples and their captions
+        sections.append(("clip", "CLIP score (higher is better; 100·max(cos, 0))"))
+    for metric, title in sections:
         lines = []
         for row in table["rows"]:
             p = row.get("paper") or {}
             paper = "" if p.get("value") is None else f"{p['value']} ({p.get('confidence')})"
             cells = [by.get((row["id"], float(w))) for w in ws]
-            head = "fid_headline" if metric == "fid" else "is_mean"  # FID: the protocol's headline (EDM: best range)
+            head = {"fid": "fid_headline", "is": "is_mean", "clip": "clip_mean"}[metric]  # FID: the protocol's headline
             shown = [("" if c is None or pd.isna(getattr(c, head)) else
                       _cell(getattr(c, head), getattr(c, f"{metric}_std"), 2)) for c in cells]
             trained = [training_samples(row.get("paper_scale"), table)] if metric == "fid" else []
             lines.append([row["label"], *trained, paper if metric == "fid" else "", *shown])
         out += [f"## {title}\n", tabulate(lines, headers=["row", *(["training samples"] if metric == "fid" else []),
                                                           "paper" if metric == "fid" else "",
-                                                          *[f"w = {w:g}" for w in ws]], tablefmt="github"), ""]
+                                                          *[f"w = {w:g}" for w in ws]], tablefmt="github",
+                              disable_numparse=True), ""]  # cells keep their two decimals
     if frame.empty:
         out.append("Nothing measured at paper scale yet: `dvc repro " + table["table"] + "` on a cluster with the data "
                    "(README, Paper scale).")

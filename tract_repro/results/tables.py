@@ -316,6 +316,8 @@ def main(argv=None):
             records = guided_paper.paper_records(table)
             write_json(f"results/paper/{name}.json", dict(rows=records), ensure_ascii=False)
             write_text(f"results/{name}.md", guided_paper.render_paper(table, records))
+            if name in guided_paper.TEXT_TO_IMAGE and any(r.get("clip_mean") is not None for r in records):
+                guided_paper.plot_tradeoff(table, records, f"results/paper/{name}_tradeoff.png")
             print(f"results/{name}.md: {len(records)} (row, w) cells measured at paper scale")
             continue
         scores = digits_scores(table)
