@@ -178,7 +178,8 @@ def test_the_stage_1_target_of_a_w_students_frozen_copy_is_the_guided_folder_tea
     assert bool(a.cond.extra["w"].gt(0).all())
 
 
-STAGE_1 = """
+#: a tiny latent run of the folder's UNet with a w input (time_cond_proj_dim = {dim}); the method comes after it
+W_STUDENT = """
 import tests.tiny_latents
 train.dataset = @tiny_latents
 tiny_latents.n = 16
@@ -189,7 +190,9 @@ train.schedule = @diffusers_schedule
 diffusers_schedule.folder = '{folder}'
 train.T = 64
 train.parameterisation = 'eps'
-train.method = @GuidedDistillation()
+"""
+
+STAGE_1 = W_STUDENT + """train.method = @GuidedDistillation()
 train.teacher = '{folder}'
 TeacherTraining.sample_steps = 4
 train.batch_size = 4

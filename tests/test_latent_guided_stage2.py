@@ -12,7 +12,7 @@ import torch
 
 from tests import tiny_diffusers as tiny
 from tests.test_latent_engine import ROOT, SCHEDULE, inputs
-from tests.test_latent_guided import STAGE_1
+from tests.test_latent_guided import STAGE_1, W_STUDENT
 from tests.test_methods import phase_of
 from tests.tiny_latents import CPU_RUN
 from tract_repro.diffusion.grid import TimeGrid
@@ -28,18 +28,7 @@ from tract_repro.training import checkpoint as ckpt
 D = 32  # the tiny students' time_cond_proj_dim
 W_RANGE = (0.0, 4.0)
 
-STAGE_2 = """
-import tests.tiny_latents
-train.dataset = @tiny_latents
-tiny_latents.n = 16
-train.network = @diffusers_network
-diffusers_network.folder = '{folder}'
-diffusers_network.time_cond_proj_dim = {dim}
-train.schedule = @diffusers_schedule
-diffusers_schedule.folder = '{folder}'
-train.T = 64
-train.parameterisation = 'eps'
-train.teacher = '{teacher}'
+STAGE_2 = W_STUDENT + """train.teacher = '{teacher}'
 train.batch_size = 4
 train.total = {total}
 train.checkpoint_every = 8
