@@ -150,14 +150,19 @@ def offline_copy(tmp_path):
     return env
 
 
+def repro_offline(tmp_path, target):
+    """``dvc repro target`` in an offline copy of the repository: it must fail; (the run, its ``error:`` lines)."""
+    env = offline_copy(tmp_path)
+    done = subprocess.run(["dvc", "repro", target], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    return done, [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+
+
 @pytest.mark.parametrize("target", ["table1", "sanity_cifar10"])
 def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path, target):
     """A fresh copy of the repository with no data, teachers or Inception weights: the first stage stops (a table,
     or the teacher's hour-long sanity check)."""
-    env = offline_copy(tmp_path)
-    done = subprocess.run(["dvc", "repro", target], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    done, errors = repro_offline(tmp_path, target)
     assert len(errors) == 1, done.stdout + done.stderr
     line = errors[0]
     for needed in ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "data/cifar10",
@@ -170,11 +175,7 @@ def test_dvc_repro_table1_without_data_fails_fast_in_one_line(tmp_path, target):
 
 def test_dvc_repro_guided_imagenet64_without_data_fails_fast_in_one_line(tmp_path):
     """Guided distillation trains its own teacher: offline, the check names the data and the Inception weights only."""
-    env = offline_copy(tmp_path)
-    done = subprocess.run(["dvc", "repro", "guided_imagenet64"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode != 0
-    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    done, errors = repro_offline(tmp_path, "guided_imagenet64")
     assert len(errors) == 1, done.stdout + done.stderr
     assert "train_data_batch_*.npz" in errors[0] and "data/imagenet64" in errors[0]
     assert "pt_inception-2015-12-05-6726825d.pth" in errors[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_paper_pipeline import expansion, in_repo, offline_copy, stages  # noqa: F401 (fixtures)
+from tests.test_paper_pipeline import expansion, in_repo, repro_offline, stages  # noqa: F401 (fixtures)
 from tract_repro.common.errors import ConfigError
 from tract_repro.data import coco
 from tract_repro.results import check
@@ -69,10 +69,7 @@ def test_btd_and_tract_train_on_the_same_number_of_samples(in_repo):
 
 def test_dvc_repro_sd15_offline_fails_fast_in_one_line(tmp_path):
     """No model folder, shards, COCO captions, CLIP or Inception weights: the check names each, in one line."""
-    env = offline_copy(tmp_path)
-    done = subprocess.run(["dvc", "repro", "sd15"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    done, errors = repro_offline(tmp_path, "sd15")
     assert len(errors) == 1, done.stdout + done.stderr
     for needed in ("ckpts/stable-diffusion-v1-5", "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5",
                    "data/sd15_shards", "data/coco2014_val", "python -m tract_repro.data.coco",
@@ -214,10 +211,6 @@ def test_guided_sd_reports_the_clip_score_and_plots_fid_against_it(tmp_path):
 
 
 def test_dvc_repro_guided_sd_offline_fails_at_the_sd15_check_in_one_line(tmp_path):
-    env = offline_copy(tmp_path)
-    done = subprocess.run(["dvc", "repro", "guided_sd"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode != 0
-    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("error:")]
+    done, errors = repro_offline(tmp_path, "guided_sd")
     assert len(errors) == 1 and "ckpts/stable-diffusion-v1-5" in errors[0] and "data/coco2014_val" in errors[0]
     assert "Running stage 'paper_check_sd15'" in done.stdout and "paper_train_" not in done.stdout
