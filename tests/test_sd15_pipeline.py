@@ -2,7 +2,6 @@
 BTD and TRACT → FID-30K and CLIP score → table, the one line it stops with offline, the check passing on tiny real
 inputs, and COCO 2014 validation turned into an evaluation caption set."""
 import json
-import subprocess
 
 import numpy as np
 import pytest
