@@ -361,6 +361,13 @@ class EDMNet(nn.Module):
         self.img_resolution = model.img_resolution
         self.img_channels = model.in_channels
 
+    #: the gin setting that removes the w input (one-line errors name it)
+    w_input_setting = "drop 'w' from EDMNet.extra_conditions"
+
+    def fresh_prefixes(self, names):
+        """Where the branches of the new inputs ``names`` are in this network's state dict: ``cond_emb.<name>.``."""
+        return tuple(f"cond_emb.{name}." for name in names)
+
     def _labels(self, class_labels, like: torch.Tensor):
         if not self.label_dim:
             return None

@@ -164,6 +164,13 @@ class UNet(nn.Module):
             labels = torch.where(null, torch.full_like(labels, self.num_classes), labels)
         return F.one_hot(labels, self.num_classes + self.null_class)
 
+    #: the gin setting that removes the w input (one-line errors name it)
+    w_input_setting = "drop 'w' from UNet.extra_conditions"
+
+    def fresh_prefixes(self, names):
+        """Where the branches of the new inputs ``names`` are in this network's state dict: ``cond_emb.<name>.``."""
+        return tuple(f"cond_emb.{name}." for name in names)
+
     def forward(self, x: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor | None = None,
                 cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         emb = self.embed(logsnr, labels, cond)

@@ -84,10 +84,11 @@ def _gin_hint(path, gin_dir):
 
 
 def fresh_prefixes(net, names):
-    """The state-dict prefixes of ``net``'s branches for the new inputs ``names``: the network's own
-    ``fresh_prefixes`` (a diffusers UNet's cond_proj), else the PD UNet's ``cond_emb.<name>.``; under ``net.``."""
+    """The state-dict prefixes, under ``net.``, of the branches ``net`` has for the new inputs ``names`` (its own
+    ``fresh_prefixes``: the PD and EDM nets' ``cond_emb.<name>.``, a diffusers UNet's cond_proj); none for a
+    network without extra inputs."""
     own = getattr(net, "fresh_prefixes", None)
-    return tuple(f"net.{prefix}" for prefix in (own(names) if own is not None else (f"cond_emb.{n}." for n in names)))
+    return tuple(f"net.{prefix}" for prefix in own(names)) if own is not None and names else ()
 
 
 def load_into(denoiser, spec, expect=None, new_inputs=(), guided=False):
@@ -112,7 +113,7 @@ def load_into(denoiser, spec, expect=None, new_inputs=(), guided=False):
     missing = {k for k in own.keys() - state.keys() if not k.startswith(fresh)} if fresh else own.keys() - state.keys()
     unexpected = state.keys() - own.keys()
     if missing and all(k.startswith(fresh_prefixes(net, ("w",))) for k in missing):
-        drop = getattr(net, "w_input_setting", "drop 'w' from UNet.extra_conditions")
+        drop = net.w_input_setting
         raise TeacherError(f"teacher {weights} has no w input: distil guidance into it first (train.method = "
                            f"@GuidedDistillation(), stage 1), or {drop}")
     misshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
