@@ -116,8 +116,10 @@ def test_time_cond_proj_dim_that_cannot_be_added_is_refused_in_one_line(folders,
     assert taken.extra_conditions == ("w",) and taken.model.time_embedding.cond_proj.weight.any()
     one_line(lambda: load_folder(lcm, time_cond_proj_dim=D), "already takes w", "leave", "unset")
     config = dict(tiny.unet(num_class_embeds=11).config)
-    fresh = diffusers_network(config=config, time_cond_proj_dim=D)
-    assert fresh.extra_conditions == ("w",) and not fresh.model.time_embedding.cond_proj.weight.any()
+    for given in (config, {k: v for k, v in config.items() if k != "time_cond_proj_dim"}):  # as a gin config says it
+        fresh = diffusers_network(config=given, time_cond_proj_dim=D)
+        assert fresh.extra_conditions == ("w",) and fresh.model.config.time_cond_proj_dim == D
+        assert not fresh.model.time_embedding.cond_proj.weight.any()
     dit = {"_class_name": "DiTTransformer2DModel", "sample_size": 8, "in_channels": 4, "num_layers": 1,
            "attention_head_dim": 8, "num_attention_heads": 2, "patch_size": 2, "num_embeds_ada_norm": 10}
     one_line(lambda: from_config(dit, None, SCHEDULE, time_cond_proj_dim=D), "DiTTransformer2DModel", "leave it unset")

@@ -207,7 +207,9 @@ def with_w_input(model, dim, where):
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:
         raise ConfigError(f"diffusers_network.time_cond_proj_dim = {dim!r}: give the width of w's embedding, an "
                           f"integer ≥ 4 (the latent consistency models' 256)")
-    new = type(model).from_config({**model.config, "time_cond_proj_dim": dim})
+    # without diffusers' private keys: `_use_default_values` would reset time_cond_proj_dim to its default, None
+    new = type(model).from_config({**{k: v for k, v in model.config.items() if not k.startswith("_")},
+                                   "time_cond_proj_dim": dim})
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert list(missing) == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
     with torch.no_grad():
