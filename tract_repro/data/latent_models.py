@@ -10,6 +10,7 @@ CLIP text encoder (``text_encoder/`` with ``tokenizer/``).
 * Caption embeddings: T(c) = CLIPTextModel(tokenizer(c, padded to max length, truncated)).last_hidden_state,
   (L, D), as Stable Diffusion's pipeline computes its prompt embeddings; ∅ = T("").
 """
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,9 @@ def load_vae(folder, device="cpu"):
 
     folder = Path(folder)
     try:
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32)
+        lazy = importlib.util.find_spec("accelerate") is not None  # diffusers warns when it cannot load lazily
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32,
+                                            low_cpu_mem_usage=lazy)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError(f"cannot load {folder / 'vae'} as an AutoencoderKL: "
                           f"{' '.join(str(exc).split())[:300]}") from None
