@@ -1,12 +1,13 @@
 """The pictures of a guided table: digits-FD against class accuracy and w (``<table>.png``), precision against
-recall over w (``<table>_pr.png``) and per-class sample grids at w = 0, 1, 4 (``<table>_grids.png``)."""
+recall over w (``<table>_pr.png``) and per-class sample grids at w = 0, 1, 4 or the table's ``digits.grid_w``
+(``<table>_grids.png``)."""
 from pathlib import Path
 
 import matplotlib
 
 from tract_repro.common.files import write_atomic
 from tract_repro.results.experiments import eval_file
-from tract_repro.results.guided_table import EVAL_DIR, GRID_WS, evaluations
+from tract_repro.results.guided_table import EVAL_DIR, evaluations, grid_ws
 
 matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
@@ -84,15 +85,16 @@ def plot_precision_recall(table, summary, path):
 
 def plot_grids(table, path, rows=("teacher_64", "stage1_64", "btd_4steps", "tract_4steps", "btd_stochastic_4steps"),
                eval_dir=EVAL_DIR):
-    """Class grids (one row per class) of seed 0, one panel per (row, w) for w = 0, 1, 4."""
+    """Class grids (one row per class) of seed 0, one panel per (row, w) for w = 0, 1, 4 (or ``digits.grid_w``)."""
+    ws = grid_ws(table)
     labels = {r["id"]: r["label"] for r in table["rows"]}
     found = {(row["id"], w): ev for row, w, ev in evaluations(table)}
-    rows = [r for r in rows if any((r, w) in found for w in GRID_WS)]
+    rows = [r for r in rows if any((r, w) in found for w in ws)]
     if not rows:
         return False
-    fig, axes = plt.subplots(len(rows), len(GRID_WS), figsize=(2.2 * len(GRID_WS), 2.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(ws), figsize=(2.2 * len(ws), 2.3 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
-        for j, w in enumerate(GRID_WS):
+        for j, w in enumerate(ws):
             ax = axes[i][j]
             ax.axis("off")
             ev = found.get((row, w))

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from tract_repro.common.errors import ConfigError
 from tract_repro.evaluation.generate import labels_from_seeds
 from tract_repro.results.experiments import eval_file, read_evaluations
 
@@ -39,10 +40,15 @@ SUMMARISED = (*METRICS, "fidelity_rmse", *NEW_METRICS)
 #: what each row is also described by: its fidelity reference, the class counts behind class FD, digits-IS's ceiling
 DESCRIPTIONS = ("fidelity_to", "class_fd_counts", "digits_is_perfect")
 SATURATED = 0.99  # class accuracy ≥ 0.99, or digits-IS ≥ 0.99 × its ceiling, in every row: the column is saturated
-GRID_WS = (0.0, 1.0, 4.0)
+GRID_WS = (0.0, 1.0, 4.0)  # the grids' guidance weights, unless the table's ``digits.grid_w`` lists others
 DIGITS_CLASSES = 10
 ROLES = {"stage 1": "stage 1", "guided teacher": "the guided teacher", "self": "itself", "teacher": "its teacher",
          "w-conditioned teacher": "its w-conditioned teacher"}
+
+
+def grid_ws(table):
+    """The guidance weights of the table's class grids: its ``digits.grid_w``, or w = 0, 1, 4."""
+    return tuple(float(w) for w in table["digits"].get("grid_w", GRID_WS))
 
 
 def evaluations(table):
@@ -74,9 +80,10 @@ def scores(table, eval_dir=EVAL_DIR):
                                     **{m: np.nan if r.get(m) is None else r[m] for m in SUMMARISED},
                                     fidelity_to=against(r, metrics), class_fd_counts=class_counts(metrics),
                                     digits_is_perfect=r.get("digits_is_perfect") or perfect_is(*metrics["seeds"]),
-                                    noise_floor=metrics["digits_fd_noise_floor"], samples=metrics["samples"]))
+                                    noise_floor=metrics["digits_fd_noise_floor"], samples=metrics["samples"],
+                                    reconstruction_floor=metrics.get("digits_fd_reconstruction_floor", np.nan)))
     return pd.DataFrame.from_records(records, columns=["row", "w", "seed", "nfe", "steps", "sampler", *SUMMARISED,
-                                                       *DESCRIPTIONS, "noise_floor", "samples"])
+                                                       *DESCRIPTIONS, "noise_floor", "samples", "reconstruction_floor"])
 
 
 def against(result, metrics):
@@ -180,7 +187,7 @@ def _matrix(table, summary, metric, digits, saturated=()):
         lines.append([row["label"], first.sampler, first.nfe, *extra,
                       *["" if c is None else _cell(getattr(c, f"{metric}_mean"), getattr(c, f"{metric}_std"), c.n, digits)
                         for c in cells]])
-    extra = {"digits_fd": ["paper (ImageNet 64 FID)"], "fidelity_rmse": ["against (same seeds, same w)"],
+    extra = {"digits_fd": [table["paper"].get("column", "paper")], "fidelity_rmse": ["against (same seeds, same w)"],
              "class_fd": ["samples per class"]}.get(metric, [])
     headers = ["row", "sampler", "NFE", *extra, *[f"w = {w:g}" + (" (saturated)" if w in saturated else "") for w in ws]]
     text = list(range(3, len(headers)))  # cells as written: 0.800 stays 0.800
@@ -200,6 +207,18 @@ def saturated_columns(summary, metric):
     return out
 
 
+def digits_setting(table, params):
+    """The table's ``digits.setting`` with its {names} filled in from params.yaml's digits section ('' without one)."""
+    text = table["digits"].get("setting")
+    if not text:
+        return ""
+    try:
+        return text.format(**params) + " "
+    except KeyError as exc:
+        raise ConfigError(f"experiments/{table['table']}.yaml: digits.setting names {{{exc.args[0]}}}, which "
+                          f"params.yaml's digits section does not define: add it there or fix the name") from None
+
+
 def render(table, summary, checks, params):
     """The Markdown page."""
     labels = {r["id"]: r["label"] for r in table["rows"]}
@@ -209,21 +228,17 @@ def render(table, summary, checks, params):
            "guided teacher makes both predictions in one network call on a doubled batch, counted as 2 NFE a step "
            "(at w = 0 it needs only the conditional half); the w-conditioned students take w as an input, 1 NFE a step.\n",
            f"Paper setting: {table['paper']['setting']}.  \nPaper claim: {table['ordering']['claim']}.\n",
-           "Digits setting (params.yaml): teacher "
-           f"{params['guided_teacher_total']} samples with label dropout 0.1; stage 1 {params['guided_stage1_total']} "
-           f"samples at w ~ U[0, 4]; stage 2 BTD 64→32→…→1 at {params['guided_btd_phase']} samples a halving (the stochastic "
-           f"students: one more phase of {params['guided_btd_phase']}), TRACT 64→16→K at {params['guided_tract_phase']} "
-           "samples a phase (the 64→16 phase shared by every K), w ~ U[0, 4] per sample, the same w for teacher, "
-           "self-teacher and student. Students: mean ± std over seeds "
-           f"{table['digits']['seeds']}; the teacher and stage 1 are trained once.\n"]
+           f"Digits setting (params.yaml): {digits_setting(table, params)}Students: mean ± std over "
+           f"seeds {table['digits']['seeds']}; the teacher and stage 1 are trained once.\n"]
+    name = table["table"]
     if summary.empty:
-        out.append("No evaluations yet: run `dvc repro digits_guided`.\n")
+        out.append(f"No evaluations yet: run `dvc repro digits_{name}`.\n")
         return "\n".join(out)
     counts = ", ".join(sorted({c for c in summary.class_fd_counts if c}))
     sections = (
         ("digits_fd", "digits-FD (lower is better)", 2, ""),
         ("fidelity_rmse", "Fidelity: RMSE to the model the row distils (lower is better)", 4,
-         "Pixel RMSE (images in [−1, 1]) between a row's samples and its reference's 64-step DDIM samples from the same "
+         "Pixel RMSE (images in [−1, 1]; a latent row's decoded images) between a row's samples and its reference's 64-step DDIM samples from the same "
          "seeds, labels and w: a stage-2 student (BTD, TRACT, the stochastic sampler's students) against **stage 1**, "
          "the model it distils; stage 1 against **the guided teacher** x̂^w = (1 + w)·x̂_c − w·x̂_∅; the teacher's rows "
          "against its own 64 steps. The stochastic sampler re-noises, so its students' RMSE includes that noise."),
@@ -279,12 +294,15 @@ def render(table, summary, checks, params):
                        f"{(row.get('paper') or {}).get('note') or ''}")
     out.append("")
     floor, samples = summary.attrs.get("noise_floor"), summary.attrs.get("samples")
+    recon = summary.attrs.get("reconstruction_floor")
     if floor is not None:
-        out.append(f"digits-FD noise floor (two halves of the real set): {floor:.2f}; {samples} samples per evaluation, "
-                   "one seed each, labels drawn per seed. Pictures: `results/digits/guided.png` (digits-FD against class "
-                   "accuracy and against w), `results/digits/guided_pr.png` (precision against recall over w), "
-                   "`results/digits/guided_grids.png` (one row per class at w = 0, 1, 4). Blank cells: not measured, or "
-                   "an evaluation from before that metric. Paper values: "
-                   "`guided-notes.md` §1a (S: a reliable secondary source); every other published guided number is unknown "
-                   "here. Regenerate with `dvc repro digits_guided`.")
+        grid = ", ".join(f"{w:g}" for w in grid_ws(table))
+        out.append(f"digits-FD noise floor (two halves of the real set): {floor:.2f}; "
+                   + ("" if recon is None else f"reconstruction floor (the autoencoder's reconstructions of one half "
+                                               f"against the other; decoded samples cannot do much better): {recon:.2f}; ")
+                   + f"{samples} samples per evaluation, one seed each, labels drawn per seed. Pictures: "
+                   f"`results/digits/{name}.png` (digits-FD against class accuracy and against w), "
+                   f"`results/digits/{name}_pr.png` (precision against recall over w), `results/digits/{name}_grids.png` "
+                   f"(one row per class at w = {grid}). Blank cells: not measured, or an evaluation from before that "
+                   f"metric. Paper values: {table['paper'].get('values', 'none transcribed.')} Regenerate with `dvc repro digits_{name}`.")
     return "\n".join(out) + "\n"

@@ -276,6 +276,8 @@ def write_guided(name, table):
     summary = guided_table.summarise(records)
     if not records.empty:
         summary.attrs.update(noise_floor=records.noise_floor.mean(), samples=int(records.samples.iloc[0]))
+        if records.reconstruction_floor.notna().any():  # a latent table: the autoencoder's floor
+            summary.attrs.update(reconstruction_floor=records.reconstruction_floor.mean())
     checks = guided_table.claims(table, summary)
     Path("results/digits").mkdir(parents=True, exist_ok=True)
     write_text(f"results/{name}.md", guided_table.render(table, summary, checks, load_yaml("params.yaml")["digits"]))
