@@ -46,11 +46,15 @@ digits: setup
 	@echo "tables: results/table1.md results/table3.md results/table4.md results/table5.md results/table6.md results/btd_vs_tract.md results/table1_edm.md results/guided.md"
 	@echo "plots and sample grids: results/digits/*.png (guided: results/digits/guided.png, guided_grids.png), results/digits/eval/*/s0_1steps.png"
 
-# The latent embedded default: Table 1 on latent digits (docs/latent-digits.md): classifier → the digits VAE →
-# its latents → the class-conditional latent teacher → BTD and TRACT students → results/table1_latent.md.
+# The latent embedded default (docs/latent-digits.md): Table 1 on latent digits (classifier → the digits VAE →
+# its latents → the class-conditional latent teacher → BTD and TRACT students → results/table1_latent.md), then
+# guided distillation in latent space (a guided latent teacher → stage 1 → BTD, TRACT and stochastic students →
+# results/guided_latent.md).
 digits-latent: setup
 	$(REPRO) digits_table1_latent
-	@echo "table: results/table1_latent.md; plot: results/digits/table1_latent.png"
+	$(REPRO) digits_guided_latent
+	@echo "tables: results/table1_latent.md results/guided_latent.md"
+	@echo "plots: results/digits/table1_latent.png, results/digits/guided_latent.png, guided_latent_pr.png, guided_latent_grids.png"
 
 # Guided distillation alone (Meng et al.: guided teacher, stage 1, BTD/TRACT/stochastic students at w = 0…4).
 digits-guided: setup
