@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from tests.conftest import bitwise_equal, tiny_gin
 from tract_repro import import_teacher, launch
+from tract_repro.common.errors import ConfigError
 from tract_repro.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +152,42 @@ def test_a_second_trainer_is_refused_with_the_holders_pid(finished, tmp_path, ca
                                        f"(kill 4242) and run this command again\n")
     before.pop(".lock")
     assert {k: v for k, v in files_of(run).items() if k != ".lock"} == before
+
+
+def test_a_requeued_slurm_job_waits_for_its_previous_instance_to_release_the_lock(tmp_path, monkeypatch):
+    """SLURM may start a requeued job while its previous instance is still exiting with the folder's lock."""
+    from tract_repro.training import run_files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    waiting, outcome = threading.Event(), {}
+    monkeypatch.setattr(run_files, "waiting_for", lambda path, holder: waiting.set())
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+
+    def trainer():
+        try:
+            with run_files.RunDirectory(run).locked():
+                outcome["pid"] = (run / ".lock").read_text()
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    held = open(run / ".lock", "a+")  # the previous instance
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write("4242\n")
+    held.flush()
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    assert waiting.wait(60), "the requeued trainer did not wait for the lock"
+    held.close()  # the previous instance exits
+    thread.join(60)
+    assert outcome == {"pid": f"{os.getpid()}\n"}
+
+    monkeypatch.setattr(run_files, "REQUEUE_LOCK_WAIT_S", 0.2)  # a holder that never exits: refused as before
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="is in use by another trainer"):
+            with run_files.RunDirectory(run).locked():
+                pass
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])

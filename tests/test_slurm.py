@@ -18,6 +18,7 @@ import torch
 from tests.conftest import bitwise_equal, tiny_gin
 from tests.slurm_probe import record_distributed_env  # light enough to import in every task of a job
 from tract_repro import launch
+from tract_repro.launching.slurm import LOGS
 from tract_repro.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +94,12 @@ def submit(args):
     return proc, line.split()[3].rstrip(";")
 
 
-def finish(proc):
+def finish(proc, workdir=None):
+    """The launcher's stdout once it has exited 0; else fail with its stderr and the tails of the jobs' logs."""
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    if proc.returncode != 0:
+        logs = sorted(Path(workdir).glob(f"{LOGS}/*/*_log.*")) if workdir is not None else []
+        pytest.fail(err[-3000:] + "".join(f"\n--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs))
     return out
 
 
@@ -221,7 +225,7 @@ def test_forced_requeue_resumes_bit_identical(slurm_cluster, reference, tmp_path
     assert not (workdir / "ema.pt").exists()
     gate.touch()
     release_when_requeued(job_id)
-    finish(proc)
+    finish(proc, workdir)
     log = job_log(workdir, job_id)
     resumed = [line for line in log.splitlines() if line.startswith(f"training {workdir}: resuming from ckpt_")]
     assert len(resumed) == 1 and samples_of(Path(resumed[0].split()[-1])) >= samples_of(found[-1])
@@ -240,7 +244,7 @@ def test_time_limit_signal_checkpoints_at_a_step_boundary_and_requeues(slurm_clu
     at_signal = samples_of(written[0])  # the only periodic checkpoint is the final one
     assert 0 < at_signal < TOTAL and not (workdir / "ema.pt").exists()
     release_when_requeued(job_id)
-    finish(proc)
+    finish(proc, workdir)
     log = job_log(workdir, job_id)
     assert f"stop requested: checkpoint at sample {at_signal} written to" in log
     assert f"training {workdir}: resuming from {written[0].name}" in log

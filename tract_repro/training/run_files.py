@@ -4,13 +4,15 @@
 ``run.json``, ``metrics.jsonl``, ``checkpoints/ckpt_<samples>.pt``, ``samples/*.png``,
 ``tensorboard/`` (:mod:`tract_repro.training.tensorboard`) and, when finished, ``ema.pt`` (the
 inference EMA's denoiser weights).  While a trainer runs in it the folder
-is locked (``.lock``, an OS lock that dies with its holder): a second trainer is refused in one line.
+is locked (``.lock``, an OS lock that dies with its holder): a second trainer is refused in one line, except that a
+requeued SLURM job waits a while for its own previous instance to exit.
 Nothing is written before the run's configuration has been checked.
 """
 import contextlib
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 import gin
@@ -19,6 +21,36 @@ from tract_repro.common.errors import ConfigError, one_line
 from tract_repro.common.files import write_json, write_text
 from tract_repro.sampling.images import save_grid
 from tract_repro.training import checkpoint as ckpt
+
+
+#: how long a requeued SLURM job waits for its previous instance to let go of the folder's lock
+REQUEUE_LOCK_WAIT_S = 120
+
+
+def _acquire(lock, path):
+    """Take the folder's lock; False if another trainer holds it.  A requeued SLURM job (SLURM_RESTART_COUNT ≥ 1)
+    first waits up to REQUEUE_LOCK_WAIT_S for the holder to exit: its own previous instance may still be
+    shutting down when SLURM starts it again (a lock dies with its holder, so the wait ends when that one does)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    deadline = time.monotonic() + (REQUEUE_LOCK_WAIT_S if restarts.isdigit() and int(restarts) > 0 else 0)
+    told = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            if not told:
+                lock.seek(0)
+                waiting_for(path, lock.read().strip() or "unknown")
+                told = True
+            time.sleep(0.1)
+
+
+def waiting_for(path, holder):
+    print(f"{path} is still locked by pid {holder} (this job's previous instance?): requeued, so waiting up to "
+          f"{REQUEUE_LOCK_WAIT_S} s for it to exit", flush=True)
 
 
 class RunDirectory:
@@ -54,9 +86,7 @@ class RunDirectory:
         except OSError as exc:
             raise ConfigError(f"cannot write the run directory {self.path} ({exc.strerror}): choose a --workdir "
                               f"you can write to") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _acquire(lock, self.path):
             lock.seek(0)
             holder = lock.read().strip() or "unknown"
             lock.close()
