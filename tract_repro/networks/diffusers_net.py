@@ -16,10 +16,14 @@ Guidance weight w (guided distillation's student): a UNet built with diffusers' 
 ``cond['w']`` (B,) as ``timestep_cond``, the guidance embedding e(w) of :func:`guidance_embedding` (the latent
 consistency pipelines' embedding of their w = s − 1, which is ours); ``time_embedding.cond_proj`` (Linear(D, C),
 no bias) adds it to the timestep features.  ``diffusers_network.time_cond_proj_dim`` adds that input to a folder's
-or config's UNet with ``cond_proj`` at zero, so the student computes its teacher exactly at every w.
+or config's UNet with ``cond_proj`` at zero, so the student computes its teacher exactly at every w.  A DiT gets the
+same knob: each ``CombinedTimestepLabelEmbeddings`` (every block's ``norm1.emb``; the output head reuses block 0's)
+gets a ``cond_proj`` (Linear(D, 256), no bias, zero) whose cond_proj(e(w)) is added to the sinusoidal timestep
+features before ``timestep_embedder`` (:class:`GuidedLabels`, :func:`with_w_input`).
 
 Nothing here is read above ``networks/``: the loop, methods and samplers see a network like any other.
 """
+import functools
 import importlib.util
 import json
 import math
@@ -46,7 +50,8 @@ class DiffusersNet(nn.Module):
     embedding, for a text model (a UNet without class embeddings); None for a class model.  ``folders``: where the
     components came from, {'model': the diffusers folder of the UNet (and its VAE), 'text': the folder of the
     tokenizer and text encoder}, None where there is none (an export copies the VAE and text components from them).
-    A UNet with ``time_cond_proj_dim`` takes the guidance weight: ``extra_conditions`` = ('w',).
+    A UNet with ``time_cond_proj_dim``, or a DiT given the w input by :func:`with_w_input`, takes the guidance weight:
+    ``extra_conditions`` = ('w',).
     """
 
     #: the denoiser passes λ in float64, so τ is exact at the trained timesteps
@@ -85,6 +90,8 @@ class DiffusersNet(nn.Module):
                                   f"num_embeds_ada_norm classes); got norm_type {config.get('norm_type')!r}")
             self.text, self.num_classes = False, int(config.num_embeds_ada_norm)
             self.has_null = self._label_dropout_off()
+            if guided_embeddings(model):
+                self.extra_conditions = ("w",)
         if self.text:
             if empty_text is None:
                 raise ConfigError("a text-to-image UNet needs the empty prompt's embedding for ∅: load it from a "
@@ -127,23 +134,35 @@ class DiffusersNet(nn.Module):
             context = x.new_zeros(n, 1, self.model.config.cross_attention_dim)
             out = self.model(x, tau, encoder_hidden_states=context, class_labels=self.class_index(labels),
                              return_dict=False, **w)[0]
-        else:
-            out = self.model(x, timestep=tau, class_labels=self.class_index(labels), return_dict=False)[0]
+        else:  # a DiT's w rides with its labels into every patched embedding (no state left between calls)
+            labels = self.class_index(labels)
+            if w:
+                labels = GuidedLabels(labels, w["timestep_cond"])
+            out = self.model(x, timestep=tau, class_labels=labels, return_dict=False)[0]
         return out[:, :self.in_channels]  # a DiT's learned-σ channels dropped
 
     def w_input(self, w):
-        """The UNet's keyword for the guidance weight: {'timestep_cond': e(w)} for a model with the w input, else {}."""
+        """The guidance weight as {'timestep_cond': e(w)} for a model with the w input (the UNet's keyword; a DiT's
+        patched embeddings read it from :class:`GuidedLabels`), else {}."""
         if not self.extra_conditions:
             return {}
         if w is None:
             raise ConfigError("this diffusers network takes a guidance weight w (time_cond_proj_dim) that was not "
                               "given: sample it with one (e.g. evaluate --w ...)")
-        proj = self.model.time_embedding.cond_proj.weight
+        if self.is_unet:
+            proj = self.model.time_embedding.cond_proj.weight
+        else:
+            proj = guided_embeddings(self.model)[0][1].cond_proj.weight
         return {"timestep_cond": guidance_embedding(w, proj.shape[1]).to(proj.device, proj.dtype)}
 
     def fresh_prefixes(self, names):
-        """Where the branches of the new inputs ``names`` are in this network's state dict (w: diffusers' cond_proj)."""
-        return tuple("model.time_embedding.cond_proj." for name in names if name == "w")
+        """Where the branches of the new inputs ``names`` are in this network's state dict (w: diffusers' cond_proj
+        of a UNet; each patched timestep-label embedding's cond_proj of a DiT with the w input)."""
+        if "w" not in names:
+            return ()
+        if self.is_unet:
+            return ("model.time_embedding.cond_proj.",)
+        return tuple(f"model.{name}.cond_proj." for name, _ in guided_embeddings(self.model))
 
     def context(self, labels, text, n):
         """The text embeddings (B, L, D): each caption's, or the empty prompt's where the label is ∅ (or no text)."""
@@ -194,19 +213,87 @@ def guidance_embedding(w, dim):
     return nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))
 
 
+class GuidedLabels:
+    """A DiT's class labels (B,) with the guidance embedding e(w) (B, D) of the same call: what the DiT's patched
+    timestep-label embeddings take as ``class_labels``.  diffusers passes class_labels through untouched to every
+    block and to the output head (and gradient checkpointing keeps it for the recomputation), so w is per call."""
+
+    def __init__(self, labels, embedding):
+        self.labels, self.embedding = labels, embedding
+
+
+@functools.cache
+def guided_embedding_class():
+    """diffusers' CombinedTimestepLabelEmbeddings with a guidance-weight branch ``cond_proj`` (class made once)."""
+    from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
+
+    class GuidedTimestepLabelEmbeddings(CombinedTimestepLabelEmbeddings):
+        """timestep_embedder(time_proj(t) + cond_proj(e(w))) + class_embedder(labels), with ``class_labels`` a
+        :class:`GuidedLabels`; otherwise diffusers' forward (cond_proj at zero: the same numbers)."""
+
+        def forward(self, timestep, class_labels, hidden_dtype=None):
+            if not isinstance(class_labels, GuidedLabels):
+                raise ConfigError("this DiT takes a guidance weight w (diffusers_network.time_cond_proj_dim) that "
+                                  "was not given: call it through its DiffusersNet with cond['w']")
+            timesteps_proj = self.time_proj(timestep)
+            branch = self.cond_proj(class_labels.embedding.to(self.cond_proj.weight.dtype))
+            timesteps_proj = timesteps_proj + branch.to(timesteps_proj.dtype)
+            timesteps_emb = self.timestep_embedder(timesteps_proj.to(dtype=hidden_dtype))  # (N, D)
+            return timesteps_emb + self.class_embedder(class_labels.labels)  # (N, D)
+
+    GuidedTimestepLabelEmbeddings.__module__ = __name__
+    return GuidedTimestepLabelEmbeddings
+
+
+def guided_embeddings(model):
+    """[(name, module)] of ``model``'s timestep-label embeddings that take w (a DiT given the w input), in order."""
+    cls = guided_embedding_class()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+
+def add_dit_w_input(model, dim, where):
+    """``model`` (a DiT, changed in place) with a zero ``cond_proj`` = Linear(dim, C, bias=False) on each of its
+    CombinedTimestepLabelEmbeddings (C the width of its time_proj features) and their forward taking e(w)."""
+    from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
+
+    if guided_embeddings(model):
+        raise ConfigError(f"{where} already takes w: leave diffusers_network.time_cond_proj_dim unset")
+    found = [m for m in model.modules() if isinstance(m, CombinedTimestepLabelEmbeddings)]
+    if not found:
+        raise ConfigError(f"{where} has no CombinedTimestepLabelEmbeddings (a class-conditional DiT's timestep-label "
+                          f"embedding) to give a w input: leave diffusers_network.time_cond_proj_dim unset")
+    cls = guided_embedding_class()
+    for module in found:
+        weight = module.timestep_embedder.linear_1.weight
+        proj = nn.Linear(dim, module.timestep_embedder.linear_1.in_features, bias=False,
+                         device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            proj.weight.zero_()
+        module.__class__ = cls
+        module.cond_proj = proj.train(module.training)
+    return model
+
+
 def with_w_input(model, dim, where):
-    """``model`` rebuilt with diffusers' guidance-weight input (``time_cond_proj_dim`` = dim) and its own weights;
-    the new ``time_embedding.cond_proj`` is zero, so it computes what ``model`` computes at every w."""
+    """``model`` with a guidance-weight input and its own weights, computing what ``model`` computes at every w:
+    a UNet rebuilt with diffusers' ``time_cond_proj_dim`` = dim (its new ``time_embedding.cond_proj`` zero), a DiT
+    given zero ``cond_proj`` branches in place (:func:`add_dit_w_input`)."""
     name = type(model).__name__
-    if name != "UNet2DConditionModel":
-        raise ConfigError(f"diffusers_network.time_cond_proj_dim gives a UNet2DConditionModel a w input, but {where} "
-                          f"is a {name}: leave it unset")
-    if model.config.get("time_cond_proj_dim") is not None:
+    if name not in MODELS:
+        raise ConfigError(f"diffusers_network.time_cond_proj_dim gives a {' or '.join(MODELS)} a w input, but "
+                          f"{where} is a {name}: leave it unset")
+    if name == "UNet2DConditionModel" and model.config.get("time_cond_proj_dim") is not None:
         raise ConfigError(f"{where} already takes w (time_cond_proj_dim = {model.config.time_cond_proj_dim}): leave "
                           f"diffusers_network.time_cond_proj_dim unset")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:
         raise ConfigError(f"diffusers_network.time_cond_proj_dim = {dim!r}: give the width of w's embedding, an "
                           f"integer ≥ 4 (the latent consistency models' 256)")
+    if name != "UNet2DConditionModel":
+        if model.config.get("norm_type") != "ada_norm_zero" or not model.config.get("num_embeds_ada_norm"):
+            raise ConfigError(f"diffusers_network.time_cond_proj_dim gives a class-conditional DiT (norm_type "
+                              f"'ada_norm_zero') a w input, but {where} has norm_type "
+                              f"{model.config.get('norm_type')!r}: leave it unset")
+        return add_dit_w_input(model, dim, where)
     # without diffusers' private keys: `_use_default_values` would reset time_cond_proj_dim to its default, None
     new = type(model).from_config({**{k: v for k, v in model.config.items() if not k.startswith("_")},
                                    "time_cond_proj_dim": dim})
@@ -224,7 +311,7 @@ def diffusers_network(folder=None, config=None, empty_text_from=None, schedule=N
     empty prompt from its tokenizer and text encoder), or a fresh one from a ``config`` dict (its ``_class_name``,
     UNet2DConditionModel by default; ``schedule`` a DiscreteSchedule, ``empty_text_from`` a folder with tokenizer/
     and text_encoder/ for a text model).  ``gradient_checkpointing``: diffusers' own.  ``time_cond_proj_dim``: the
-    UNet gets the guidance-weight input w (e(w) of that width, :func:`with_w_input`), its branch at zero."""
+    UNet or DiT gets the guidance-weight input w (e(w) of that width, :func:`with_w_input`), its branch at zero."""
     if (folder is None) == (config is None):
         raise ConfigError("diffusers_network needs exactly one of folder (a local diffusers folder) and config "
                           "(a model config dict, to train from scratch)")
