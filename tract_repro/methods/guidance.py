@@ -45,7 +45,7 @@ class GuidedDistillation(Method):
         if not (takes_input(student, "w") and getattr(student, "conditional", False) and conditioned):
             raise ConfigError("guided distillation trains a conditional student (class labels or captions) with a w "
                               "input: set UNet.extra_conditions = ('w',) on the teacher's class-conditional network, "
-                              "or diffusers_network.time_cond_proj_dim on a diffusers UNet")
+                              "or diffusers_network.time_cond_proj_dim on a diffusers UNet or DiT")
 
     @torch.no_grad()
     def __call__(self, x, cond, phase, nets, grid, generator):
