@@ -110,7 +110,7 @@ def test_params_name_the_protocol():
     assert paper["fid"]["protocol"] == "tract"  # the official TRACT code's FID, to compare with the paper's numbers
     assert paper["sanity"]["cifar10"]["samples"] == 10_000 and paper["sanity"]["cifar10"]["steps"] == [64, 1024]
     assert paper["data"] == {"cifar10": "data/cifar10", "imagenet64": "data/imagenet64", "sd15": "data/sd15_shards",
-                             "coco2014_val": "data/coco2014_val"}
+                             "coco2014_val": "data/coco2014_val", "imagenet256": "data/imagenet256_shards"}
     assert set(paper["teachers"]) == {s for s, (_, fetched, _) in check.SETUPS.items() if fetched}  # *_guided: trained here
 
 

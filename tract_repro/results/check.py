@@ -7,7 +7,9 @@ A *setup* is a dataset with a teacher: ``cifar10_pd``, ``cifar10_edm``, ``imagen
 ``imagenet64_edm``; or, for guided distillation, a dataset whose guided teacher the pipeline trains itself
 (``cifar10_guided``, ``imagenet64_guided``: no teacher file to fetch); or a latent setup (``sd15``: Stable
 Diffusion 1.5's diffusers folder, image–caption WebDataset shards to train on, COCO 2014 validation captions
-and images to evaluate on (``--prompts-data``) and a CLIP folder (``--clip``) for the CLIP score).  The check looks for the training data, the teacher file, the FID
+and images to evaluate on (``--prompts-data``) and a CLIP folder (``--clip``) for the CLIP score; or a class-conditional
+latent setup (``imagenet256``: the DiT-XL/2 256×256 diffusers folder and ImageNet-1k train as WebDataset shards with
+``key.cls`` labels, no captions and no CLIP).  The check looks for the training data, the teacher file, the FID
 protocol's Inception weights, (CIFAR-10) clean-fid's precomputed training-set statistics of that protocol, the executor options file and
 (``--executor slurm``) SLURM's sbatch, and reports everything missing at once, exit status 2.  When all is there it writes ``OUT/data.json`` (the dataset's
 files and sizes) and ``OUT/teacher.json`` (the teacher's sha256): the identities that the
@@ -44,10 +46,19 @@ SETUPS = {
     "sd15": ("sd15", "Stable Diffusion 1.5 diffusers folder",
              "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude '*.bin' '*.ckpt' "
              "'*.fp16.*' --local-dir {path}"),
+    # class-conditional latent: Meng et al.'s LDM-4 has no diffusers copy; the diffusers DiT stands in (docs/paper-scale.md)
+    "imagenet256": ("imagenet256", "DiT-XL/2 256×256 diffusers folder",
+                    "huggingface-cli download facebook/DiT-XL-2-256 --local-dir {path}"),
 }
-#: latent setups: what their evaluation prompts are, the resolution they are encoded at, and the CLIP to score with
+#: latent setups: the resolution they are encoded at; a text-to-image one (``prompts``) also what its evaluation
+#: prompts are and the CLIP to score with; a class-conditional one (``classes``) its number of classes, no prompts
 LATENT_SETUPS = {"sd15": dict(resolution=512, prompts="COCO 2014 validation", prompts_data="coco2014_val",
-                              clip="openai/clip-vit-large-patch14")}
+                              clip="openai/clip-vit-large-patch14"),
+                 "imagenet256": dict(resolution=256, classes=1000, shards="ImageNet-1k train",
+                                     fetch_shards="huggingface-cli download timm/imagenet-1k-wds --repo-type dataset "
+                                                  "--include '*train*.tar' --local-dir {root} (gated: accept ImageNet's "
+                                                  "terms on its Hub page first; or write shards with img2dataset "
+                                                  "--output_format webdataset from ImageNet's train folder)")}
 COCO_URL = "http://images.cocodataset.org"
 #: the components a text-to-image diffusers folder needs, and the weights file each is read from
 DIFFUSERS_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
@@ -58,6 +69,11 @@ def latent(setup):
     return setup in LATENT_SETUPS
 
 
+def text_to_image(setup):
+    """Whether a latent setup is text-to-image (evaluated on captions, with the CLIP score), not class-conditional."""
+    return latent(setup) and LATENT_SETUPS[setup].get("prompts") is not None
+
+
 def data_files(dataset, root):
     """([(relative name, size)] of the training files, or None) and the fetch instruction when they are missing."""
     root = Path(root)
@@ -65,6 +81,11 @@ def data_files(dataset, root):
         shards = sorted(p for p in root.glob("*.tar")) if root.is_dir() else []
         if shards:
             return [(p.name, p.stat().st_size) for p in shards], None
+        spec = LATENT_SETUPS[dataset]
+        if "fetch_shards" in spec:  # class-conditional: images with their class labels
+            return None, (f"{spec['shards']} WebDataset shards (*.tar directly in the folder: key.jpg with key.cls, "
+                          f"the class 0..{spec['classes'] - 1}, per sample) not found in {root}/: "
+                          + spec["fetch_shards"].format(root=root))
         return None, (f"image-caption WebDataset shards (*.tar) not found in {root}/: write LAION-style shards there "
                       f"(img2dataset --output_format webdataset: key.jpg with key.txt, the caption, per sample)")
     if dataset == "cifar10":
@@ -99,6 +120,25 @@ def diffusers_folder_problem(folder, what, fetch):
     return None
 
 
+def class_folder_problem(folder, what, fetch):
+    """None, or one line: what a class-conditional diffusers folder lacks (model_index.json, transformer/ or unet/ and
+    vae/ with weights, scheduler/), and how to fetch it.  The loader checks the weights themselves (a pickle only if
+    torch.load(weights_only=True) reads it)."""
+    folder = Path(folder) if folder else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return f"{what} {folder} not found (no model_index.json): {fetch.format(path=folder)}"
+    model = next((folder / part for part in ("transformer", "unet") if (folder / part).is_dir()), None)
+    for part, directory in (("transformer/ or unet/", model), ("vae/", folder / "vae"),
+                            ("scheduler/", folder / "scheduler")):
+        if directory is None or not directory.is_dir():
+            return f"{what} {folder} has no {part}: {fetch.format(path=folder)}"
+        if part != "scheduler/" and not any(directory.glob("diffusion_pytorch_model*.safetensors*")) \
+                and not any(directory.glob("diffusion_pytorch_model*.bin")):
+            return (f"{what} {folder}/{directory.name} has no diffusion_pytorch_model weights: "
+                    f"{fetch.format(path=folder)}")
+    return None
+
+
 def prompts_problem(setup, root):
     """None, or one line: the evaluation captions and images of a latent setup, and how to make them."""
     root = Path(root) if root else None
@@ -127,9 +167,11 @@ def check(setup, data, teacher, inception, protocol="tract", executor="inline", 
     dataset, what, fetch = SETUPS[setup]
     files, problem = data_files(dataset, data)
     problems = [problem] if problem else []
-    if latent(setup):
+    if text_to_image(setup):
         problems += [p for p in (diffusers_folder_problem(teacher, what, fetch), prompts_problem(setup, prompts),
                                  clip_problem(setup, clip)) if p]
+    elif latent(setup):  # class-conditional: the model folder only (no captions, no CLIP)
+        problems += [p for p in (class_folder_problem(teacher, what, fetch),) if p]
     elif what is not None and (teacher is None or not Path(teacher).is_file()):
         problems.append(f"{what} {teacher} not found: {fetch.format(path=teacher)}")
     for missing in (sources.missing_inception(protocol, inception),
@@ -162,7 +204,8 @@ def main(argv=None):
     parser.add_argument("--data", required=True, help="dataset root, e.g. data/cifar10")
     parser.add_argument("--teacher", help="teacher file, e.g. ckpts/cifar_original (not for the *_guided setups), or "
                                           "a latent setup's diffusers folder")
-    parser.add_argument("--prompts-data", help="latent setups: the evaluation captions and images (COCO 2014 validation)")
+    parser.add_argument("--prompts-data", help="latent text-to-image setups: the evaluation captions and images "
+                                               "(COCO 2014 validation)")
     parser.add_argument("--clip", help="latent text-to-image setups: the CLIP folder of the CLIP score")
     parser.add_argument("--inception", required=True, help="Inception weights file or folder")
     parser.add_argument("--protocol", default="tract", help="FID protocol of the evaluations (tract, clean, edm)")

@@ -1,16 +1,17 @@
 """The paper-scale stages of dvc.yaml (params.yaml ``paper:``), written by :mod:`tract_repro.results.pipeline`.
 
 paper_check_<setup> (data, teacher, Inception and reference sources present, else one line) →
-(latent setups) paper_encode_<setup>_train and paper_encode_<setup>_prompts (the training shards and the
-evaluation captions and images through the model folder's VAE and text encoder, once, resumable) →
-paper_fid_ref_<setup> (reference statistics) and paper_import_<name> (an imported teacher, for the
+(latent setups) paper_encode_<setup>_train and, text-to-image, paper_encode_<setup>_prompts (the training shards
+and the evaluation captions and images through the model folder's VAE and text encoder, once, resumable) →
+paper_fid_ref_<setup> (reference statistics: a text-to-image setup's of its evaluation images, a class-conditional
+latent setup's of its training images, as ADM's and DiT's ImageNet references are) and paper_import_<name> (an imported teacher, for the
 teacher rows) or paper_train_<name> (a run the pipeline trains once: guided distillation's teacher and
 stage 1) → paper_run_<phase> (one stage per shared phase, ``python -m tract_repro.launch … --executor
 ${paper.executor} --wait``) → paper_eval_<run> (FID and IS, 3 seed ranges, per guidance weight) →
 <table> (the paper-scale column of results/<table>.md).
 """
 from tract_repro.common.errors import ConfigError
-from tract_repro.results.check import LATENT_SETUPS, SETUPS, latent
+from tract_repro.results.check import LATENT_SETUPS, SETUPS, latent, text_to_image
 from tract_repro.results.experiments import PAPER_RUNS, expand_paper, paper_eval_file
 from tract_repro.results.stages import EVALUATIONS, LAUNCH, gin_deps, index, quote, w_key
 
@@ -19,6 +20,16 @@ FID_REF = f"{PAPER_RUNS}/fid_ref"
 LATENTS = f"{PAPER_RUNS}/latents"
 #: sanity_<dataset>: (setup, imported teacher run) whose FID params.yaml's paper.sanity.<dataset> checks
 SANITY = {"cifar10": ("cifar10_pd", "cifar10_teacher")}
+
+
+def latent_parts(setup):
+    """What a latent setup encodes: its training shards, and a text-to-image setup's evaluation captions and images."""
+    return ("train", "prompts") if text_to_image(setup) else ("train",)
+
+
+def reference_part(setup):
+    """The encoding whose source images a latent setup's FID reference is computed from."""
+    return "prompts" if text_to_image(setup) else "train"
 
 
 def latent_folder(setup, part):
@@ -35,13 +46,15 @@ def check_stage(setup):
     dataset, teacher = SETUPS[setup][:2]
     out = f"{CHECKS}/{setup}"
     fetched = teacher is not None  # a guided setup's teacher is trained by the pipeline: nothing to fetch
-    extra = f"--prompts-data ${{{prompts_data(setup)}}} --clip ${{paper.text_to_image.clip}} " if latent(setup) else ""
+    extra = f"--prompts-data ${{{prompts_data(setup)}}} --clip ${{paper.text_to_image.clip}} " if text_to_image(setup) \
+        else ""
     return dict(cmd=f"python -m tract_repro.results.check {setup} --data ${{paper.data.{dataset}}} "
                     + (f"--teacher ${{paper.teachers.{setup}}} " if fetched else "") + extra
                     + f"--inception ${{paper.inception}} "
                     f"--protocol ${{paper.fid.protocol}} --executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}",
                 params=[f"paper.data.{dataset}", *([f"paper.teachers.{setup}"] if fetched else []),
-                        *([prompts_data(setup), "paper.text_to_image.clip"] if latent(setup) else []), "paper.inception",
+                        *([prompts_data(setup), "paper.text_to_image.clip"] if text_to_image(setup) else []),
+                        "paper.inception",
                         "paper.fid.protocol", "paper.executor", "paper.cluster"],
                 outs=[{f"{out}/data.json": {"cache": False}}, {f"{out}/teacher.json": {"cache": False}}],
                 always_changed=True)
@@ -52,9 +65,11 @@ def encode_stage(setup, part):
     the model folder's VAE and text encoder; an interrupted encoding resumes exactly when the stage runs again."""
     source = f"${{paper.data.{SETUPS[setup][0]}}}" if part == "train" else f"${{{prompts_data(setup)}}}"
     out = latent_folder(setup, part)
+    classes = LATENT_SETUPS[setup].get("classes")  # all classes, even where the shards lack some
     return dict(cmd=f"python -m tract_repro.encode_latents --model ${{paper.teachers.{setup}}} --source {source} "
-                    f"--out {out} --resolution {LATENT_SETUPS[setup]['resolution']} ${{paper.encode}} "
-                    f"--executor ${{paper.executor}} --cluster ${{paper.cluster}}",
+                    f"--out {out} --resolution {LATENT_SETUPS[setup]['resolution']} "
+                    + (f"--num-classes {classes} " if classes else "")
+                    + "${paper.encode} --executor ${paper.executor} --cluster ${paper.cluster}",
                 deps=[f"{CHECKS}/{setup}/data.json", f"{CHECKS}/{setup}/teacher.json"],
                 params=[f"paper.teachers.{setup}", f"paper.data.{SETUPS[setup][0]}" if part == "train"
                         else prompts_data(setup), "paper.encode", "paper.executor", "paper.cluster"],
@@ -63,14 +78,16 @@ def encode_stage(setup, part):
 
 def reference_stage(setup):
     """Reference statistics for a setup's dataset (CIFAR-10: clean-fid's file; ImageNet64: our loader, on a GPU;
-    a latent setup: the evaluation images it encoded)."""
+    a text-to-image latent setup: the evaluation images it encoded; a class-conditional one: all its training
+    images, as encoded (centre crop, resized), streamed from their shards)."""
     dataset = SETUPS[setup][0]
     out = f"{FID_REF}/{setup}.npz"
     if latent(setup):
-        cmd = (f"python -m tract_repro.evaluation.fid reference latents --root {latent_folder(setup, 'prompts')} "
+        root = latent_folder(setup, reference_part(setup))
+        cmd = (f"python -m tract_repro.evaluation.fid reference latents --root {root} "
                f"--protocol ${{paper.fid.protocol}} --inception ${{paper.inception}} --batch ${{paper.fid.batch}} "
                f"--executor ${{paper.executor}} --cluster ${{paper.cluster}} --out {out}")
-        return dict(cmd=cmd, deps=[latent_folder(setup, "prompts")], outs=[out],
+        return dict(cmd=cmd, deps=[root], outs=[out],
                     params=["paper.fid.protocol", "paper.fid.batch", "paper.inception", "paper.executor", "paper.cluster"])
     if dataset == "cifar10":
         cmd = f"python -m tract_repro.evaluation.fid reference cifar10 --protocol ${{paper.fid.protocol}} --out {out}"
@@ -153,7 +170,7 @@ def paper_eval_stage(target, setup, requests):
     for (sampler, w), steps in requests.items():
         groups.setdefault((sampler, tuple(sorted(steps, reverse=True))), []).append(w)
     cmds, metrics, pngs = [], [], []
-    text = f" ${{paper.text_to_image}} --prompts {latent_folder(setup, 'prompts')}" if latent(setup) else ""
+    text = f" ${{paper.text_to_image}} --prompts {latent_folder(setup, 'prompts')}" if text_to_image(setup) else ""
     for (sampler, steps), ws in sorted(groups.items(), key=lambda kv: (kv[0][0], [-k for k in kv[0][1]])):
         ws = sorted(ws, key=w_key)
         guided = ws != [None]
@@ -202,7 +219,7 @@ def build_paper(tables, paper, digits_tables=()):
     for setup in setups:
         stages[f"paper_check_{setup}"] = check_stage(setup)
     for setup in filter(latent, setups):
-        for part in ("train", "prompts"):
+        for part in latent_parts(setup):
             stages[f"paper_encode_{setup}_{part}"] = encode_stage(setup, part)
     for setup in setups:
         stages[f"paper_fid_ref_{setup}"] = reference_stage(setup)
