@@ -213,3 +213,27 @@ def test_dvc_repro_guided_sd_offline_fails_at_the_sd15_check_in_one_line(tmp_pat
     done, errors = repro_offline(tmp_path, "guided_sd")
     assert len(errors) == 1 and "ckpts/stable-diffusion-v1-5" in errors[0] and "data/coco2014_val" in errors[0]
     assert "Running stage 'paper_check_sd15'" in done.stdout and "paper_train_" not in done.stdout
+
+
+def test_guided_sd_stochastic_rows_add_one_phase_to_the_btd_chain_and_sample_with_the_stochastic_sampler(stages, expansion):
+    """Meng et al.'s stochastic N-step sampler (N = 8, 4, 2): the deterministic BTD chain down to N steps, shared with
+    the BTD rows, then one more phase N → N/2 with STOCHASTIC = True; evaluated with `--sampler stochastic` at N
+    steps and every w; each beats the deterministic N-step row in the table's ordering."""
+    phases, _, evaluations = expansion
+    by_row = {e["row"]: e for e in evaluations if e["table"] == "guided_sd"}
+    table = load_tables()["guided_sd"]
+    for n in (8, 4, 2):
+        row, deterministic = by_row[f"btd_stochastic_{n}steps@w6"], by_row[f"btd_{n}steps@w6"]
+        assert row["sampler"] == "stochastic" and row["steps"] == n and deterministic["sampler"] == "ddim"
+        last = phases[row["target"]]
+        assert last.previous is phases[deterministic["target"]]  # the N-step student of the shared chain
+        assert last.key.startswith("sd15_guided_btd_512-") and last.key.split("_n")[0].endswith(f"-{n}-{n // 2}")
+        cmd = stages[f"paper_run_{last.key}"]["cmd"]
+        assert "STOCHASTIC = True" in cmd and f"FINAL_STEPS = {n // 2}" in cmd and f"train.only_phase = {last.index}" in cmd
+        evaluation = str(stages[f"paper_eval_{row['target']}"]["cmd"])
+        assert f"--steps {n} --sampler stochastic --w 2 4 6 8 10 14" in evaluation
+        assert "--prompts runs/paper/latents/sd15_prompts" in evaluation
+        assert [f"btd_stochastic_{n}steps", f"btd_{n}steps"] in table["ordering"]["pairs"]
+    # one chain: 512 → 8 shared by every BTD row, then a deterministic and a stochastic phase at 8→4, 4→2 and 2→1
+    btd = [key for key in phases if key.startswith("sd15_guided_btd_")]
+    assert len(btd) == 6 + 2 * 3

@@ -121,8 +121,13 @@ def describe_run(gin_file, bindings):
     if any(p.length < batch for p in phases):
         raise ConfigError(f"{gin_file} with {bindings}: phases of {[p.length for p in phases]} samples are shorter "
                          f"than one batch ({batch}); raise the budget in params.yaml")
-    effective = [line for line in text.splitlines() if line.strip() and not line.startswith("#")
-                 and binding_name(line) not in LENGTH_MACROS]
+    effective, dropped = [], False
+    for line in text.splitlines():
+        if line[:1].isspace() and dropped:  # the continuation of a long length binding, as gin wraps it
+            continue
+        dropped = binding_name(line) in LENGTH_MACROS
+        if line.strip() and not line.startswith("#") and not dropped:
+            effective.append(line)
     return steps, [p.length for p in phases], effective, o.inference_ema
 
 
