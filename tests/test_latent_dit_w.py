@@ -10,7 +10,7 @@ import torch
 
 from tests.test_latent_dit import DIT_SCHEDULE, dit_folder, inputs
 from tests.test_latent_engine import launch, one_line
-from tests.test_latent_guided import perturb, save_run
+from tests.test_latent_guided import W_STUDENT, perturb, save_run
 from tract_repro.networks.conditioning import NULL_LABEL, Cond
 from tract_repro.networks.denoiser import VPDenoiser
 from tract_repro.networks.diffusers_net import (GuidedLabels, diffusers_network, from_config, guidance_embedding,
@@ -153,18 +153,7 @@ def test_teacher_weights_load_into_a_dit_w_student_leaving_only_cond_proj_fresh(
 
 
 #: stage 1 on the tiny DiT: the student is the folder's DiT with a w input, the teacher a run saved from the folder
-STAGE_1 = """
-import tests.tiny_latents
-train.dataset = @tiny_latents
-tiny_latents.n = 16
-train.network = @diffusers_network
-diffusers_network.folder = '{folder}'
-diffusers_network.time_cond_proj_dim = {dim}
-train.schedule = @diffusers_schedule
-diffusers_schedule.folder = '{folder}'
-train.T = 64
-train.parameterisation = 'eps'
-train.method = @GuidedDistillation()
+STAGE_1 = W_STUDENT + """train.method = @GuidedDistillation()
 train.teacher = '{teacher}'
 TeacherTraining.sample_steps = 4
 train.batch_size = 4
