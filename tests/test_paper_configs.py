@@ -26,8 +26,11 @@ EXPECTED = {
     "gin/imagenet64_btd.gin": PD_IMAGENET64,
     "gin/imagenet64_tract_edm.gin": EDM_IMAGENET64,
 }
-#: latent run files: the network is the user's diffusers folder (MODEL), so its size is the folder's, not a count here
-LATENT_RUN_FILES = {f"gin/{p.name}" for p in (ROOT / "gin").glob("sd15*.gin")}
+#: latent run files: the network is the user's diffusers folder (MODEL), so its size is the folder's, not a count here;
+#: by setup, the folder and the encoded training shards they read
+LATENT_SETUPS = {"sd15": ("ckpts/stable-diffusion-v1-5", "runs/paper/latents/sd15_train"),
+                 "imagenet256": ("ckpts/DiT-XL-2-256", "runs/paper/latents/imagenet256_train")}
+LATENT_RUN_FILES = {f"gin/{p.name}": setup for setup in LATENT_SETUPS for p in (ROOT / "gin").glob(f"{setup}_*.gin")}
 
 
 def paper_rows():
@@ -64,7 +67,7 @@ def in_repo(monkeypatch):
 def test_every_paper_gin_file_has_an_expected_parameter_count():
     named = {spec.values[0]["gin"] for spec in paper_rows()} - {f"gin/{d}_guided_{s}.gin" for d in GUIDED
                                                                  for s in ("teacher", "stage1", "tract", "btd")} \
-        - LATENT_RUN_FILES
+        - set(LATENT_RUN_FILES)
     assert named <= set(EXPECTED), f"add the parameter count of {sorted(named - set(EXPECTED))} here"
     assert all((ROOT / f).is_file() for f in EXPECTED)
 
@@ -75,9 +78,9 @@ def test_paper_row_parses_and_builds_its_network(spec, in_repo):
     assert Path(spec["gin"]).is_file(), f"{spec['gin']} is missing"
     config.parse([spec["gin"]], bindings)
     assert config.query("Device.name") == "cuda"
-    if spec["gin"] in LATENT_RUN_FILES:  # Stable Diffusion: its folder's UNet, in bf16 autocast as SD is trained
-        assert config.query("diffusers_network.folder") == "ckpts/stable-diffusion-v1-5"
-        assert config.query("latents.folder") == "runs/paper/latents/sd15_train"
+    if spec["gin"] in LATENT_RUN_FILES:  # Stable Diffusion, DiT: the folder's network, in bf16 autocast as they are trained
+        folder, shards = LATENT_SETUPS[LATENT_RUN_FILES[spec["gin"]]]
+        assert config.query("diffusers_network.folder") == folder and config.query("latents.folder") == shards
         assert config.query("Device.autocast") == "bf16" and config.query("diffusers_network.gradient_checkpointing")
     else:
         with torch.device("meta"):
