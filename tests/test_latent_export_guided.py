@@ -19,7 +19,7 @@ import torch
 
 from tests import tiny_diffusers as tiny
 from tests.test_export import listing
-from tests.test_latent_export import LABELS, PROMPTS, ROOT, TEXT, close, export, offline, ours, start  # noqa: F401
+from tests.test_latent_export import LABELS, PROMPTS, ROOT, SEEDS, SHAPE, TEXT, close, export, offline, ours, start  # noqa: F401,E501
 from tests.tiny_latents import CPU_RUN
 from tract_repro.data.latent_models import Encoders
 from tract_repro.evaluation.runs import load_run
@@ -142,3 +142,34 @@ def test_a_guided_class_student_takes_w_as_guidance_scale_minus_1(runs, tmp_path
     assert set(calls) == {len(LABELS)}  # one call a step on the batch itself: no second, unconditional half
     card = (out / "README.md").read_text()
     assert "guidance_scale = 1 + w" in card and "w ∈ [0.0, 4.0]" in card
+
+
+def test_the_class_pipeline_runs_meng_et_al_s_stochastic_sampler_as_ours(runs, tmp_path, offline):
+    """``sampler="stochastic"`` given our re-noising draws (``renoise``) is our stochastic sampler, at N = 2 and 4 steps
+    and at two w; drawn from the generator instead it is another sample, and an unknown sampler is refused."""
+    from diffusers import DiffusionPipeline
+
+    from tract_repro.sampling import registry
+    from tract_repro.sampling.stochastic import seeded_noise
+
+    run = load_run(runs["classes"], with_data=False)
+    pipe = DiffusionPipeline.from_pretrained(export(runs["classes"], tmp_path / "stochastic"), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    noise, latents = start(run)
+    cond = Cond(torch.tensor(LABELS))
+    draws = seeded_noise(SEEDS, SHAPE)
+
+    def sample(n, w, **kw):
+        return pipe(class_labels=LABELS, num_inference_steps=n, guidance_scale=1.0 + w, latents=latents,
+                    output_type="latent", sampler="stochastic", **kw).images
+
+    for n in (2, 4):
+        for w in (0.0, 7.0):
+            mine = registry.sample("stochastic", run.denoiser, run.grid, n, noise, w_cond(cond, w), seeds=SEEDS,
+                                   clip=False)
+            theirs = sample(n, w, renoise=draws)
+            print(f"stochastic class student, w = {w}, N = {n}: max |Δ| = %.3g, relative %.3g" % close(theirs, mine))
+    other = sample(4, 0.0, generator=torch.Generator().manual_seed(0))
+    assert (other - sample(4, 0.0, renoise=draws)).abs().max() > 1e-2  # the re-noising draws matter
+    with pytest.raises(ValueError, match="sampler='heun'"):
+        pipe(class_labels=LABELS, num_inference_steps=2, sampler="heun")

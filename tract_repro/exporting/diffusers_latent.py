@@ -220,7 +220,9 @@ def card(run):
                     f", {scale}).images  # guidance_scale = 1 + w" if takes_w else ").images")]
         what = ("- `unet/` (diffusers' `UNet2DConditionModel`, the run's EMA weights), `vae/` (the teacher's), "
                 "`scheduler/` (`DDIMScheduler`) are stock; `pipeline.py` (`ClassLatentPipeline`) is the only code, "
-                "because no stock pipeline takes class labels for this UNet.")
+                "because no stock pipeline takes class labels for this UNet. `sampler=\"stochastic\"` runs Meng et al.'s "
+                "stochastic N-step sampler instead of DDIM (for a student distilled for it: N = twice its steps), "
+                "re-noising with `generator`.")
         guidance = ("- `guidance_scale` s > 1 guides with the null class (the UNet's last class row), our "
                     "x̂^w = (1 + w)·x̂(c) − w·x̂(∅) with s = 1 + w.")
     if takes_w:
