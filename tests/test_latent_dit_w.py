@@ -10,7 +10,7 @@ import torch
 
 from tests.test_latent_dit import DIT_SCHEDULE, dit_folder, inputs
 from tests.test_latent_engine import launch, one_line
-from tests.test_latent_guided import W_STUDENT, perturb, save_run
+from tests.test_latent_guided import STAGE_1, perturb, save_run
 from tract_repro.networks.conditioning import NULL_LABEL, Cond
 from tract_repro.networks.denoiser import VPDenoiser
 from tract_repro.networks.diffusers_net import (GuidedLabels, diffusers_network, from_config, guidance_embedding,
@@ -152,18 +152,7 @@ def test_teacher_weights_load_into_a_dit_w_student_leaving_only_cond_proj_fresh(
              "has no w input", "GuidedDistillation", "unset diffusers_network.time_cond_proj_dim")
 
 
-#: stage 1 on the tiny DiT: the student is the folder's DiT with a w input, the teacher a run saved from the folder
-STAGE_1 = W_STUDENT + """train.method = @GuidedDistillation()
-train.teacher = '{teacher}'
-TeacherTraining.sample_steps = 4
-train.batch_size = 4
-train.total = 12
-train.checkpoint_every = 8
-"""
-
-
 def test_stage_1_of_a_dit_w_student_runs_through_launch(folder, teacher, tmp_path):
-    from tests.tiny_latents import CPU_RUN
     from tract_repro.evaluation.runs import load_run
 
     run = save_run(VPDenoiser(load_folder(folder), DIT_SCHEDULE, "eps"), tmp_path / "teacher", p_uncond=0.1)
@@ -174,7 +163,10 @@ def test_stage_1_of_a_dit_w_student_runs_through_launch(folder, teacher, tmp_pat
     assert all("cond_proj" in k for k in own.keys() - theirs.keys())
 
     gin_file = tmp_path / "stage1.gin"
-    gin_file.write_text(STAGE_1.format(folder=folder, dim=D, teacher=run) + CPU_RUN)
+    # stage 1 on the tiny DiT: the student is the folder's DiT with a w input, the teacher a run saved from the folder
+    text = STAGE_1.format(folder=folder, dim=D)
+    assert f"train.teacher = '{folder}'" in text
+    gin_file.write_text(text.replace(f"train.teacher = '{folder}'", f"train.teacher = '{run}'"))
     done = launch(gin_file, tmp_path / "run")
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((tmp_path / "run" / "run.json").read_text())
