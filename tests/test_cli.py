@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tract_repro.common.cli import command
-from tract_repro.common.errors import ConfigError, JobFailed, TractError
+from tract_repro.common.errors import ConfigError, GuidanceRangeWarning, JobFailed, TractError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["tract_repro.launch", "tract_repro.evaluate", "tract_repro.import_teacher", "tract_repro.evaluation.fid",
@@ -71,3 +71,23 @@ def test_commands_as_a_user_types_them(module, args, tmp_path):
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and plain.stderr.startswith("error: "), plain.stderr
     full = run(dict(env, TRACT_TRACEBACK="1"))
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr and "ConfigError" in full.stderr
+
+
+def test_a_project_warning_is_one_line_and_others_print_as_python_prints_them(capsys):
+    import warnings
+
+    @command
+    def main(argv=None):
+        warnings.warn(GuidanceRangeWarning("runs/x was trained on w in [0, 4]: not trained there (w = 7)"))
+        warnings.warn("a library's own warning", DeprecationWarning)
+        return 0
+
+    others = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, *rest, **kw: others.append((category, str(message)))
+        before = warnings.showwarning
+        assert main([]) == 0
+        assert warnings.showwarning is before  # the printer in force before is back outside the command
+    assert capsys.readouterr().err == "warning: runs/x was trained on w in [0, 4]: not trained there (w = 7)\n"
+    assert others == [(DeprecationWarning, "a library's own warning")]  # handed to that printer, as before

@@ -23,7 +23,11 @@ class JobFailed(TractError, RuntimeError):
     exit_status = 1
 
 
-class GuidanceRangeWarning(UserWarning):
+class TractWarning(UserWarning):
+    """Something a user should know that does not stop the command: printed as one line, ``warning: <message>``."""
+
+
+class GuidanceRangeWarning(TractWarning):
     """A w-conditioned student is sampled at a guidance weight outside the range it was trained on (one line)."""
 
 
