@@ -73,21 +73,26 @@ def test_commands_as_a_user_types_them(module, args, tmp_path):
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr and "ConfigError" in full.stderr
 
 
-def test_a_project_warning_is_one_line_and_others_print_as_python_prints_them(capsys):
+def test_a_project_warning_is_one_line_and_others_print_as_python_prints_them():
+    """Inside a command, Python's printer writes a TractWarning as one line and any other warning as before; the
+    formatter is Python's again afterwards, and recorded warnings (pytest.warns, catch_warnings) are untouched."""
     import warnings
+
+    written = {}
 
     @command
     def main(argv=None):
-        warnings.warn(GuidanceRangeWarning("runs/x was trained on w in [0, 4]: not trained there (w = 7)"))
-        warnings.warn("a library's own warning", DeprecationWarning)
+        for category, text in ((GuidanceRangeWarning, "runs/x was trained on w in [0, 4]: not trained there (w = 7)"),
+                               (DeprecationWarning, "a library's own warning")):
+            written[category] = warnings.formatwarning(category(text), category, "module.py", 12, "the line")
+        warnings.warn(GuidanceRangeWarning("recorded"))
         return 0
 
-    others = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, category, *rest, **kw: others.append((category, str(message)))
-        before = warnings.showwarning
+    before = warnings.formatwarning
+    with pytest.warns(GuidanceRangeWarning, match="recorded"):
         assert main([]) == 0
-        assert warnings.showwarning is before  # the printer in force before is back outside the command
-    assert capsys.readouterr().err == "warning: runs/x was trained on w in [0, 4]: not trained there (w = 7)\n"
-    assert others == [(DeprecationWarning, "a library's own warning")]  # handed to that printer, as before
+    assert written[GuidanceRangeWarning] == "warning: runs/x was trained on w in [0, 4]: not trained there (w = 7)\n"
+    assert written[DeprecationWarning] == before(DeprecationWarning("a library's own warning"), DeprecationWarning,
+                                                 "module.py", 12, "the line")
+    assert "\n" in written[DeprecationWarning].rstrip("\n")  # Python's two lines: where, then the source line
+    assert warnings.formatwarning is before

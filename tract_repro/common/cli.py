@@ -19,20 +19,20 @@ def command(main):
     """Wrap a command's ``main(argv=None) -> int`` in the error boundary."""
     @functools.wraps(main)
     def bounded(argv=None):
-        try:
-            with warnings.catch_warnings():  # restores Python's own printer on the way out
-                python_prints = warnings.showwarning
+        python_formats = warnings.formatwarning
 
-                def show(message, category, filename, lineno, file=None, line=None):
-                    if issubclass(category, TractWarning):
-                        print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file, flush=True)
-                    else:
-                        python_prints(message, category, filename, lineno, file, line)
-                warnings.showwarning = show
-                return main(argv)
+        def one_line_warning(message, category, filename, lineno, line=None):
+            if issubclass(category, TractWarning):
+                return f"warning: {one_line(message)}\n"
+            return python_formats(message, category, filename, lineno, line)
+        warnings.formatwarning = one_line_warning  # how Python's printer writes a warning; records are unaffected
+        try:
+            return main(argv)
         except TractError as exc:
             if os.environ.get("TRACT_TRACEBACK"):
                 raise
             print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
             return exc.exit_status
+        finally:
+            warnings.formatwarning = python_formats
     return bounded
